@@ -1,0 +1,185 @@
+"""Damped linear solves shared by every preconditioner in fishr.
+
+* :func:`cg`: pytree-aware conjugate gradient for a Hermitian positive-definite
+  operator given as a function, returning diagnostics (iterations and the final
+  residual norm) that ``jax.scipy.sparse.linalg.cg`` does not report.
+* :func:`cholesky_solve`: ``(A + damping I)^{-1} B`` for a dense Hermitian PSD
+  matrix by one Cholesky factorisation.
+* :func:`psd_inverse`: the explicit damped inverse by Cholesky or by ``eigh``.
+* :func:`trace_damping` / :func:`pi_damping`: the diagonal shifts used by
+  Kronecker-factored methods.
+
+Non-finite inputs: every routine here propagates NaN instead of hiding it (a
+NaN right-hand side gives a NaN solution, never a silently finite one), so a
+caller can detect the bad step with ``optax.apply_if_finite`` or its own check.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import optax
+
+__all__ = [
+    "CGInfo",
+    "cg",
+    "tree_inner",
+    "cholesky_solve",
+    "psd_inverse",
+    "trace_damping",
+    "pi_damping",
+]
+
+
+class CGInfo(NamedTuple):
+    """Diagnostics of one conjugate-gradient solve.
+
+    Attributes:
+      iterations: number of CG iterations taken (``int32``; 0 for a direct solve).
+      residual_norm: ``||b - A x||_2`` at exit (CG's recursive residual; for a
+        direct solve the explicitly recomputed one).
+    """
+
+    iterations: jax.Array
+    residual_norm: jax.Array
+
+
+def tree_inner(x: Any, y: Any) -> jax.Array:
+    """Real part of the Hermitian inner product ``sum conj(x) * y`` over all leaves."""
+    return jnp.real(optax.tree.vdot(x, y))
+
+
+def _tree_size(tree: Any) -> int:
+    return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(tree))
+
+
+def cg(
+    matvec: Callable[[Any], Any],
+    b: Any,
+    x0: Optional[Any] = None,
+    *,
+    tol: float = 1e-5,
+    atol: float = 0.0,
+    maxiter: Optional[int] = None,
+    denominator_floor: float = 0.0,
+) -> tuple[Any, CGInfo]:
+    r"""Conjugate gradient for ``A x = b`` with ``A`` Hermitian positive definite.
+
+    ``b`` and ``x0`` are pytrees of the same structure; ``matvec(v)`` returns
+    ``A v`` with that structure. Inner products are ``Re sum conj(u) v``, so
+    complex Hermitian operators are handled as well as real symmetric ones.
+
+    The iteration stops when ``||r||_2 <= max(tol * ||b||_2, atol)`` or after
+    ``maxiter`` iterations (default ``10 * size(b)``, as in ``jax.scipy``).
+    ``denominator_floor`` bounds the two divisions of each iteration from below
+    (``alpha = |r|^2 / max(floor, p.Ap)``, ``beta = |r_new|^2 / max(floor, |r|^2)``),
+    which reproduces guarded variants of CG; 0 means unguarded.
+
+    Args:
+      matvec: the linear operator ``v -> A v``.
+      b: right-hand side.
+      x0: initial guess; ``None`` means zeros (and saves one ``matvec``).
+      tol: relative tolerance on the residual norm.
+      atol: absolute tolerance on the residual norm.
+      maxiter: maximum number of iterations.
+      denominator_floor: lower bound on the CG denominators (see above).
+
+    Returns:
+      ``(x, CGInfo(iterations, residual_norm))``. If the residual becomes
+      non-finite (a NaN in ``b`` or in ``A``) every entry of ``x`` is NaN.
+    """
+    if maxiter is None:
+        maxiter = 10 * _tree_size(b)
+    if tol < 0 or atol < 0:
+        raise ValueError(f"cg: `tol` and `atol` must be >= 0, got tol={tol}, atol={atol}.")
+
+    if x0 is None:
+        x0 = optax.tree.zeros_like(b)
+        r0 = b
+    else:
+        r0 = optax.tree.sub(b, matvec(x0))
+    gamma0 = tree_inner(r0, r0)
+    b_norm2 = tree_inner(b, b)
+    threshold2 = jnp.maximum(tol**2 * b_norm2, atol**2)
+    floor = jnp.asarray(denominator_floor, dtype=gamma0.dtype)
+
+    def cond(carry):
+        _, _, _, gamma, k = carry
+        return (gamma > threshold2) & (k < maxiter)
+
+    def body(carry):
+        x, r, p, gamma, k = carry
+        ap = matvec(p)
+        alpha = gamma / jnp.maximum(tree_inner(p, ap), floor)
+        x = optax.tree.add_scale(x, alpha, p)
+        r = optax.tree.add_scale(r, -alpha, ap)
+        gamma_new = tree_inner(r, r)
+        beta = gamma_new / jnp.maximum(gamma, floor)
+        p = optax.tree.add_scale(r, beta, p)
+        return x, r, p, gamma_new, k + 1
+
+    x, _, _, gamma, k = lax.while_loop(cond, body, (x0, r0, r0, gamma0, jnp.int32(0)))
+    finite = jnp.isfinite(gamma)
+    x = jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan), x)
+    return x, CGInfo(iterations=k, residual_norm=jnp.sqrt(gamma))
+
+
+def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
+    return a + shift * jnp.eye(a.shape[-1], dtype=a.dtype)
+
+
+def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
+    """``(a + damping I)^{-1} b`` for Hermitian PSD ``a`` by a Cholesky factorisation.
+
+    ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)``. A factor that is not
+    positive definite gives NaN in the result (it is never silently finite).
+    """
+    factor = jnp.linalg.cholesky(_add_to_diagonal(a, damping))
+    return jax.scipy.linalg.cho_solve((factor, True), b)
+
+
+def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:
+    """Explicit ``(a + damping I)^{-1}`` of a Hermitian PSD matrix.
+
+    ``method="cholesky"`` factors ``a + damping I = L L^H`` and returns
+    ``L^{-H} L^{-1}``; ``method="eigh"`` uses ``a = U diag(w) U^H`` and returns
+    ``U diag(1 / (w + damping)) U^H``. A matrix that is not positive definite
+    after damping gives NaN entries with Cholesky; with ``eigh`` the result is
+    NaN/inf wherever ``w + damping <= 0``.
+    """
+    if method == "cholesky":
+        eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+        return cholesky_solve(a, eye, damping)
+    if method == "eigh":
+        w, u = jnp.linalg.eigh(a)
+        w = w + damping
+        w_inv = jnp.where(w > 0, 1.0 / w, jnp.nan)
+        return (u * w_inv[None, :]) @ u.conj().T
+    raise ValueError(f"psd_inverse: `method` must be 'cholesky' or 'eigh', got {method!r}.")
+
+
+def trace_damping(a: jax.Array, damping, minimum: float = 0.0) -> jax.Array:
+    """Diagonal shift ``max(damping * tr(a) / n, minimum)`` for an ``n x n`` factor."""
+    n = a.shape[-1]
+    return jnp.maximum(damping * jnp.real(jnp.trace(a)) / n, minimum)
+
+
+def pi_damping(a: jax.Array, g: jax.Array, damping, minimum: float = 1e-12) -> tuple[jax.Array, jax.Array]:
+    r"""Martens & Grosse (2015) factored Tikhonov damping for ``a (x) g``.
+
+    ``pi = sqrt((tr a / dim a) / (tr g / dim g))``; the shifts are
+    ``pi * sqrt(damping)`` for ``a`` and ``sqrt(damping) / pi`` for ``g``, so that
+    their Kronecker product adds exactly ``damping * I`` plus cross terms. Traces
+    are floored at ``minimum`` to keep ``pi`` finite for an all-zero factor.
+
+    Returns:
+      ``(shift_a, shift_g)``.
+    """
+    ta = jnp.maximum(jnp.real(jnp.trace(a)) / a.shape[-1], minimum)
+    tg = jnp.maximum(jnp.real(jnp.trace(g)) / g.shape[-1], minimum)
+    pi = jnp.sqrt(ta / tg)
+    root = jnp.sqrt(damping)
+    return pi * root, root / pi
