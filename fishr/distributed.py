@@ -32,6 +32,7 @@ __all__ = [
     "batch_size",
     "all_gather_batch",
     "device_count",
+    "device_index",
 ]
 
 
@@ -93,3 +94,17 @@ def all_gather_batch(tree: Any, axis_name: AxisName) -> Any:
     if axis_name is None:
         return tree
     return jax.tree.map(lambda x: lax.all_gather(x, axis_name, axis=0, tiled=True), tree)
+
+
+def device_index(axis_name: AxisName) -> jax.Array:
+    """Position of this device along ``axis_name`` (``0`` for ``None``), as an int32 scalar.
+
+    Device ``k`` holds the global samples ``k * n_local ... (k + 1) * n_local - 1``
+    (the order :func:`all_gather_batch` concatenates in), so ``device_index *
+    n_local + local_index`` is a sample's global index, e.g. to draw the same
+    per-sample random numbers on any number of devices.
+    """
+    axis_name = _normalize(axis_name)
+    if axis_name is None:
+        return jnp.zeros((), jnp.int32)
+    return lax.axis_index(axis_name)
