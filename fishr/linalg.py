@@ -52,6 +52,11 @@ def tree_inner(x: Any, y: Any) -> jax.Array:
     return jnp.real(optax.tree.vdot(x, y))
 
 
+def _axpy(alpha: jax.Array, x: Any, y: Any) -> Any:
+    """``alpha * x + y`` leaf by leaf, keeping each leaf of ``y`` in its own dtype."""
+    return jax.tree.map(lambda xi, yi: (yi + alpha * xi).astype(yi.dtype), x, y)
+
+
 def _tree_size(tree: Any) -> int:
     return sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(tree))
 
@@ -114,11 +119,11 @@ def cg(
         x, r, p, gamma, k = carry
         ap = matvec(p)
         alpha = gamma / jnp.maximum(tree_inner(p, ap), floor)
-        x = optax.tree.add_scale(x, alpha, p)
-        r = optax.tree.add_scale(r, -alpha, ap)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
         gamma_new = tree_inner(r, r)
         beta = gamma_new / jnp.maximum(gamma, floor)
-        p = optax.tree.add_scale(r, beta, p)
+        p = _axpy(beta, p, r)
         return x, r, p, gamma_new, k + 1
 
     x, _, _, gamma, k = lax.while_loop(cond, body, (x0, r0, r0, gamma0, jnp.int32(0)))

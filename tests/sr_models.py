@@ -1,0 +1,95 @@
+"""Small log-psi models and a float64 NumPy reference of SR for the SR tests."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.flatten_util import ravel_pytree
+
+
+def mlp_params(key, n_in=3, hidden=6, dtype=jnp.float64):
+    k = jax.random.split(key, 4)
+    params = {
+        "dense1": {"w": jax.random.normal(k[0], (n_in, hidden), dtype) / np.sqrt(n_in),
+                   "b": 0.1 * jax.random.normal(k[1], (hidden,), dtype)},
+        "dense2": {"w": jax.random.normal(k[2], (hidden, 1), dtype) / np.sqrt(hidden)},
+        "phase": {"w": jax.random.normal(k[3], (hidden, 1), dtype) / np.sqrt(hidden)},
+    }
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def mlp_log_psi(params, x):
+    """Real log psi, batched: (N, n_in) -> (N,). The 'phase' leaf is unused (a zero column of O)."""
+    h = jnp.tanh(x @ params["dense1"]["w"] + params["dense1"]["b"])
+    return (h @ params["dense2"]["w"])[:, 0]
+
+
+def mlp_complex_log_psi(params, x):
+    """Complex log psi of real parameters: log|psi| + i phase."""
+    h = jnp.tanh(x @ params["dense1"]["w"] + params["dense1"]["b"])
+    return (h @ params["dense2"]["w"])[:, 0] + 1j * jnp.sin(h @ params["phase"]["w"])[:, 0]
+
+
+def holomorphic_params(key, n_in=3, hidden=5):
+    k = jax.random.split(key, 4)
+    c = lambda a, b, s: (jax.random.normal(a, s) + 1j * jax.random.normal(b, s)) / np.sqrt(2 * s[0])
+    return {"w": c(k[0], k[1], (n_in, hidden)), "v": c(k[2], k[3], (hidden,))}
+
+
+def holomorphic_log_psi(params, x):
+    """A holomorphic function of complex parameters (an RBM-like log cosh)."""
+    return jnp.sum(jnp.log(jnp.cosh(x @ params["w"])), axis=-1) + x[:, :1] @ params["v"][:1]
+
+
+def random_like(key, tree):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(key, len(leaves))
+    out = []
+    for k, leaf in zip(keys, leaves):
+        r = jax.random.normal(k, leaf.shape)
+        if jnp.iscomplexobj(leaf):
+            r = r + 1j * jax.random.normal(jax.random.fold_in(k, 1), leaf.shape)
+        out.append(r.astype(leaf.dtype))
+    return jax.tree.unflatten(treedef, out)
+
+
+def jacobian_rows(log_psi, params, x, holomorphic=False):
+    """Per-sample O_i as a dense NumPy array (N, P), complex where log psi is complex.
+
+    Built column by column from jax.jacfwd of the batched function (an independent
+    route from fishr's vmap-of-jacrev).
+    """
+    flat, unravel = ravel_pytree(params)
+    f = lambda p: log_psi(unravel(p), x)
+    out = f(flat)
+    if holomorphic:
+        return np.asarray(jax.jacfwd(f, holomorphic=True)(flat))
+    if jnp.iscomplexobj(out):
+        re = jax.jacfwd(lambda p: jnp.real(f(p)))(flat)
+        im = jax.jacfwd(lambda p: jnp.imag(f(p)))(flat)
+        return np.asarray(re) + 1j * np.asarray(im)
+    return np.asarray(jax.jacfwd(f)(flat))
+
+
+def dense_s(o, real_params=True):
+    """S = Obar^H Obar / N (real part for real parameters)."""
+    ob = o - o.mean(axis=0, keepdims=True)
+    s = ob.conj().T @ ob / o.shape[0]
+    return s.real if real_params else s
+
+
+def dense_sr(log_psi, grad, params, x, damping, holomorphic=False):
+    """float64 reference: numpy.linalg.solve((S + damping I), g)."""
+    o = jacobian_rows(log_psi, params, x, holomorphic)
+    s = dense_s(o, real_params=not holomorphic)
+    g = np.asarray(ravel_pytree(grad)[0])
+    return np.linalg.solve(s + damping * np.eye(s.shape[0]), g)
+
+
+def flat(tree):
+    return np.asarray(ravel_pytree(tree)[0])
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))

@@ -1,0 +1,190 @@
+"""Stochastic reconfiguration against a dense float64 NumPy reference of its own math."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import fishr
+from sr_models import (
+    dense_s, dense_sr, flat, holomorphic_log_psi, holomorphic_params, jacobian_rows,
+    mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like, rel_err,
+)
+
+EXACT = [("lazy", None), ("dense", "cg"), ("debug", None), ("dense", "cholesky"), ("sample_space", None)]
+TIGHT = dict(tol=1e-14, maxiter=5000)
+
+
+@pytest.fixture(scope="module")
+def problem():
+    key = jax.random.PRNGKey(0)
+    params = mlp_params(key)
+    x = jax.random.normal(jax.random.PRNGKey(1), (24, 3))
+    grad = random_like(jax.random.PRNGKey(2), params)
+    return params, x, grad
+
+
+@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("damping", [1e-3, 0.1])
+def test_modes_match_dense_solve(problem, mode, solver, damping):
+    params, x, grad = problem
+    ref = dense_sr(mlp_log_psi, grad, params, x, damping)
+    out, info = jax.jit(
+        lambda g, p, s: fishr.sr_solve(mlp_log_psi, g, p, s, damping=damping, mode=mode, solver=solver, **TIGHT)
+    )(grad, params, x)
+    assert jax.tree.structure(out) == jax.tree.structure(params)
+    assert rel_err(flat(out), ref) <= 1e-8
+    assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
+    if mode in ("sample_space",) or solver == "cholesky":
+        assert int(info.iterations) == 0
+    else:
+        assert int(info.iterations) > 0
+
+
+def test_modes_agree_with_each_other(problem):
+    params, x, grad = problem
+    outs = [flat(fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode=m, solver=s, **TIGHT)[0])
+            for m, s in EXACT]
+    for o in outs[1:]:
+        assert rel_err(o, outs[0]) <= 1e-9
+
+
+def test_sample_space_is_minsr_for_gradient_in_row_space(problem):
+    """g = Obar^T e / N gives x = Obar^T (Obar Obar^T + N damping I)^{-1} e (MinSR)."""
+    params, x, _ = problem
+    o = jacobian_rows(mlp_log_psi, params, x)
+    ob = o - o.mean(0)
+    n, lam = x.shape[0], 1e-3
+    e = np.asarray(jax.random.normal(jax.random.PRNGKey(5), (n,)))
+    g = ob.T @ e / n
+    _, unravel = jax.flatten_util.ravel_pytree(params)
+    out, _ = fishr.sr_solve(mlp_log_psi, unravel(jnp.asarray(g)), params, x, damping=lam, mode="sample_space")
+    minsr = ob.T @ np.linalg.solve(ob @ ob.T + n * lam * np.eye(n), e)
+    assert rel_err(flat(out), minsr) <= 1e-9
+
+
+# ----------------------------------------------------------------- vmcnet's own two checks
+
+
+def _linear_log_psi(params, x):
+    """log psi = x . theta with theta split over a pytree: the Jacobian is the positions."""
+    return x[:, :2] @ params["a"] + x[:, 2:] @ params["b"]
+
+
+@pytest.mark.parametrize("mode", ["lazy", "debug"])
+def test_vmcnet_linear_model_fisher_is_position_covariance(mode):
+    """vmcnet checks SR on log psi = x . theta, where O_i = x_i and S = Cov(x)."""
+    x = jax.random.normal(jax.random.PRNGKey(3), (50, 5)) * jnp.arange(1.0, 6.0)
+    params = {"a": jnp.ones(2), "b": jnp.ones(3)}
+    grad = {"a": jnp.array([1.0, -2.0]), "b": jnp.array([0.5, 3.0, -1.0])}
+    damping = 1e-3
+    xc = np.asarray(x) - np.asarray(x).mean(0)
+    expected = np.linalg.solve(xc.T @ xc / x.shape[0] + damping * np.eye(5), flat(grad))
+    precondition = fishr.fisher_inverse_fn(_linear_log_psi, damping=damping, mode=mode, tol=1e-14)
+    out = jax.jit(precondition)(grad, params, x)
+    np.testing.assert_allclose(flat(out), expected, rtol=1e-9)
+
+
+def test_vmcnet_linear_model_isotropic_positions_scale_gradient():
+    """With centred positions of covariance c I, SR divides the gradient by (c + damping)."""
+    n, d = 64, 4
+    base = np.asarray(jax.random.normal(jax.random.PRNGKey(4), (n, d)))
+    q, _ = np.linalg.qr(base - base.mean(0))  # orthonormal, centred columns
+    x = jnp.asarray(q * np.sqrt(n) * 2.0)  # covariance 4 I
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
+    grad = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 4.0])}
+    for mode in ["lazy", "debug", "sample_space"]:
+        out = fishr.fisher_inverse_fn(_linear_log_psi, damping=0.5, mode=mode, tol=1e-14)(grad, params, x)
+        np.testing.assert_allclose(flat(out), flat(grad) / 4.5, rtol=1e-10)
+
+
+# ----------------------------------------------------------------- complex
+
+
+@pytest.mark.parametrize("mode,solver", EXACT)
+def test_complex_log_psi_real_params(problem, mode, solver):
+    params, x, grad = problem
+    o = jacobian_rows(mlp_complex_log_psi, params, x)
+    assert np.abs(o.imag).max() > 0.1  # the phase really contributes
+    s = dense_s(o, real_params=True)
+    np.testing.assert_allclose(s, s.T, atol=1e-14)
+    ref = dense_sr(mlp_complex_log_psi, grad, params, x, 1e-3)
+    out, _ = fishr.sr_solve(mlp_complex_log_psi, grad, params, x, damping=1e-3, mode=mode, solver=solver, **TIGHT)
+    assert rel_err(flat(out), ref) <= 1e-8
+
+
+@pytest.mark.parametrize("mode,solver", EXACT)
+def test_holomorphic(mode, solver):
+    params = holomorphic_params(jax.random.PRNGKey(7))
+    x = jax.random.normal(jax.random.PRNGKey(8), (20, 3))
+    grad = random_like(jax.random.PRNGKey(9), params)
+    ref = dense_sr(holomorphic_log_psi, grad, params, x, 1e-3, holomorphic=True)
+    assert np.abs(ref.imag).max() > 1e-3
+    out, _ = fishr.sr_solve(holomorphic_log_psi, grad, params, x, damping=1e-3, mode=mode, solver=solver,
+                            holomorphic=True, **TIGHT)
+    assert jnp.iscomplexobj(out["w"])
+    assert rel_err(flat(out), ref) <= 1e-8
+
+
+# ----------------------------------------------------------------- SPRING momentum
+
+
+@pytest.mark.parametrize("mode,solver", EXACT)
+def test_momentum_equals_spring_sample_space_formula(problem, mode, solver):
+    params, x, _ = problem
+    o = jacobian_rows(mlp_log_psi, params, x)
+    ob = o - o.mean(0)
+    n, lam, mu = x.shape[0], 1e-2, 0.9
+    _, unravel = jax.flatten_util.ravel_pytree(params)
+    prev = np.asarray(jax.random.normal(jax.random.PRNGKey(11), (o.shape[1],)))
+    e = np.asarray(jax.random.normal(jax.random.PRNGKey(12), (n,)))
+    g = ob.T @ e / n
+    # SPRING: phi_k = mu phi_{k-1} + Obar^T (Obar Obar^T + N lam I)^{-1} (e - mu Obar phi_{k-1})
+    spring = mu * prev + ob.T @ np.linalg.solve(ob @ ob.T + n * lam * np.eye(n), e - mu * ob @ prev)
+    out, _ = fishr.sr_solve(mlp_log_psi, unravel(jnp.asarray(g)), params, x, damping=lam, mode=mode, solver=solver,
+                            momentum=mu, previous=unravel(jnp.asarray(prev)), **TIGHT)
+    assert np.max(np.abs(flat(out) - spring)) <= 1e-10 * max(1.0, np.max(np.abs(spring)))
+
+
+def test_momentum_zero_is_plain_sr(problem):
+    params, x, grad = problem
+    prev = random_like(jax.random.PRNGKey(13), params)
+    a, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, mode="sample_space", momentum=0.0, previous=prev)
+    b, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, mode="sample_space")
+    np.testing.assert_array_equal(flat(a), flat(b))
+
+
+# ----------------------------------------------------------------- CG options
+
+
+def test_cg_maxiter_and_diagnostics(problem):
+    params, x, grad = problem
+    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, maxiter=3, tol=1e-14)
+    assert int(info.iterations) == 3
+    assert float(info.residual_norm) > 1e-8
+    x_exact, info_exact = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, tol=1e-12)
+    # warm start from the exact solution converges at once
+    _, info_warm = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, tol=1e-10, x0=x_exact)
+    assert int(info_warm.iterations) < int(info_exact.iterations)
+
+
+def test_default_maxiter_is_ten_times_params(problem):
+    params, x, grad = problem
+    p = flat(params).size
+    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.0, tol=0.0)
+    assert int(info.iterations) == 10 * p
+
+
+# ----------------------------------------------------------------- float32
+
+
+@pytest.mark.parametrize("mode,solver", EXACT)
+def test_float32(mode, solver):
+    params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float32)
+    x = jax.random.normal(jax.random.PRNGKey(1), (24, 3), jnp.float32)
+    grad = random_like(jax.random.PRNGKey(2), params)
+    ref = dense_sr(mlp_log_psi, jax.tree.map(lambda g: g.astype(jnp.float64), grad),
+                   jax.tree.map(lambda p: p.astype(jnp.float64), params), x.astype(jnp.float64), 0.1)
+    out, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.1, mode=mode, solver=solver, tol=1e-6)
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
+    assert rel_err(flat(out), ref) <= 1e-4
