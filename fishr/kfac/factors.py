@@ -1,0 +1,238 @@
+r"""Kronecker factors of the Fisher for dense layers: statistics, EMA, damping, inverses, preconditioning.
+
+The math and its conventions
+----------------------------
+For a captured dense layer ``z = a W (+ b)`` (Flax layout, ``W`` is ``(d_in, d_out)``),
+per-sample score ``s_i`` and ``d_{i,t} = d s_i / d z_{i,t}`` (see :mod:`fishr.kfac.capture`),
+the layer's block of the Fisher ``F = E_i[vec(g_i) vec(g_i)^T]`` of the per-sample
+gradients ``g_i = sum_t abar_{i,t} d_{i,t}^T`` is approximated by ``A (x) G`` with
+
+    A = 1 / (N T) sum_{i,t} abar_{i,t} abar_{i,t}^T       abar = [a, 1] with a bias, else a
+    G = 1 / N     sum_{i,t} d_{i,t} d_{i,t}^T
+
+``N`` is the number of samples on all devices (means are ``pmean``'d through
+:mod:`fishr.distributed`), ``T`` the positions per sample (extra axes the layer is
+applied over, and repeated calls of a shared layer). With ``T = 1`` these are the
+seed's ``A = E[a a^T]`` and ``G = E[g g^T]``. For ``T > 1`` the positions are folded
+into the batch with the K-FAC-expand normalisation (Eschenhagen et al. 2023):
+``A`` averages over positions, ``G`` sums over them, so ``A (x) G`` has the scale
+of ``sum_t E[(a_t a_t^T) (x) (d_t d_t^T)]``, the position-diagonal part of the
+exact block, and the damping keeps its meaning relative to ``F``.
+``vec`` is row-major on ``W``'s ``(d_in [+1], d_out)`` layout, so ``A (x) G`` is
+``np.kron(A, G)``.
+
+Centring (``centre=True``): ``a`` and ``d`` are replaced by ``a - mean(a)`` and
+``d - mean(d)`` (means over all samples and positions) before the products; the
+bias column ``1`` is appended after centring, so ``A``'s bias block stays 1. The
+default is ``False`` (second moments, as the seed and Martens & Grosse): for the
+true Fisher ``E[d] = 0`` already, and centring ``a`` removes the input mean that
+the layer's curvature genuinely contains.
+
+EMA (the seed's rule): ``X <- new`` on the first update (``count == 0``, the zero
+initial factors are replaced), afterwards ``X <- ema X + (1 - ema) new``.
+
+Damping (``kind``):
+
+* ``"trace"`` (the seed): each factor ``X`` (``n x n``) gets
+  ``max(damping * tr(X) / n, 1e-10)`` on its diagonal (``1e-10`` is the seed's EPS floor);
+* ``"pi"`` (Martens & Grosse 2015): ``pi = sqrt((tr A / dim A) / (tr G / dim G))``,
+  ``A + pi sqrt(damping) I`` and ``G + sqrt(damping) / pi I``.
+
+Preconditioning: ``W``'s gradient ``Gamma`` (with the bias gradient as an extra
+row) becomes ``(A + s_A I)^{-1} Gamma (G + s_G I)^{-1}``, i.e.
+``((A + s_A I) (x) (G + s_G I))^{-1} vec(Gamma)``; in the seed's ``(out, in)``
+layout this is ``G^{-1} dW A^{-1}``. Inverses are explicit, by Cholesky (the seed)
+or ``eigh`` (:func:`fishr.linalg.psd_inverse`). A damped factor that is not positive
+definite gives a non-finite inverse; :func:`is_finite` lets callers detect it (the
+optax transform then keeps the layer's previous inverse, the ruvector adapter
+raises).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from fishr import distributed
+from fishr.distributed import AxisName
+from fishr.kfac.capture import LayerInfo, LayerPlan, augment_bias, capture
+from fishr.linalg import pi_damping, psd_inverse, trace_damping
+
+__all__ = [
+    "DAMPING_KINDS",
+    "INVERSE_METHODS",
+    "SEED_EPS",
+    "KroneckerFactors",
+    "damping_shifts",
+    "ema_update",
+    "factor_inverses",
+    "factor_statistics",
+    "identity_factors",
+    "is_finite",
+    "layer_factors",
+    "precondition",
+    "precondition_matrix",
+    "zero_factors",
+]
+
+SEED_EPS = 1e-10  # ruvector-math's utils::EPS: the floor of the seed's trace damping
+DAMPING_KINDS = ("pi", "trace")
+INVERSE_METHODS = ("cholesky", "eigh")
+
+
+class KroneckerFactors(NamedTuple):
+    """Per captured layer, the input-side ``a`` and output-side ``g`` matrices (factors or their inverses)."""
+
+    a: tuple
+    g: tuple
+
+
+# --------------------------------------------------------------------------- one layer
+
+
+def layer_factors(
+    inputs: jax.Array,
+    output_grads: jax.Array,
+    *,
+    has_bias: bool,
+    centre: bool = False,
+    axis_name: AxisName = None,
+) -> tuple[jax.Array, jax.Array]:
+    """``(A, G)`` from ``a`` ``(n_local, T, d_in)`` and ``d`` ``(n_local, T, d_out)`` (module docs)."""
+    if inputs.ndim != 3 or output_grads.ndim != 3 or inputs.shape[:2] != output_grads.shape[:2]:
+        raise ValueError(
+            "fishr.kfac: `inputs` and `output_grads` must be (n, T, d_in) and (n, T, d_out) with the same "
+            f"(n, T); got {inputs.shape} and {output_grads.shape}."
+        )
+    n_local, positions = inputs.shape[:2]
+    if centre:
+        inputs = inputs - distributed.batch_mean(jnp.mean(inputs, axis=1), axis_name)
+        output_grads = output_grads - distributed.batch_mean(jnp.mean(output_grads, axis=1), axis_name)
+    a = augment_bias(inputs, has_bias).reshape(n_local * positions, -1)
+    d = output_grads.reshape(n_local * positions, -1)
+    a_factor = a.T @ a / (n_local * positions)
+    g_factor = d.T @ d / n_local
+    return distributed.pmean((a_factor, g_factor), axis_name)
+
+
+def damping_shifts(a: jax.Array, g: jax.Array, damping: Any, kind: str = "pi") -> tuple[jax.Array, jax.Array]:
+    """Diagonal shifts ``(s_A, s_G)`` of ``kind`` ``"trace"`` or ``"pi"`` (module docs)."""
+    if kind == "trace":
+        return trace_damping(a, damping, SEED_EPS), trace_damping(g, damping, SEED_EPS)
+    if kind == "pi":
+        return pi_damping(a, g, damping)
+    raise ValueError(f"fishr.kfac: `damping_kind` must be one of {DAMPING_KINDS}, got {kind!r}.")
+
+
+def precondition_matrix(grad_matrix: jax.Array, a_inv: jax.Array, g_inv: jax.Array) -> jax.Array:
+    """``a_inv @ Gamma @ g_inv`` for a ``(d_in [+1], d_out)`` gradient ``Gamma`` (Flax layout)."""
+    return a_inv @ grad_matrix @ g_inv
+
+
+# --------------------------------------------------------------------------- all layers
+
+
+def factor_statistics(
+    score_fn, params: Any, *args: Any, centre: bool = False, axis_name: AxisName = None
+) -> tuple[LayerPlan, KroneckerFactors]:
+    """This batch's ``(A, G)`` for every captured layer of ``score_fn(params, *args)`` (shape ``(n_local,)``).
+
+    One forward and one backward pass (:func:`fishr.kfac.capture.capture`), then
+    the means of module docs over all devices of ``axis_name``. Returns the
+    static :class:`~fishr.kfac.capture.LayerPlan` and the factors.
+    """
+    cap = capture(score_fn, params, *args)
+    if cap.outputs.ndim != 1:
+        raise ValueError(
+            "fishr.kfac: the score function must return one real score per sample, shape (n,); "
+            f"got shape {cap.outputs.shape}."
+        )
+    pairs = [
+        layer_factors(a, d, has_bias=layer.has_bias, centre=centre, axis_name=axis_name)
+        for layer, a, d in zip(cap.plan.layers, cap.inputs, cap.output_grads)
+    ]
+    return cap.plan, KroneckerFactors(a=tuple(p[0] for p in pairs), g=tuple(p[1] for p in pairs))
+
+
+def _factor_dims(layer: LayerInfo) -> tuple[int, int]:
+    return layer.d_in + int(layer.has_bias), layer.d_out
+
+
+def zero_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
+    """All-zero factors for ``plan`` (the seed's initial state)."""
+    dims = [_factor_dims(layer) for layer in plan.layers]
+    return KroneckerFactors(
+        a=tuple(jnp.zeros((m, m), dtype) for m, _ in dims), g=tuple(jnp.zeros((k, k), dtype) for _, k in dims)
+    )
+
+
+def identity_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
+    """Identity matrices for ``plan``: as inverses they leave every gradient unchanged."""
+    dims = [_factor_dims(layer) for layer in plan.layers]
+    return KroneckerFactors(
+        a=tuple(jnp.eye(m, dtype=dtype) for m, _ in dims), g=tuple(jnp.eye(k, dtype=dtype) for _, k in dims)
+    )
+
+
+def ema_update(old: KroneckerFactors, new: KroneckerFactors, ema: Any, count: Any) -> KroneckerFactors:
+    """``new`` if ``count == 0`` (first update replaces), else ``ema * old + (1 - ema) * new``."""
+    first = jnp.asarray(count) == 0
+
+    def mix(o, n):
+        return jnp.where(first, n, ema * o + (1.0 - ema) * n).astype(o.dtype)
+
+    return jax.tree.map(mix, old, new)
+
+
+def factor_inverses(
+    factors: KroneckerFactors, damping: Any, *, kind: str = "pi", method: str = "cholesky"
+) -> KroneckerFactors:
+    """``((A + s_A I)^{-1}, (G + s_G I)^{-1})`` per layer; non-finite where a damped factor is not PD."""
+    if method not in INVERSE_METHODS:
+        raise ValueError(f"fishr.kfac: `inverse_method` must be one of {INVERSE_METHODS}, got {method!r}.")
+    a_inv, g_inv = [], []
+    for a, g in zip(factors.a, factors.g):
+        shift_a, shift_g = damping_shifts(a, g, damping, kind)
+        a_inv.append(psd_inverse(a, shift_a, method))
+        g_inv.append(psd_inverse(g, shift_g, method))
+    return KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv))
+
+
+def is_finite(tree: Any) -> jax.Array:
+    """``True`` iff every entry of every leaf of ``tree`` is finite (a scalar bool)."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return jnp.asarray(True)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
+def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any:
+    """Apply each layer's ``A^{-1} Gamma G^{-1}`` to ``grads``; uncovered parameters pass unchanged.
+
+    ``grads`` has the structure of the ``params`` that ``plan`` was discovered on.
+    """
+    leaves, treedef = jax.tree.flatten(grads)
+    if len(leaves) != plan.num_leaves:
+        raise ValueError(
+            f"fishr.kfac: `grads` must have the structure of `params` ({plan.num_leaves} leaves); "
+            f"got {len(leaves)} leaves."
+        )
+    out = list(leaves)
+    for layer, a_inv, g_inv in zip(plan.layers, inverses.a, inverses.g):
+        kernel = leaves[layer.kernel_index]
+        if jnp.shape(kernel) != layer.kernel_shape:
+            raise ValueError(
+                f"fishr.kfac: gradient of layer {layer.name!r} kernel has shape {jnp.shape(kernel)}, "
+                f"expected {layer.kernel_shape}."
+            )
+        gamma = kernel.reshape(layer.d_in, layer.d_out)
+        if layer.has_bias:
+            gamma = jnp.concatenate([gamma, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
+        nat = precondition_matrix(gamma, a_inv, g_inv).astype(kernel.dtype)
+        out[layer.kernel_index] = nat[: layer.d_in].reshape(layer.kernel_shape)
+        if layer.has_bias:
+            bias = leaves[layer.bias_index]
+            out[layer.bias_index] = nat[layer.d_in].reshape(jnp.shape(bias)).astype(bias.dtype)
+    return jax.tree.unflatten(treedef, out)
