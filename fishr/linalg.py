@@ -70,6 +70,7 @@ def cg(
     atol: float = 0.0,
     maxiter: Optional[int] = None,
     denominator_floor: float = 0.0,
+    min_iterations: int = 0,
 ) -> tuple[Any, CGInfo]:
     r"""Conjugate gradient for ``A x = b`` with ``A`` Hermitian positive definite.
 
@@ -82,6 +83,9 @@ def cg(
     ``denominator_floor`` bounds the two divisions of each iteration from below
     (``alpha = |r|^2 / max(floor, p.Ap)``, ``beta = |r_new|^2 / max(floor, |r|^2)``),
     which reproduces guarded variants of CG; 0 means unguarded.
+    ``min_iterations`` iterations are taken before the stopping test is first
+    applied (capped by ``maxiter``): 1 reproduces loops that test only after an
+    update, such as qmlhc's ``cg_solve`` (which thus never returns ``x0`` itself).
 
     Args:
       matvec: the linear operator ``v -> A v``.
@@ -91,6 +95,7 @@ def cg(
       atol: absolute tolerance on the residual norm.
       maxiter: maximum number of iterations.
       denominator_floor: lower bound on the CG denominators (see above).
+      min_iterations: iterations taken regardless of the residual (see above).
 
     Returns:
       ``(x, CGInfo(iterations, residual_norm))``. If the residual becomes
@@ -113,7 +118,7 @@ def cg(
 
     def cond(carry):
         _, _, _, gamma, k = carry
-        return (gamma > threshold2) & (k < maxiter)
+        return ((gamma > threshold2) | (k < min_iterations)) & (k < maxiter)
 
     def body(carry):
         x, r, p, gamma, k = carry
