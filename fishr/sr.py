@@ -196,16 +196,24 @@ def _score_fn(log_psi_apply: LogPsiApply, samples: Any, holomorphic: bool) -> Ca
 
 
 def _centred_jacobian(log_psi_apply, params, samples, holomorphic, axis_name):
-    """Per-sample Jacobian rows, centred over the global batch: ``(n_local, C, P)``."""
+    """Per-sample Jacobian rows, centred over the global batch: ``(n_local, C, P)``.
+
+    ``vmap`` over samples of the reverse-mode Jacobian of one sample's scores,
+    taken on the parameter pytree (cheaper than differentiating through an
+    unravel of the flat vector); columns are in ``ravel_pytree`` order.
+    """
     flat_params, unravel = ravel_pytree(params)
     scores = _score_fn(log_psi_apply, samples, holomorphic)
     scores(params)  # trace-time checks of the output shape on the whole batch
 
-    def one_sample(flat, x):
+    def one_sample(p, x):
         batch_of_one = jax.tree.map(lambda leaf: leaf[None], x)
-        return _score_fn(log_psi_apply, batch_of_one, holomorphic)(unravel(flat))[0]
+        return _score_fn(log_psi_apply, batch_of_one, holomorphic)(p)[0]
 
-    jac = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))(flat_params, samples)
+    jac_tree = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))(params, samples)
+    leaves = jax.tree.leaves(jac_tree)  # each (n_local, C, *leaf_shape)
+    n, c = leaves[0].shape[:2]
+    jac = jnp.concatenate([leaf.reshape(n, c, -1).astype(flat_params.dtype) for leaf in leaves], axis=-1)
     return jac - distributed.batch_mean(jac, axis_name), unravel
 
 
