@@ -8,6 +8,10 @@ approximation ``F`` of the covariance of per-sample score gradients:
 * :func:`fishr.kfac`: block K-FAC for Flax dense layers (layers captured from an
   unmodified model); pure functions ``kfac_statistics``, ``kfac_ema_update``,
   ``kfac_inverses``, ``kfac_precondition``, ``capture_layers``.
+* :func:`fishr.branch_natgrad` / :func:`fishr.branch_kfac`: natural gradient from
+  the covariance of state branches mapped by a projection (CG or exact), and its
+  block-diagonal variant; pure functions ``branch_natgrad_solve``,
+  ``branch_kfac_solve``, ``branch_covariance``; ``clip_params`` for the seeds' clip.
 """
 
 from fishr import distributed, linalg
@@ -18,6 +22,16 @@ from fishr.kfac import ema_update as kfac_ema_update
 from fishr.kfac import factor_inverses as kfac_inverses
 from fishr.kfac import factor_statistics as kfac_statistics
 from fishr.kfac import precondition as kfac_precondition
+from fishr.branch import (
+    BranchKFACState,
+    BranchNatGradState,
+    branch_covariance,
+    branch_kfac,
+    branch_kfac_solve,
+    branch_natgrad,
+    branch_natgrad_solve,
+    clip_params,
+)
 
 __version__ = "0.1.0"
 
@@ -37,4 +51,12 @@ __all__ = [
     "kfac_inverses",
     "kfac_precondition",
     "kfac_statistics",
+    "BranchKFACState",
+    "BranchNatGradState",
+    "branch_covariance",
+    "branch_kfac",
+    "branch_kfac_solve",
+    "branch_natgrad",
+    "branch_natgrad_solve",
+    "clip_params",
 ]
