@@ -275,6 +275,22 @@ class Linearized(NamedTuple):
     pullback: Callable[[jax.Array], tuple]
 
 
+def _varying_zero(args: Any) -> jax.Array:
+    """A scalar 0 that varies over the same mapped axes as ``args`` (the batch).
+
+    Under ``jax.shard_map`` a perturbation created with ``jnp.zeros`` is invariant
+    across devices, and the cotangent of an invariant input of a per-device
+    computation is summed over the devices; deriving the zeros from the batch
+    keeps them per-device, so each device gets its own samples' ``d_i``. Outside
+    ``shard_map`` this is the constant 0.
+    """
+    zero = jnp.zeros(())
+    for leaf in jax.tree.leaves(args):
+        if jnp.ndim(leaf) > 0:
+            zero = zero + jnp.sum(jnp.asarray(leaf).ravel()[:0]).astype(zero.dtype)
+    return jax.lax.stop_gradient(zero)
+
+
 def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> Linearized:
     """One forward pass of ``fn(params, *args)`` recording every captured layer (see module docs)."""
     plan = discover_layers(fn, params, *args)
@@ -305,7 +321,11 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
             outputs = fn(params, *args)
         return outputs, tuple(recorded[k] for k in captured)
 
-    zeros = tuple(jnp.zeros(plan.calls[k].output_shape, plan.calls[k].output_dtype) for k in captured)
+    anchor = _varying_zero(args)
+    zeros = tuple(
+        jnp.zeros(plan.calls[k].output_shape, plan.calls[k].output_dtype) + anchor.astype(plan.calls[k].output_dtype)
+        for k in captured
+    )
     outputs, vjp_fn, raw_inputs = jax.vjp(perturbed, zeros, has_aux=True)
     n = plan.batch_size
 
