@@ -11,65 +11,10 @@ import pytest
 import fishr
 from fishr import branch, linalg
 
+from branch_reference import np_block_sizes, np_cg, np_cov, np_kfac, np_natgrad
+
 TOL = 1e-10
 NDEV = 4
-
-
-# --------------------------------------------------------------------------- NumPy references
-
-
-def np_cov(b):
-    """qmlhc's cov_empirical: centred by column means, divided by max(1, K - 1)."""
-    bc = b - b.mean(axis=0, keepdims=True)
-    return bc.T @ bc / max(1, b.shape[0] - 1)
-
-
-def np_cg(a_mul, b, iters, tol):
-    """qmlhc's cg_solve as the seeds' README states it."""
-    x = np.zeros_like(b)
-    r = b.copy()
-    p = r.copy()
-    rs_old = r @ r
-    for _ in range(iters):
-        ap = a_mul(p)
-        alpha = rs_old / max(1e-12, p @ ap)
-        x = x + alpha * p
-        r = r - alpha * ap
-        rs_new = r @ r
-        if np.sqrt(rs_new) < tol:
-            break
-        p = r + (rs_new / max(1e-12, rs_old)) * p
-        rs_old = rs_new
-    return x
-
-
-def np_natgrad(g, b, p, damping, solver="cg", iters=8, tol=1e-6):
-    c = np_cov(b)
-    gs = p.T @ g
-    if solver == "cg":
-        v = np_cg(lambda v: c @ v + damping * v, gs, iters, tol)
-    else:
-        v = np.linalg.solve(c + damping * np.eye(c.shape[0]), gs)
-    return p @ v
-
-
-def np_block_sizes(d, blocks):
-    blocks = max(1, min(blocks, d))
-    sizes = np.full(blocks, d // blocks, dtype=int)
-    sizes[: d % blocks] += 1
-    return sizes
-
-
-def np_kfac(g, b, p, damping, blocks):
-    d = b.shape[1]
-    c = np_cov(b) + damping * np.eye(d)
-    gs = p.T @ g
-    v = np.zeros_like(gs)
-    start = 0
-    for cut in np.cumsum(np_block_sizes(d, blocks)):
-        v[start:cut] = np.linalg.solve(c[start:cut, start:cut], gs[start:cut])
-        start = cut
-    return p @ v
 
 
 # --------------------------------------------------------------------------- fixtures
