@@ -164,6 +164,17 @@ def test_ema_first_update_replaces_then_mixes():
     assert close(later.a[0], 0.95 * 7.0 + 0.05 * np.eye(2))
 
 
+@pytest.mark.parametrize("ema", [0.95, 0.5, 1.0])
+def test_debiased_ema_is_the_normalised_weighted_average(ema):
+    news = [F.KroneckerFactors(a=(jnp.full((1, 1), float(v)),), g=()) for v in (3.0, -1.0, 5.0, 2.0)]
+    x = F.KroneckerFactors(a=(jnp.zeros((1, 1)),), g=())
+    for count, n in enumerate(news):
+        x = fishr.kfac_ema_update(x, n, ema, count, debias=True)
+        w = np.array([ema ** (count - k) for k in range(count + 1)])
+        want = sum(wk * float(nk.a[0][0, 0]) for wk, nk in zip(w, news)) / w.sum()
+        assert close(x.a[0][0, 0], want)
+
+
 def test_damping_kinds():
     rng = np.random.default_rng(0)
     m1, m2 = rng.normal(size=(6, 4)), rng.normal(size=(6, 3))

@@ -29,7 +29,8 @@ true Fisher ``E[d] = 0`` already, and centring ``a`` removes the input mean that
 the layer's curvature genuinely contains.
 
 EMA (the seed's rule): ``X <- new`` on the first update (``count == 0``, the zero
-initial factors are replaced), afterwards ``X <- ema X + (1 - ema) new``.
+initial factors are replaced), afterwards ``X <- ema X + (1 - ema) new``. Option
+``debias=True``: the bias-corrected EMA (kfac-jax's), see :func:`ema_update`.
 
 Damping (``kind``):
 
@@ -176,12 +177,32 @@ def identity_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
     )
 
 
-def ema_update(old: KroneckerFactors, new: KroneckerFactors, ema: Any, count: Any) -> KroneckerFactors:
-    """``new`` if ``count == 0`` (first update replaces), else ``ema * old + (1 - ema) * new``."""
-    first = jnp.asarray(count) == 0
+def ema_update(
+    old: KroneckerFactors, new: KroneckerFactors, ema: Any, count: Any, debias: bool = False
+) -> KroneckerFactors:
+    """``new`` if ``count == 0`` (first update replaces), else ``ema * old + (1 - ema) * new``.
+
+    ``debias=True`` instead keeps the bias-corrected average of all updates so far,
+    ``X_t = sum_k ema^(t-k) (1 - ema) new_k / (1 - ema^t)`` (``t = count + 1``; Adam's and
+    kfac-jax's convention), by the recursion ``X_t = (ema (1 - ema^(t-1)) X_{t-1} +
+    (1 - ema) new_t) / (1 - ema^t)``. It also replaces on the first update but forgets
+    the first batches faster: with the seed's rule the first batch keeps weight
+    ``0.95^k`` after ``k`` updates, which lags while the parameters move quickly.
+    """
+    count = jnp.asarray(count)
+    first = count == 0
+    if debias:
+        t = (count + 1).astype(jnp.result_type(float))
+        if ema == 1.0:  # the limit ema -> 1: the plain running mean
+            w_new = 1.0 / t
+        else:
+            w_new = (1.0 - ema) / (1.0 - ema**t)
+        w_old = 1.0 - w_new
+    else:
+        w_old, w_new = ema, 1.0 - ema
 
     def mix(o, n):
-        return jnp.where(first, n, ema * o + (1.0 - ema) * n).astype(o.dtype)
+        return jnp.where(first, n, w_old * o + w_new * n).astype(o.dtype)
 
     return jax.tree.map(mix, old, new)
 
