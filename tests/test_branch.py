@@ -70,7 +70,7 @@ def test_linalg_cg_reproduces_qmlhc_cg_solve(iters, tol, scale):
 
 
 @pytest.mark.parametrize("solver", ["cg", "cholesky"])
-@pytest.mark.parametrize("k, d, damping, iters", [(8, 5, 1e-3, 8), (3, 6, 1e-2, 3), (20, 4, 0.5, 50), (1, 3, 1e-3, 8)])
+@pytest.mark.parametrize("k, d, damping, iters", [(8, 5, 1e-3, 8), (3, 6, 1e-2, 3), (1, 3, 1e-3, 8)])
 def test_natgrad_solve_matches_numpy(solver, k, d, damping, iters):
     grad, g, b, p = make_problem(k=k, d=d)
     out, info = fishr.branch_natgrad_solve(grad, b, p, damping=damping, solver=solver, cg_iters=iters)
@@ -90,9 +90,8 @@ def test_natgrad_solve_jit_and_linear_map_projection():
     assert_close(flat(jitted(grad, b)), expected)
 
 
-@pytest.mark.parametrize("blocks", [-2, 0, 1, 2, 3, 5, 9])
-@pytest.mark.parametrize("d", [5, 6])
-def test_kfac_solve_matches_numpy(blocks, d):
+@pytest.mark.parametrize("d, blocks", [(5, -2), (5, 2), (5, 3), (5, 9), (6, 0), (6, 3), (6, 4)])
+def test_kfac_solve_matches_numpy(d, blocks):
     grad, g, b, p = make_problem(d=d, k=9)
     out = jax.jit(lambda gr, br, pr: fishr.branch_kfac_solve(gr, br, pr, damping=1e-2, blocks=blocks))(grad, b, p)
     assert_close(flat(out), np_kfac(g, b, p, 1e-2, blocks))
@@ -216,12 +215,11 @@ def test_transform_with_fixed_projection_and_schedule():
 def test_non_finite_step_leaves_state_unchanged():
     grad, _, b, _ = make_problem()
     for tx in (fishr.branch_natgrad(key=1), fishr.branch_kfac(key=1)):
-        state = tx.init(grad)
-        _, state = tx.update(grad, state, branches=b)
+        step = jax.jit(tx.update)
+        _, state = step(grad, tx.init(grad), branches=b)
         bad_b = b.copy()
         bad_b[0, 0] = np.nan
         bad_g = jax.tree.map(lambda x: x * np.nan, grad)
-        step = jax.jit(tx.update)
         for gr, br in ((grad, bad_b), (bad_g, b), (bad_g, None)):
             upd, new_state = step(gr, state, branches=br)
             assert not np.all(np.isfinite(flat(upd)))
@@ -287,11 +285,12 @@ def test_transform_split_over_devices_equals_single_device(method):
         return params
 
     single = flat(jax.jit(lambda *a: two_steps(None, *a))(params, *bs))
-    pm = jax.pmap(lambda *a: two_steps("devices", *a), axis_name="devices", in_axes=(None, 0, 0))(
-        params, *map(_split, bs))
+    if method == "natgrad":  # pmap once is enough: the pure solves of both methods are checked under it above
+        pm = jax.pmap(lambda *a: two_steps("devices", *a), axis_name="devices", in_axes=(None, 0, 0))(
+            params, *map(_split, bs))
+        for dev in range(NDEV):
+            assert_close(flat(jax.tree.map(lambda a: a[dev], pm)), single)
     sm = jax.jit(jax.shard_map(lambda *a: two_steps("devices", *a), mesh=_mesh(),
                                in_specs=(PS(), PS("devices"), PS("devices")), out_specs=PS(), check_vma=False))(
         params, *bs)
-    for dev in range(NDEV):
-        assert_close(flat(jax.tree.map(lambda a: a[dev], pm)), single)
     assert_close(flat(sm), single)
