@@ -70,7 +70,9 @@ import optax
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.linalg import CGInfo, cg, cholesky_solve
+from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian
+from fishr.kfac.capture import discover_layers
+from fishr.linalg import CGInfo, cg, cholesky_solve, tree_inner
 
 __all__ = [
     "MODES",
@@ -87,6 +89,7 @@ MODES = ("lazy", "dense", "sample_space")
 _MODE_ALIASES = {"lazy": "lazy", "dense": "dense", "debug": "dense", "sample_space": "sample_space"}
 _SOLVERS = {"lazy": ("cg",), "dense": ("cg", "cholesky"), "sample_space": ("cholesky",)}
 _WARM_STARTS = ("grad", "previous", "zeros")
+_JACOBIANS = ("auto", "structured", "generic")
 
 
 # --------------------------------------------------------------------------- checks
@@ -121,6 +124,16 @@ def _check_damping(damping: Any, mode: str) -> None:
     if mode == "sample_space" and damping == 0:
         raise ValueError(
             "fishr SR: mode='sample_space' needs `damping` > 0 (the Woodbury form divides by it); got 0."
+        )
+
+
+def _check_jacobian(jacobian: Any, mode: str) -> None:
+    if jacobian not in _JACOBIANS:
+        raise ValueError(f"fishr SR: `jacobian` must be one of {_JACOBIANS}, got {jacobian!r}.")
+    if jacobian == "structured" and mode == "dense":
+        raise ValueError(
+            "fishr SR: jacobian='structured' applies to modes 'lazy' and 'sample_space'; "
+            "mode='dense' forms the explicit Jacobian by definition."
         )
 
 
@@ -195,94 +208,78 @@ def _score_fn(log_psi_apply: LogPsiApply, samples: Any, holomorphic: bool) -> Ca
     return scores
 
 
-def _centred_jacobian(log_psi_apply, params, samples, holomorphic, axis_name):
-    """Per-sample Jacobian rows, centred over the global batch: ``(n_local, C, P)``.
+def _one_sample_fn(log_psi_apply: LogPsiApply, holomorphic: bool) -> Callable[[Any, Any], jax.Array]:
+    """``(params, x) -> (C,)``: the scores of one sample (a batch of one)."""
 
-    ``vmap`` over samples of the reverse-mode Jacobian of one sample's scores,
-    taken on the parameter pytree (cheaper than differentiating through an
-    unravel of the flat vector); columns are in ``ravel_pytree`` order.
-    """
-    flat_params, unravel = ravel_pytree(params)
+    def one_sample(params, x):
+        batch_of_one = jax.tree.map(lambda leaf: leaf[None], x)
+        return _score_fn(log_psi_apply, batch_of_one, holomorphic)(params)[0]
+
+    return one_sample
+
+
+def _wants_layers(jacobian: str, log_psi_apply, params, samples) -> bool:
+    if jacobian == "generic":
+        return False
+    if jacobian == "structured":
+        return True
+    return bool(discover_layers(log_psi_apply, params, samples).layers)
+
+
+def _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name):
     scores = _score_fn(log_psi_apply, samples, holomorphic)
     scores(params)  # trace-time checks of the output shape on the whole batch
-
-    def one_sample(p, x):
-        batch_of_one = jax.tree.map(lambda leaf: leaf[None], x)
-        return _score_fn(log_psi_apply, batch_of_one, holomorphic)(p)[0]
-
-    jac_tree = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))(params, samples)
-    leaves = jax.tree.leaves(jac_tree)  # each (n_local, C, *leaf_shape)
-    n, c = leaves[0].shape[:2]
-    jac = jnp.concatenate([leaf.reshape(n, c, -1).astype(flat_params.dtype) for leaf in leaves], axis=-1)
-    return jac - distributed.batch_mean(jac, axis_name), unravel
+    one_sample = _one_sample_fn(log_psi_apply, holomorphic)
+    if structured:
+        return LayerJacobian.build(scores, one_sample, params, samples, holomorphic, axis_name)
+    return DenseJacobian.build(one_sample, params, samples, holomorphic, axis_name)
 
 
-def _rows(jac: jax.Array) -> jax.Array:
-    return jac.reshape(-1, jac.shape[-1])
+def _residual_info(s_matvec, b, x, damping) -> CGInfo:
+    r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
+    return CGInfo(iterations=jnp.int32(0), residual_norm=jnp.sqrt(tree_inner(r, r)))
 
 
 # --------------------------------------------------------------------------- solves
 
 
-def _solve_lazy(log_psi_apply, b, x0, params, samples, damping, holomorphic, axis_name, cg_kwargs):
-    scores = _score_fn(log_psi_apply, samples, holomorphic)
-    n_local = _local_batch_size(samples)
-    _, jvp = jax.linearize(scores, params)
-    transpose = jax.linear_transpose(jvp, params)
-
+def _solve_lazy(jac, n_local, b, x0, damping, axis_name, cg_kwargs):
     def s_matvec(v):
-        ov = jvp(v)
-        ov = ov - distributed.batch_mean(ov, axis_name)
-        if holomorphic:  # O^H c = conj(O^T conj(c)); JAX transposes without conjugation
-            (w,) = transpose(ov.conj())
-            w = optax.tree.conj(w)
-        else:
-            (w,) = transpose(ov)
+        w = jac.rmatvec(jac.matvec(v))
         return distributed.pmean(optax.tree.scale(1.0 / n_local, w), axis_name)
 
-    def matvec(v):
-        return optax.tree.add_scale(s_matvec(v), damping, v)
-
-    return cg(matvec, b, x0, **cg_kwargs)
+    return cg(lambda v: optax.tree.add_scale(s_matvec(v), damping, v), b, x0, **cg_kwargs)
 
 
-def _dense_matvec(rows, n_local, axis_name):
-    def s_matvec(v):
-        return distributed.pmean(rows.conj().T @ (rows @ v) / n_local, axis_name)
-
-    return s_matvec
-
-
-def _residual_info(s_matvec, b, x, damping) -> CGInfo:
-    r = b - s_matvec(x) - damping * x
-    return CGInfo(iterations=jnp.int32(0), residual_norm=jnp.linalg.norm(r))
-
-
-def _solve_dense(log_psi_apply, b, x0, params, samples, damping, holomorphic, axis_name, solver, cg_kwargs):
-    jac, unravel = _centred_jacobian(log_psi_apply, params, samples, holomorphic, axis_name)
-    n_local = jac.shape[0]
-    rows = _rows(jac)
+def _solve_dense(jac: DenseJacobian, b, x0, damping, axis_name, solver, cg_kwargs):
+    n_local = jac.rows.shape[0]
+    rows = jac.flat_rows
     b_flat, _ = ravel_pytree(b)
-    s_matvec = _dense_matvec(rows, n_local, axis_name)
+
+    def s_matvec(v):
+        return distributed.pmean(jac.rmatvec_flat(jac.matvec_flat(v)) / n_local, axis_name)
+
     if solver == "cholesky":
         s = distributed.pmean(rows.conj().T @ rows / n_local, axis_name)
         x = cholesky_solve(s, b_flat, damping)
-        return unravel(x), _residual_info(s_matvec, b_flat, x, damping)
+        return jac.unravel(x), _residual_info(s_matvec, b_flat, x, damping)
     x0_flat = None if x0 is None else ravel_pytree(x0)[0]
     x, info = cg(lambda v: s_matvec(v) + damping * v, b_flat, x0_flat, **cg_kwargs)
-    return unravel(x), info
+    return jac.unravel(x), info
 
 
-def _solve_sample_space(log_psi_apply, b, params, samples, damping, holomorphic, axis_name):
-    jac, unravel = _centred_jacobian(log_psi_apply, params, samples, holomorphic, axis_name)
-    rows = _rows(distributed.all_gather_batch(jac, axis_name))  # (N * C, P), same on all devices
-    n_total = jac.shape[0] * distributed.device_count(axis_name)
-    b_flat, _ = ravel_pytree(b)
-    kernel = rows @ rows.conj().T
-    y = cholesky_solve(kernel, rows @ b_flat, n_total * damping)
-    x = (b_flat - rows.conj().T @ y) / damping
-    s_matvec = _dense_matvec(rows, n_total, None)
-    return unravel(x), _residual_info(s_matvec, b_flat, x, damping)
+def _solve_sample_space(jac, b, damping):
+    """Woodbury on the gathered batch: ``x = (b - Obar^H (Obar Obar^H + N damping)^{-1} Obar b) / damping``."""
+    jac = jac.gather()  # every device now holds the statistics of all N samples
+    u = jac.matvec(b)  # (N, C)
+    n_total = u.shape[0]
+    y = cholesky_solve(jac.gram(), u.reshape(-1), n_total * damping).reshape(u.shape)
+    x = optax.tree.scale(1.0 / damping, optax.tree.sub(b, jac.rmatvec(y)))
+
+    def s_matvec(v):
+        return optax.tree.scale(1.0 / n_total, jac.rmatvec(jac.matvec(v)))
+
+    return x, _residual_info(s_matvec, b, x, damping)
 
 
 def sr_solve(
@@ -301,6 +298,7 @@ def sr_solve(
     tol: float = 1e-5,
     atol: float = 0.0,
     holomorphic: bool = False,
+    jacobian: str = "auto",
     axis_name: AxisName = None,
 ) -> tuple[Any, CGInfo]:
     """Solve ``(S + damping I) x = grad + damping * momentum * previous`` (see module docs).
@@ -323,6 +321,12 @@ def sr_solve(
       x0: CG initial guess; ``None`` starts from the right-hand side (the seed's choice).
       maxiter, tol, atol: CG controls (see :func:`fishr.linalg.cg`).
       holomorphic: complex parameters and a holomorphic ``log psi``.
+      jacobian: how ``Obar`` is represented (modes ``"lazy"`` and ``"sample_space"``):
+        ``"structured"`` from the statistics of the Flax Dense/DenseGeneral layers that
+        :mod:`fishr.kfac.capture` finds in ``log_psi_apply`` (exact; see
+        :mod:`fishr.jacobian`), ``"generic"`` (``jax.linearize`` for lazy, explicit
+        rows for sample_space), or ``"auto"``: structured for sample_space when at
+        least one layer is captured, generic otherwise.
       axis_name: mapped axis (or axes) the samples are split over; ``None`` for one device.
 
     Returns:
@@ -332,6 +336,7 @@ def sr_solve(
     mode = _canonical_mode(mode)
     solver = _canonical_solver(mode, solver)
     _check_damping(damping, mode)
+    _check_jacobian(jacobian, mode)
     _check_momentum(momentum)
     _check_grad_matches_params(grad, params)
     _check_holomorphic(params, holomorphic)
@@ -347,12 +352,18 @@ def sr_solve(
     cg_kwargs = dict(tol=tol, atol=atol, maxiter=maxiter)
 
     if mode == "lazy":
-        return _solve_lazy(log_psi_apply, b, x0, params, samples, damping, holomorphic, axis_name, cg_kwargs)
+        n_local = _local_batch_size(samples)
+        if jacobian == "structured":
+            jac = _build_jacobian(True, log_psi_apply, params, samples, holomorphic, axis_name)
+        else:
+            jac = LinearizedJacobian(_score_fn(log_psi_apply, samples, holomorphic), params, holomorphic, axis_name)
+        return _solve_lazy(jac, n_local, b, x0, damping, axis_name, cg_kwargs)
     if mode == "dense":
-        return _solve_dense(
-            log_psi_apply, b, x0, params, samples, damping, holomorphic, axis_name, solver, cg_kwargs
-        )
-    return _solve_sample_space(log_psi_apply, b, params, samples, damping, holomorphic, axis_name)
+        jac = _build_jacobian(False, log_psi_apply, params, samples, holomorphic, axis_name)
+        return _solve_dense(jac, b, x0, damping, axis_name, solver, cg_kwargs)
+    structured = _wants_layers(jacobian, log_psi_apply, params, samples)
+    jac = _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name)
+    return _solve_sample_space(jac, b, damping)
 
 
 def fisher_inverse_fn(
@@ -366,6 +377,7 @@ def fisher_inverse_fn(
     tol: float = 1e-5,
     atol: float = 0.0,
     holomorphic: bool = False,
+    jacobian: str = "auto",
 ) -> Callable[..., Any]:
     """The SR preconditioner as a pure function, in the shape of vmcnet's ``get_fisher_inverse_fn``.
 
@@ -379,11 +391,13 @@ def fisher_inverse_fn(
     mode = _canonical_mode(mode)
     solver = _canonical_solver(mode, solver)
     _check_damping(damping, mode)
+    _check_jacobian(jacobian, mode)
 
     def precondition(grad, params, samples, *, x0=None):
         x, _ = sr_solve(
             log_psi_apply, grad, params, samples, damping=damping, mode=mode, solver=solver,
-            x0=x0, maxiter=maxiter, tol=tol, atol=atol, holomorphic=holomorphic, axis_name=axis_name,
+            x0=x0, maxiter=maxiter, tol=tol, atol=atol, holomorphic=holomorphic, jacobian=jacobian,
+            axis_name=axis_name,
         )
         return x
 
@@ -422,6 +436,7 @@ def sr(
     atol: float = 0.0,
     warm_start: str = "grad",
     holomorphic: bool = False,
+    jacobian: str = "auto",
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
@@ -444,6 +459,7 @@ def sr(
       warm_start: CG initial guess: ``"grad"`` (the seed's), ``"previous"``
         (last solution) or ``"zeros"``.
       holomorphic: complex parameters with a holomorphic ``log psi``.
+      jacobian: ``"auto"``, ``"structured"`` or ``"generic"`` (see :func:`sr_solve`).
       axis_name: mapped axis name(s) under ``jax.pmap``/``jax.shard_map``; ``None`` for one device.
 
     Non-finite values: if the solution has any NaN/inf (from a non-finite
@@ -455,6 +471,7 @@ def sr(
     mode = _canonical_mode(mode)
     solver = _canonical_solver(mode, solver)
     _check_damping(damping, mode)
+    _check_jacobian(jacobian, mode)
     _check_momentum(momentum)
     if warm_start not in _WARM_STARTS:
         raise ValueError(f"fishr.sr: `warm_start` must be one of {_WARM_STARTS}, got {warm_start!r}.")
@@ -479,7 +496,7 @@ def sr(
         x, info = sr_solve(
             log_psi_apply, updates, params, samples, damping=damping_now, mode=mode, solver=solver,
             momentum=momentum, previous=state.previous, x0=x0, maxiter=maxiter, tol=tol, atol=atol,
-            holomorphic=holomorphic, axis_name=axis_name,
+            holomorphic=holomorphic, jacobian=jacobian, axis_name=axis_name,
         )
         x = jax.tree.map(lambda xi, g: xi.astype(g.dtype), x, updates)
         finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))

@@ -1,0 +1,280 @@
+r"""The centred per-sample Jacobian ``Obar`` of the SR scores, in three representations.
+
+Rows are indexed by ``(i, c)``: sample ``i`` of the batch and component ``c``
+(``C = 1`` for a real ``log psi`` or a holomorphic one, ``C = 2`` for the real
+and imaginary parts of a complex ``log psi`` of real parameters).
+``Obar = O - mean_i O_i`` with the mean over the *global* batch (through
+:mod:`fishr.distributed`). Every representation offers
+
+* ``matvec(v) = Obar v`` for a parameter pytree ``v`` -> ``(n, C)``;
+* ``rmatvec(u) = Obar^H u`` for ``u`` of shape ``(n, C)`` -> parameter pytree;
+  equivalently ``O^H (u - mean_i u_i)``, so centring costs nothing extra;
+
+and the two that hold the statistics of the whole batch also offer
+``gram() = Obar Obar^H`` (``(n C) x (n C)``) and ``gather()``.
+
+:class:`LinearizedJacobian`
+    ``jax.linearize`` of the batched scores and its transpose (no Jacobian is
+    formed; ``matvec``/``rmatvec`` cost one JVP / one transposed JVP).
+:class:`DenseJacobian`
+    the explicit rows ``(n, C, P)`` from ``vmap`` of a per-sample ``jacrev``.
+:class:`LayerJacobian`
+    exact, from captured layer statistics (:mod:`fishr.kfac.capture`). For a
+    dense layer ``z = a W (+ b)`` applied at positions ``t`` the per-sample
+    gradient is ``G_ic = sum_t a_it^T d_ict`` (``a`` with a trailing 1 for the
+    bias, ``d_ict = d score_ic / d z_it``), so
+
+    * ``(O v)_ic = sum_t a_it V d_ict^T``          (``V`` the layer's block of ``v``),
+    * ``O^H u = sum_ict conj(a_it)^T conj(d_ict) u_ic``,
+    * ``(O O^H)_{ic,jc'} = sum_{t,s} (a_it . conj a_js)(d_ict . conj d_jc's)``,
+
+    i.e. per layer two Gram matrices and a Hadamard product, never the
+    ``n x P`` Jacobian. Parameters in no captured layer keep explicit rows
+    (:class:`DenseJacobian` restricted to them). Centring of the kernel is
+    ``H K H`` with ``H = I - 1 1^T / n`` acting on the sample index.
+
+    Per layer, :meth:`LayerJacobian.gram` picks the cheaper of the structured
+    kernel, ``n^2 T^2 (k + C^2 m)`` multiply-adds, and the generic one through
+    the per-sample gradients ``G`` (``n C T k m`` to form them plus
+    ``(n C)^2 k m``), with ``k = d_in (+1)``, ``m = d_out``, ``T`` positions;
+    for ``T = 1`` the structured kernel always wins.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
+
+from fishr import distributed
+from fishr.distributed import AxisName
+from fishr.kfac.capture import LayerPlan, augment_bias, linearize_layers
+
+__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "layer_kernel_is_structured"]
+
+
+def _centre(u: jax.Array, axis_name: AxisName) -> jax.Array:
+    return u - distributed.batch_mean(u, axis_name)
+
+
+def _centre_kernel(k: jax.Array, n: int, c: int) -> jax.Array:
+    """``H K H`` for ``K`` indexed ``(i c, j c')``, ``H`` centring over the sample index."""
+    k4 = k.reshape(n, c, n, c)
+    k4 = k4 - k4.mean(axis=0, keepdims=True)
+    k4 = k4 - k4.mean(axis=2, keepdims=True)
+    return k4.reshape(n * c, n * c)
+
+
+# --------------------------------------------------------------------------- linearised
+
+
+class LinearizedJacobian:
+    """``Obar`` through ``jax.linearize(scores, params)`` and its transpose (never formed)."""
+
+    def __init__(self, scores: Callable[[Any], jax.Array], params: Any, holomorphic: bool, axis_name: AxisName):
+        _, self._jvp = jax.linearize(scores, params)
+        self._transpose = jax.linear_transpose(self._jvp, params)
+        self._holomorphic = holomorphic
+        self._axis_name = axis_name
+
+    def matvec(self, v: Any) -> jax.Array:
+        return _centre(self._jvp(v), self._axis_name)
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        u = _centre(u, self._axis_name)
+        if self._holomorphic:  # O^H u = conj(O^T conj(u)); JAX transposes without conjugation
+            (w,) = self._transpose(u.conj())
+            return jax.tree.map(jnp.conj, w)
+        (w,) = self._transpose(u)
+        return w
+
+
+# --------------------------------------------------------------------------- dense rows
+
+
+def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, samples: Any, holomorphic: bool):
+    """Rows ``(n, C, P)`` of ``d one_sample(params, x_i) / d params`` in ``ravel_pytree`` order.
+
+    ``one_sample(params, x) -> (C,)``; ``vmap`` over samples of its reverse-mode
+    Jacobian, taken on the parameter pytree.
+    """
+    flat, _ = ravel_pytree(params)
+    jac_tree = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))(params, samples)
+    leaves = jax.tree.leaves(jac_tree)  # each (n, C, *leaf_shape)
+    if not leaves:
+        n = jax.tree.leaves(samples)[0].shape[0]
+        return jnp.zeros((n, 1, 0), flat.dtype)
+    n, c = leaves[0].shape[:2]
+    return jnp.concatenate([leaf.reshape(n, c, -1).astype(flat.dtype) for leaf in leaves], axis=-1)
+
+
+class DenseJacobian(NamedTuple):
+    """Explicit centred rows ``(n, C, P)``; ``unravel`` maps a flat ``P`` vector to the pytree."""
+
+    rows: jax.Array
+    unravel: Callable[[jax.Array], Any]
+    axis_name: AxisName = None
+
+    @classmethod
+    def build(cls, one_sample, params, samples, holomorphic, axis_name) -> "DenseJacobian":
+        rows = per_sample_rows(one_sample, params, samples, holomorphic)
+        return cls(_centre(rows, axis_name), ravel_pytree(params)[1], axis_name)
+
+    @property
+    def flat_rows(self) -> jax.Array:
+        return self.rows.reshape(-1, self.rows.shape[-1])
+
+    def matvec_flat(self, v: jax.Array) -> jax.Array:
+        return self.rows @ v
+
+    def rmatvec_flat(self, u: jax.Array) -> jax.Array:
+        return jnp.einsum("ncp,nc->p", self.rows.conj(), u)  # rows are centred already
+
+    def matvec(self, v: Any) -> jax.Array:
+        return self.matvec_flat(ravel_pytree(v)[0])
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        return self.unravel(self.rmatvec_flat(u))
+
+    def gram(self) -> jax.Array:
+        rows = self.flat_rows
+        return rows @ rows.conj().T
+
+    def gather(self) -> "DenseJacobian":
+        return DenseJacobian(distributed.all_gather_batch(self.rows, self.axis_name), self.unravel, None)
+
+
+# --------------------------------------------------------------------------- captured layers
+
+
+def layer_kernel_is_structured(n: int, c: int, positions: int, k: int, m: int) -> bool:
+    """Whether the Gram-Hadamard kernel of one layer is cheaper than the generic ``G G^H``."""
+    structured = n * n * positions * positions * (k + c * c * m)
+    generic = n * c * positions * k * m + (n * c) ** 2 * k * m
+    return structured <= generic
+
+
+class LayerJacobian(NamedTuple):
+    """``Obar`` from captured layer statistics, exact (see the module docstring).
+
+    Attributes:
+      plan: the static :class:`fishr.kfac.capture.LayerPlan`.
+      a: per layer, inputs with the bias column, ``(n, T, k)``.
+      d: per layer, output gradients per component, ``(n, C, T, m)``.
+      rest: explicit rows ``(n, C, P_rest)`` of the uncovered parameters (uncentred).
+      unravel_rest: flat ``P_rest`` vector -> list of uncovered leaves.
+      treedef: the parameters' tree structure.
+      shapes: the parameters' leaf shapes.
+      dtypes: the parameters' leaf dtypes.
+      axis_name: mapped axis of the batch (``None`` after :meth:`gather`).
+    """
+
+    plan: LayerPlan
+    a: tuple
+    d: tuple
+    rest: jax.Array
+    unravel_rest: Callable[[jax.Array], list]
+    treedef: Any
+    shapes: tuple
+    dtypes: tuple
+    axis_name: AxisName = None
+
+    @classmethod
+    def build(cls, scores: Callable[[Any], jax.Array], one_sample, params, samples, holomorphic, axis_name):
+        """One forward and ``C`` backward passes over the batch, plus rows for uncovered leaves.
+
+        ``scores(params) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives the
+        uncovered parameters' rows.
+        """
+        lin = linearize_layers(lambda p: scores(p), params)
+        c = lin.outputs.shape[1]
+        per_component = []
+        for comp in range(c):
+            cot = jnp.zeros_like(lin.outputs).at[:, comp].set(1)
+            per_component.append(lin.pullback(cot))
+        d = tuple(jnp.stack([pc[l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
+        a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
+
+        leaves, treedef = jax.tree.flatten(params)
+        uncovered = [leaves[i] for i in lin.plan.uncovered]
+
+        def one_sample_rest(rest_leaves, x):
+            full = list(leaves)
+            for i, leaf in zip(lin.plan.uncovered, rest_leaves):
+                full[i] = leaf
+            return one_sample(jax.tree.unflatten(treedef, full), x)
+
+        rest = per_sample_rows(one_sample_rest, uncovered, samples, holomorphic)
+        if rest.shape[1] != c:  # no uncovered leaves: an empty (n, C, 0) block
+            rest = jnp.zeros((rest.shape[0], c, 0), rest.dtype)
+        return cls(
+            plan=lin.plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree(uncovered)[1], treedef=treedef,
+            shapes=tuple(jnp.shape(l) for l in leaves), dtypes=tuple(jnp.result_type(l) for l in leaves),
+            axis_name=axis_name,
+        )
+
+    @property
+    def num_components(self) -> int:
+        return self.rest.shape[1]
+
+    def _layer_block(self, leaves: list, layer) -> jax.Array:
+        """The ``(k, m)`` block of a parameter pytree's leaves for ``layer`` (kernel rows, then bias)."""
+        block = leaves[layer.kernel_index].reshape(layer.d_in, layer.d_out)
+        if layer.has_bias:
+            block = jnp.concatenate([block, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
+        return block
+
+    def _uncentred_matvec(self, v: Any) -> jax.Array:
+        leaves = jax.tree.leaves(v)
+        out = jnp.einsum("ncp,p->nc", self.rest, ravel_pytree([leaves[i] for i in self.plan.uncovered])[0])
+        for a, d, layer in zip(self.a, self.d, self.plan.layers):
+            av = a @ self._layer_block(leaves, layer).astype(a.dtype)  # (n, T, m)
+            out = out + jnp.einsum("ntm,nctm->nc", av, d)
+        return out
+
+    def matvec(self, v: Any) -> jax.Array:
+        return _centre(self._uncentred_matvec(v), self.axis_name)
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        u = _centre(u, self.axis_name)
+        leaves: list = [None] * len(self.shapes)
+        for i, leaf in zip(self.plan.uncovered, self.unravel_rest(jnp.einsum("ncp,nc->p", self.rest.conj(), u))):
+            leaves[i] = leaf
+        for a, d, layer in zip(self.a, self.d, self.plan.layers):
+            w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
+            block = jnp.einsum("ntk,ntm->km", a.conj(), w)
+            leaves[layer.kernel_index] = block[: layer.d_in].reshape(self.shapes[layer.kernel_index])
+            if layer.has_bias:
+                leaves[layer.bias_index] = block[layer.d_in].reshape(self.shapes[layer.bias_index])
+        leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
+        return jax.tree.unflatten(self.treedef, leaves)
+
+    def gram(self) -> jax.Array:
+        """Centred kernel ``Obar Obar^H``, ``(n C) x (n C)``, per layer the cheaper of two exact forms."""
+        n, c = self.rest.shape[:2]
+        rest = self.rest.reshape(n * c, -1)
+        kernel = rest @ rest.conj().T
+        for a, d in zip(self.a, self.d):
+            t, k = a.shape[1:]
+            m = d.shape[-1]
+            if layer_kernel_is_structured(n, c, t, k, m):
+                if t == 1:
+                    ka = a[:, 0] @ a[:, 0].conj().T  # (n, n)
+                    kd = jnp.einsum("icm,jem->icje", d[:, :, 0], d[:, :, 0].conj())
+                    block = ka[:, None, :, None] * kd
+                else:
+                    ka = jnp.einsum("itk,jsk->itjs", a, a.conj())
+                    kd = jnp.einsum("ictm,jesm->icjets", d, d.conj())
+                    block = jnp.einsum("itjs,icjets->icje", ka, kd)
+            else:
+                g = jnp.einsum("ntk,nctm->nckm", a, d).reshape(n * c, -1)
+                block = g @ g.conj().T
+            kernel = kernel + block.reshape(n * c, n * c)
+        return _centre_kernel(kernel, n, c)
+
+    def gather(self) -> "LayerJacobian":
+        gather = lambda x: distributed.all_gather_batch(x, self.axis_name)
+        return self._replace(a=gather(self.a), d=gather(self.d), rest=gather(self.rest), axis_name=None)

@@ -1,0 +1,134 @@
+"""Structured exact SR (captured layer statistics) equals the generic Jacobian path."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import fishr
+from fishr import jacobian as jac_mod
+from fishr.kfac.capture import discover_layers
+from flax_models import MLP, RBM, ComplexOut, Holomorphic, Mixed, PerPosition
+from sr_models import flat, random_like, rel_err
+
+NDEV = 4
+TIGHT = dict(tol=1e-14, maxiter=3000)
+
+
+def _f64(tree):
+    return jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float64)), tree)
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name, n=16):
+    key = jax.random.PRNGKey(0)
+    spins = lambda d: jnp.sign(jax.random.normal(key, (n, d)))
+    model, x, holo = {
+        "mlp": (MLP(), jax.random.normal(key, (n, 4)), False),
+        "rbm": (RBM(), spins(6), False),
+        "per_position": (PerPosition(), jax.random.normal(key, (n, 8)), False),
+        "mixed": (Mixed(), jax.random.normal(key, (n, 4)), False),
+        "complex_out": (ComplexOut(), jax.random.normal(key, (n, 4)), False),
+        "holomorphic": (Holomorphic(), spins(6), True),
+    }[name]
+    params = _f64(model.init(jax.random.PRNGKey(1), x))
+    grad = random_like(jax.random.PRNGKey(2), params)
+    return model.apply, params, x, grad, holo
+
+
+CASES = ["mlp", "rbm", "per_position", "mixed", "complex_out", "holomorphic"]
+
+
+def test_models_exercise_what_they_claim():
+    plan = lambda name: discover_layers(*_case(name)[:3])
+    assert len(plan("mlp").layers) == 3 and plan("mlp").uncovered == ()
+    assert plan("per_position").layers[0].positions == 4  # one dense layer at 4 positions
+    assert len(plan("mixed").uncovered) == 1  # the gate is in no Dense layer
+    assert len(plan("per_position").uncovered) == 1  # the scale
+
+
+@pytest.mark.parametrize("mode", ["lazy", "sample_space"])
+@pytest.mark.parametrize("name", CASES)
+def test_structured_equals_generic(name, mode):
+    log_psi, params, x, grad, holo = _case(name)
+    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, **TIGHT)
+    solve = lambda jacobian: jax.jit(lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, jacobian=jacobian, **kw))
+    generic, _ = solve("generic")(grad, params, x)
+    structured, info = solve("structured")(grad, params, x)
+    assert rel_err(flat(structured), flat(generic)) <= 1e-10
+    assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_layer_products_and_kernel_equal_explicit_rows(name):
+    log_psi, params, x, grad, holo = _case(name)
+    sr_mod = importlib.import_module("fishr.sr")  # the module (fishr.sr is the transform factory)
+    layer = sr_mod._build_jacobian(True, log_psi, params, x, holo, None)
+    dense = sr_mod._build_jacobian(False, log_psi, params, x, holo, None)
+    np.testing.assert_allclose(layer.gram(), dense.gram(), rtol=1e-10, atol=1e-10 * np.abs(dense.gram()).max())
+    np.testing.assert_allclose(layer.matvec(grad), dense.matvec(grad), rtol=1e-10, atol=1e-12)
+    u = jax.random.normal(jax.random.PRNGKey(4), dense.rows.shape[:2])
+    np.testing.assert_allclose(flat(layer.rmatvec(u)), flat(dense.rmatvec(u)), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("force", [True, False], ids=["gram_hadamard", "via_per_sample_G"])
+def test_both_kernel_forms_for_repeated_layers(monkeypatch, force):
+    """A per-position layer (T = 4) through each of the two exact kernel forms."""
+    monkeypatch.setattr(jac_mod, "layer_kernel_is_structured", lambda *shape: force)
+    log_psi, params, x, grad, _ = _case("per_position")
+    generic, _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space", jacobian="generic")
+    structured, _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space", jacobian="structured")
+    assert rel_err(flat(structured), flat(generic)) <= 1e-10
+
+
+def test_kernel_choice_rule():
+    # a plain dense layer (T = 1) always takes the Gram-Hadamard form ...
+    assert jac_mod.layer_kernel_is_structured(1024, 1, 1, 65, 64)
+    assert jac_mod.layer_kernel_is_structured(4096, 2, 1, 257, 256)
+    # ... a layer repeated at many positions with few features does not
+    assert not jac_mod.layer_kernel_is_structured(1024, 1, 64, 3, 4)
+
+
+def test_auto_uses_layers_for_sample_space_only_when_some_are_captured(monkeypatch):
+    calls = []
+    original = jac_mod.LayerJacobian.build
+    monkeypatch.setattr(jac_mod.LayerJacobian, "build", classmethod(
+        lambda cls, *a, **k: calls.append(1) or original.__func__(cls, *a, **k)))
+    log_psi, params, x, grad, _ = _case("mlp")
+    fishr.sr_solve(log_psi, grad, params, x, mode="sample_space")
+    assert calls == [1]
+    from sr_models import mlp_log_psi, mlp_params  # a plain-jnp model: nothing to capture
+    p = mlp_params(jax.random.PRNGKey(0))
+    fishr.sr_solve(mlp_log_psi, p, p, jax.random.normal(jax.random.PRNGKey(1), (8, 3)), mode="sample_space")
+    assert calls == [1]
+
+
+def test_structured_rejected_for_dense_mode():
+    with pytest.raises(ValueError, match="jacobian='structured' applies to modes"):
+        fishr.sr(MLP().apply, mode="dense", jacobian="structured")
+    with pytest.raises(ValueError, match="`jacobian` must be one of"):
+        fishr.sr(MLP().apply, jacobian="layers")
+
+
+@pytest.mark.parametrize("mode", ["lazy", "sample_space"])
+@pytest.mark.parametrize("name", ["mixed", "complex_out"])
+def test_structured_multidevice(name, mode):
+    log_psi, params, x, grad, holo = _case(name, n=32)
+    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured", **TIGHT)
+    single, _ = fishr.sr_solve(log_psi, grad, params, x, **kw)
+    solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="d", **kw)[0]
+
+    pmapped = jax.pmap(solve, axis_name="d", in_axes=(None, None, 0))(grad, params, x.reshape(NDEV, -1, x.shape[-1]))
+    for leaf in jax.tree.leaves(pmapped):
+        for dev in range(1, NDEV):
+            np.testing.assert_array_equal(np.asarray(leaf[dev]), np.asarray(leaf[0]))
+    assert rel_err(flat(jax.tree.map(lambda a: a[0], pmapped)), flat(single)) <= 1e-10
+
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:NDEV]), ("d",))
+    sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(), P("d")), out_specs=P(),
+                                    check_vma=False))(grad, params, x)
+    assert rel_err(flat(sharded), flat(single)) <= 1e-10
