@@ -34,7 +34,8 @@ NaN: a ``weight_grad`` row of the wrong length raises
 entries); non-finite activations/gradients give non-finite factors, and the
 following ``natural_gradient`` raises :class:`NumericalInstabilityError` instead
 of returning NaN; a NaN ``damping`` raises ``ValueError`` (Rust's ``f64::max``
-would silently replace it by ``EPS``). Arithmetic is float64 (jax's x64 mode is
+would silently replace it by ``EPS``); a layer with ``input_dim`` or ``output_dim``
+of 0 is rejected at construction. Arithmetic is float64 (jax's x64 mode is
 switched on locally for each call).
 """
 
