@@ -56,8 +56,9 @@ from fishr.kfac.capture import LayerPlan, augment_bias, linearize_layers
 __all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "layer_kernel_is_structured"]
 
 
-def _centre(u: jax.Array, axis_name: AxisName) -> jax.Array:
-    return u - distributed.batch_mean(u, axis_name)
+def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+    """``u - mean_i u_i``: the global batch mean, or a caller's ``mean_fn`` (see :func:`fishr.sr_solve`)."""
+    return u - (distributed.batch_mean(u, axis_name) if mean_fn is None else mean_fn(u))
 
 
 def _centre_kernel(k: jax.Array, n: int, c: int) -> jax.Array:
@@ -74,17 +75,19 @@ def _centre_kernel(k: jax.Array, n: int, c: int) -> jax.Array:
 class LinearizedJacobian:
     """``Obar`` through ``jax.linearize(scores, params)`` and its transpose (never formed)."""
 
-    def __init__(self, scores: Callable[[Any], jax.Array], params: Any, holomorphic: bool, axis_name: AxisName):
+    def __init__(self, scores: Callable[[Any], jax.Array], params: Any, holomorphic: bool, axis_name: AxisName,
+                 mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
         _, self._jvp = jax.linearize(scores, params)
         self._transpose = jax.linear_transpose(self._jvp, params)
         self._holomorphic = holomorphic
         self._axis_name = axis_name
+        self._mean_fn = mean_fn
 
     def matvec(self, v: Any) -> jax.Array:
-        return _centre(self._jvp(v), self._axis_name)
+        return _centre(self._jvp(v), self._axis_name, self._mean_fn)
 
     def rmatvec(self, u: jax.Array) -> Any:
-        u = _centre(u, self._axis_name)
+        u = _centre(u, self._axis_name, self._mean_fn)
         if self._holomorphic:  # O^H u = conj(O^T conj(u)); JAX transposes without conjugation
             (w,) = self._transpose(u.conj())
             return jax.tree.map(jnp.conj, w)
@@ -119,9 +122,9 @@ class DenseJacobian(NamedTuple):
     axis_name: AxisName = None
 
     @classmethod
-    def build(cls, one_sample, params, samples, holomorphic, axis_name) -> "DenseJacobian":
+    def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None) -> "DenseJacobian":
         rows = per_sample_rows(one_sample, params, samples, holomorphic)
-        return cls(_centre(rows, axis_name), ravel_pytree(params)[1], axis_name)
+        return cls(_centre(rows, axis_name, mean_fn), ravel_pytree(params)[1], axis_name)
 
     @property
     def flat_rows(self) -> jax.Array:

@@ -226,13 +226,13 @@ def _wants_layers(jacobian: str, log_psi_apply, params, samples) -> bool:
     return bool(discover_layers(log_psi_apply, params, samples).layers)
 
 
-def _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name):
+def _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name, mean_fn=None):
     scores = _score_fn(log_psi_apply, samples, holomorphic)
     scores(params)  # trace-time checks of the output shape on the whole batch
     one_sample = _one_sample_fn(log_psi_apply, holomorphic)
     if structured:
         return LayerJacobian.build(scores, one_sample, params, samples, holomorphic, axis_name)
-    return DenseJacobian.build(one_sample, params, samples, holomorphic, axis_name)
+    return DenseJacobian.build(one_sample, params, samples, holomorphic, axis_name, mean_fn)
 
 
 def _residual_info(s_matvec, b, x, damping) -> CGInfo:
@@ -300,6 +300,7 @@ def sr_solve(
     holomorphic: bool = False,
     jacobian: str = "auto",
     axis_name: AxisName = None,
+    mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
 ) -> tuple[Any, CGInfo]:
     """Solve ``(S + damping I) x = grad + damping * momentum * previous`` (see module docs).
 
@@ -328,6 +329,11 @@ def sr_solve(
         rows for sample_space), or ``"auto"``: structured for sample_space when at
         least one layer is captured, generic otherwise.
       axis_name: mapped axis (or axes) the samples are split over; ``None`` for one device.
+      mean_fn: the centring mean ``u -> mean_i u_i`` over axis 0 of the score rows
+        (``(n_local, C)`` or ``(n_local, C, P)``), including any reduction over devices;
+        ``None`` is ``fishr.distributed.batch_mean(u, axis_name)``. For adapters whose
+        users supply their own mean (vmcnet's ``mean_grad_fn``); generic Jacobians only
+        (``jacobian="structured"`` is refused, ``"auto"`` picks generic).
 
     Returns:
       ``(x, CGInfo)``: the solution with the structure of ``params`` and the solve's
@@ -337,6 +343,10 @@ def sr_solve(
     solver = _canonical_solver(mode, solver)
     _check_damping(damping, mode)
     _check_jacobian(jacobian, mode)
+    if mean_fn is not None and jacobian == "structured":
+        raise ValueError(
+            "fishr SR: `mean_fn` needs jacobian='generic' or 'auto' (the structured Jacobian centres itself)."
+        )
     _check_momentum(momentum)
     _check_grad_matches_params(grad, params)
     _check_holomorphic(params, holomorphic)
@@ -356,13 +366,14 @@ def sr_solve(
         if jacobian == "structured":
             jac = _build_jacobian(True, log_psi_apply, params, samples, holomorphic, axis_name)
         else:
-            jac = LinearizedJacobian(_score_fn(log_psi_apply, samples, holomorphic), params, holomorphic, axis_name)
+            jac = LinearizedJacobian(_score_fn(log_psi_apply, samples, holomorphic), params, holomorphic, axis_name,
+                                     mean_fn)
         return _solve_lazy(jac, n_local, b, x0, damping, axis_name, cg_kwargs)
     if mode == "dense":
-        jac = _build_jacobian(False, log_psi_apply, params, samples, holomorphic, axis_name)
+        jac = _build_jacobian(False, log_psi_apply, params, samples, holomorphic, axis_name, mean_fn)
         return _solve_dense(jac, b, x0, damping, axis_name, solver, cg_kwargs)
-    structured = _wants_layers(jacobian, log_psi_apply, params, samples)
-    jac = _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name)
+    structured = mean_fn is None and _wants_layers(jacobian, log_psi_apply, params, samples)
+    jac = _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axis_name, mean_fn)
     return _solve_sample_space(jac, b, damping)
 
 
