@@ -186,13 +186,14 @@ class LayerJacobian(NamedTuple):
     axis_name: AxisName = None
 
     @classmethod
-    def build(cls, scores: Callable[[Any], jax.Array], one_sample, params, samples, holomorphic, axis_name):
+    def build(cls, scores: Callable[[Any, Any], jax.Array], one_sample, params, samples, holomorphic, axis_name):
         """One forward and ``C`` backward passes over the batch, plus rows for uncovered leaves.
 
-        ``scores(params) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives the
-        uncovered parameters' rows.
+        ``scores(params, samples) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives
+        the uncovered parameters' rows. The samples must be an argument of
+        ``scores`` (not closed over) for the first layer's input to be captured.
         """
-        lin = linearize_layers(lambda p: scores(p), params)
+        lin = linearize_layers(scores, params, samples)
         c = lin.outputs.shape[1]
         per_component = []
         for comp in range(c):
@@ -210,9 +211,10 @@ class LayerJacobian(NamedTuple):
                 full[i] = leaf
             return one_sample(jax.tree.unflatten(treedef, full), x)
 
-        rest = per_sample_rows(one_sample_rest, uncovered, samples, holomorphic)
-        if rest.shape[1] != c:  # no uncovered leaves: an empty (n, C, 0) block
-            rest = jnp.zeros((rest.shape[0], c, 0), rest.dtype)
+        if uncovered:
+            rest = per_sample_rows(one_sample_rest, uncovered, samples, holomorphic)
+        else:  # every parameter is in a captured layer: no per-sample pass at all
+            rest = jnp.zeros((lin.outputs.shape[0], c, 0), ravel_pytree(params)[0].dtype)
         return cls(
             plan=lin.plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree(uncovered)[1], treedef=treedef,
             shapes=tuple(jnp.shape(l) for l in leaves), dtypes=tuple(jnp.result_type(l) for l in leaves),
@@ -258,24 +260,27 @@ class LayerJacobian(NamedTuple):
     def gram(self) -> jax.Array:
         """Centred kernel ``Obar Obar^H``, ``(n C) x (n C)``, per layer the cheaper of two exact forms."""
         n, c = self.rest.shape[:2]
-        rest = self.rest.reshape(n * c, -1)
-        kernel = rest @ rest.conj().T
+        kernel = None
+        if self.rest.shape[-1]:
+            rest = self.rest.reshape(n * c, -1)
+            kernel = rest @ rest.conj().T
         for a, d in zip(self.a, self.d):
             t, k = a.shape[1:]
             m = d.shape[-1]
-            if layer_kernel_is_structured(n, c, t, k, m):
-                if t == 1:
-                    ka = a[:, 0] @ a[:, 0].conj().T  # (n, n)
-                    kd = jnp.einsum("icm,jem->icje", d[:, :, 0], d[:, :, 0].conj())
-                    block = ka[:, None, :, None] * kd
-                else:
-                    ka = jnp.einsum("itk,jsk->itjs", a, a.conj())
-                    kd = jnp.einsum("ictm,jesm->icjets", d, d.conj())
-                    block = jnp.einsum("itjs,icjets->icje", ka, kd)
+            if t == 1:  # two plain GEMMs and a Hadamard product
+                ka = a[:, 0] @ a[:, 0].conj().T  # (n, n)
+                dm = d[:, :, 0].reshape(n * c, m)
+                block = (ka[:, None, :, None] * (dm @ dm.conj().T).reshape(n, c, n, c)).reshape(n * c, n * c)
+            elif layer_kernel_is_structured(n, c, t, k, m):
+                ka = jnp.einsum("itk,jsk->itjs", a, a.conj())
+                kd = jnp.einsum("ictm,jesm->icjets", d, d.conj())
+                block = jnp.einsum("itjs,icjets->icje", ka, kd).reshape(n * c, n * c)
             else:
                 g = jnp.einsum("ntk,nctm->nckm", a, d).reshape(n * c, -1)
                 block = g @ g.conj().T
-            kernel = kernel + block.reshape(n * c, n * c)
+            kernel = block if kernel is None else kernel + block
+        if kernel is None:
+            kernel = jnp.zeros((n * c, n * c), self.rest.dtype)
         return _centre_kernel(kernel, n, c)
 
     def gather(self) -> "LayerJacobian":

@@ -231,7 +231,8 @@ def _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axi
     scores(params)  # trace-time checks of the output shape on the whole batch
     one_sample = _one_sample_fn(log_psi_apply, holomorphic)
     if structured:
-        return LayerJacobian.build(scores, one_sample, params, samples, holomorphic, axis_name)
+        scores_of = lambda p, s: _score_fn(log_psi_apply, s, holomorphic)(p)
+        return LayerJacobian.build(scores_of, one_sample, params, samples, holomorphic, axis_name)
     return DenseJacobian.build(one_sample, params, samples, holomorphic, axis_name, mean_fn)
 
 

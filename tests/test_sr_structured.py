@@ -43,12 +43,20 @@ def _case(name, n=16):
 CASES = ["mlp", "rbm", "per_position", "mixed", "complex_out", "holomorphic"]
 
 
+def _sr_plan(name):
+    """The layer plan that SR's structured path really uses (not just what discovery could find)."""
+    log_psi, params, x, _, holo = _case(name)
+    return importlib.import_module("fishr.sr")._build_jacobian(True, log_psi, params, x, holo, None).plan
+
+
 def test_models_exercise_what_they_claim():
-    plan = lambda name: discover_layers(*_case(name)[:3])
+    plan = _sr_plan
     assert len(plan("mlp").layers) == 3 and plan("mlp").uncovered == ()
     assert plan("per_position").layers[0].positions == 4  # one dense layer at 4 positions
     assert len(plan("mixed").uncovered) == 1  # the gate is in no Dense layer
     assert len(plan("per_position").uncovered) == 1  # the scale
+    for name in CASES:  # the SR path captures every layer that discovery finds
+        assert _sr_plan(name).layers == discover_layers(*_case(name)[:3]).layers
 
 
 @pytest.mark.parametrize("mode", ["lazy", "sample_space"])
