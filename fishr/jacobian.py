@@ -236,7 +236,7 @@ class LayerJacobian(NamedTuple):
         leaves = jax.tree.leaves(v)
         out = jnp.einsum("ncp,p->nc", self.rest, ravel_pytree([leaves[i] for i in self.plan.uncovered])[0])
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
-            av = a @ self._layer_block(leaves, layer).astype(a.dtype)  # (n, T, m)
+            av = a @ self._layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
             out = out + jnp.einsum("ntm,nctm->nc", av, d)
         return out
 
