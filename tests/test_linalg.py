@@ -1,0 +1,50 @@
+"""fishr.linalg against NumPy/SciPy float64 references."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fishr import linalg
+
+
+def _spd(n, complex_=False, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, n + 3))
+    if complex_:
+        x = x + 1j * rng.normal(size=(n, n + 3))
+    return x @ x.conj().T / n + 0.1 * np.eye(n)
+
+
+def test_cholesky_solve_not_positive_definite_gives_nan():
+    a = _spd(40)
+    a[30, 30] = -5.0
+    assert np.isnan(np.asarray(linalg.cholesky_solve(jnp.asarray(a), jnp.ones(40)))).any()
+
+
+@pytest.mark.parametrize("method", ["cholesky", "eigh"])
+@pytest.mark.parametrize("complex_", [False, True])
+def test_psd_inverse(method, complex_):
+    a = _spd(30, complex_, seed=2)
+    inv = linalg.psd_inverse(jnp.asarray(a), 0.3, method=method)
+    np.testing.assert_allclose(np.asarray(inv), np.linalg.inv(a + 0.3 * np.eye(30)), rtol=1e-9, atol=1e-12)
+
+
+def test_cholesky_solve_with_damping():
+    a = _spd(600, seed=3)
+    b = np.random.default_rng(4).normal(size=(600, 2))
+    x = linalg.cholesky_solve(jnp.asarray(a), jnp.asarray(b), 0.5)
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.5 * np.eye(600), b), rtol=1e-10)
+
+
+def test_cg_matches_solve_and_reports_diagnostics():
+    a = _spd(40, seed=5)
+    b = np.random.default_rng(6).normal(size=40)
+    x, info = linalg.cg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), tol=1e-13)
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a, b), rtol=1e-9)
+    assert 0 < int(info.iterations) <= 400
+    assert float(info.residual_norm) <= 1e-13 * np.linalg.norm(b) * 1.0001
+    x, info = linalg.cg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), maxiter=3)
+    assert int(info.iterations) == 3
+    x, _ = linalg.cg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b).at[0].set(jnp.nan))
+    assert np.all(np.isnan(np.asarray(x)))
