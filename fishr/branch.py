@@ -69,6 +69,7 @@ import numpy as np
 import optax
 
 from fishr import distributed
+from fishr.checks import check_damping, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.linalg import CGInfo, cg, cholesky_solve
 
@@ -99,13 +100,6 @@ CG_DENOMINATOR_FLOOR = 1e-12  # qmlhc's cg_solve guards both CG divisions with m
 def has_branches(branches: Any) -> bool:
     """Whether ``branches`` is usable: not ``None`` and 2-D (``(K, D)``); static under ``jit``."""
     return branches is not None and jnp.ndim(branches) == 2
-
-
-def _check_damping(damping: Any, name: str) -> None:
-    if callable(damping) or not isinstance(damping, numbers.Real):
-        return  # schedules and traced values
-    if damping < 0:
-        raise ValueError(f"fishr.{name}: `damping` must be >= 0, got {damping}.")
 
 
 def _check_solver(solver: str) -> None:
@@ -269,7 +263,7 @@ def branch_natgrad_solve(
       branches it is ``grad`` itself with 0 iterations and residual 0; the
       Cholesky solve reports 0 iterations and its explicit residual norm.
     """
-    _check_damping(damping, "branch_natgrad_solve")
+    check_damping(damping, "fishr.branch_natgrad_solve")
     _check_solver(solver)
     _check_cg(cg_iters, tol)
     if not has_branches(branches):
@@ -295,7 +289,7 @@ def branch_kfac_solve(
     ``blocks`` the number of diagonal blocks (clamped to ``[1, D]``, sizes from
     :func:`block_sizes`). Without branches returns ``grad`` unchanged.
     """
-    _check_damping(damping, "branch_kfac_solve")
+    check_damping(damping, "fishr.branch_kfac_solve")
     _check_blocks(blocks)
     if not has_branches(branches):
         return grad
@@ -332,10 +326,6 @@ class BranchKFACState(NamedTuple):
     key: jax.Array
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
-
-
 def _step_projection(projection, key, updates, branches):
     """The projection of this step and the key to keep: a fresh Gaussian ``P`` from ``split(key)`` if none is given."""
     if projection is not None:
@@ -348,7 +338,7 @@ def _step_projection(projection, key, updates, branches):
 
 def _branch_transform(name, solve, init_extra, make_state, damping, projection, key):
     """The optax transform shared by :func:`branch_natgrad` and :func:`branch_kfac`."""
-    _check_damping(damping, name)
+    check_damping(damping, "fishr." + name)
     key = _check_key(key, projection, name)
 
     def init_fn(params):
@@ -363,7 +353,7 @@ def _branch_transform(name, solve, init_extra, make_state, damping, projection, 
             matrix, new_key = _step_projection(projection, state.key, updates, branches)
             updates, extra = solve(updates, branches, matrix, damping_now)
         new_state = make_state(optax.safe_increment(state.count), new_key, *extra)
-        new_state = optax.tree.where(_all_finite(updates), new_state, state)
+        new_state = optax.tree.where(tree_all_finite(updates), new_state, state)
         return updates, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

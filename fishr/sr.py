@@ -69,6 +69,7 @@ from jax.flatten_util import ravel_pytree
 import optax
 
 from fishr import distributed
+from fishr.checks import check_damping, check_tree_matches_params, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian
 from fishr.kfac.capture import discover_layers
@@ -117,11 +118,8 @@ def _canonical_solver(mode: str, solver: Optional[str]) -> str:
 
 
 def _check_damping(damping: Any, mode: str) -> None:
-    if callable(damping) or not isinstance(damping, numbers.Real):
-        return  # schedules and traced values are checked by the user's own schedule
-    if damping < 0:
-        raise ValueError(f"fishr SR: `damping` must be >= 0, got {damping}.")
-    if mode == "sample_space" and damping == 0:
+    check_damping(damping, "fishr SR")
+    if mode == "sample_space" and isinstance(damping, numbers.Real) and damping == 0:
         raise ValueError(
             "fishr SR: mode='sample_space' needs `damping` > 0 (the Woodbury form divides by it); got 0."
         )
@@ -140,22 +138,6 @@ def _check_jacobian(jacobian: Any, mode: str) -> None:
 def _check_momentum(momentum: Any) -> None:
     if not isinstance(momentum, numbers.Real) or not 0.0 <= momentum < 1.0:
         raise ValueError(f"fishr SR: `momentum` must be a float in [0, 1), got {momentum!r}.")
-
-
-def _check_grad_matches_params(grad: Any, params: Any) -> None:
-    g_def, p_def = jax.tree.structure(grad), jax.tree.structure(params)
-    if g_def != p_def:
-        raise ValueError(
-            "fishr SR: the gradient (`grad`/`updates`) must have the tree structure of `params`; "
-            f"got {g_def} for the gradient and {p_def} for params."
-        )
-    for path_leaf, p in zip(jax.tree_util.tree_leaves_with_path(grad), jax.tree.leaves(params)):
-        path, g = path_leaf
-        if jnp.shape(g) != jnp.shape(p):
-            raise ValueError(
-                f"fishr SR: gradient leaf {jax.tree_util.keystr(path)} has shape {jnp.shape(g)} "
-                f"but the matching `params` leaf has shape {jnp.shape(p)}."
-            )
 
 
 def _local_batch_size(samples: Any) -> int:
@@ -349,14 +331,14 @@ def sr_solve(
             "fishr SR: `mean_fn` needs jacobian='generic' or 'auto' (the structured Jacobian centres itself)."
         )
     _check_momentum(momentum)
-    _check_grad_matches_params(grad, params)
+    check_tree_matches_params(grad, params, "fishr SR")
     _check_holomorphic(params, holomorphic)
 
     b = grad
     if momentum > 0.0:
         if previous is None:
             raise ValueError("fishr SR: `momentum` > 0 needs `previous`, the last solution.")
-        _check_grad_matches_params(previous, params)
+        check_tree_matches_params(previous, params, "fishr SR", "`previous`")
         b = optax.tree.add_scale(grad, damping * momentum, previous)
     if x0 is None:
         x0 = b
@@ -511,7 +493,7 @@ def sr(
             holomorphic=holomorphic, jacobian=jacobian, axis_name=axis_name,
         )
         x = jax.tree.map(lambda xi, g: xi.astype(g.dtype), x, updates)
-        finite = jnp.all(jnp.asarray([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(x)]))
+        finite = tree_all_finite(x)
         new_state = SRState(
             count=optax.safe_increment(state.count),
             previous=x,

@@ -48,6 +48,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fishr.checks import tree_all_finite
 from fishr.kfac import factors as F
 
 __all__ = [
@@ -172,7 +173,7 @@ class KFACLayer:
     def _inverses(self) -> F.KroneckerFactors:
         factors = F.KroneckerFactors(a=(jnp.asarray(self.a_factor),), g=(jnp.asarray(self.g_factor),))
         inverses = F.factor_inverses(factors, self._damping, kind="trace", method="cholesky")
-        if not bool(F.is_finite(inverses)):
+        if not bool(tree_all_finite(inverses)):
             raise NumericalInstabilityError("Matrix not positive definite in K-FAC")
         return inverses
 

@@ -44,7 +44,7 @@ row) becomes ``(A + s_A I)^{-1} Gamma (G + s_G I)^{-1}``, i.e.
 ``((A + s_A I) (x) (G + s_G I))^{-1} vec(Gamma)``; in the seed's ``(out, in)``
 layout this is ``G^{-1} dW A^{-1}``. Inverses are explicit, by Cholesky (the seed)
 or ``eigh`` (:func:`fishr.linalg.psd_inverse`). A damped factor that is not positive
-definite gives a non-finite inverse; :func:`is_finite` lets callers detect it (the
+definite gives a non-finite inverse; :func:`fishr.checks.tree_all_finite` lets callers detect it (the
 optax transform then keeps the layer's previous inverse, the ruvector adapter
 raises).
 """
@@ -71,7 +71,6 @@ __all__ = [
     "factor_inverses",
     "factor_statistics",
     "identity_factors",
-    "is_finite",
     "layer_factors",
     "precondition",
     "precondition_matrix",
@@ -219,14 +218,6 @@ def factor_inverses(
         a_inv.append(psd_inverse(a, shift_a, method))
         g_inv.append(psd_inverse(g, shift_g, method))
     return KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv))
-
-
-def is_finite(tree: Any) -> jax.Array:
-    """``True`` iff every entry of every leaf of ``tree`` is finite (a scalar bool)."""
-    leaves = jax.tree.leaves(tree)
-    if not leaves:
-        return jnp.asarray(True)
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
 def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any:

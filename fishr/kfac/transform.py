@@ -29,6 +29,7 @@ import numpy as np
 import optax
 from jax import lax
 
+from fishr.checks import check_damping, check_tree_matches_params, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.kfac import factors as F
 from fishr.kfac.capture import LayerPlan, discover_layers
@@ -61,8 +62,7 @@ class KFACState(NamedTuple):
 
 
 def _check_hyperparameters(damping, ema, inverse_every, damping_kind, inverse_method) -> None:
-    if not callable(damping) and isinstance(damping, numbers.Real) and not damping >= 0:
-        raise ValueError(f"fishr.kfac: `damping` must be >= 0 or an optax schedule, got {damping!r}.")
+    check_damping(damping, "fishr.kfac")
     if not isinstance(ema, numbers.Real) or not 0.0 <= ema <= 1.0:
         raise ValueError(f"fishr.kfac: `ema` must be a float in [0, 1], got {ema!r}.")
     if isinstance(inverse_every, bool) or not isinstance(inverse_every, numbers.Integral) or inverse_every < 1:
@@ -77,15 +77,6 @@ def _check_hyperparameters(damping, ema, inverse_every, damping_kind, inverse_me
 
 def _shape_struct(tree: Any) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), jnp.result_type(x)), tree)
-
-
-def _check_grads(grads: Any, params: Any) -> None:
-    g_def, p_def = jax.tree.structure(grads), jax.tree.structure(params)
-    if g_def != p_def:
-        raise ValueError(
-            f"fishr.kfac: `updates` (the gradient) must have the tree structure of `params`; got {g_def} "
-            f"and {p_def}."
-        )
 
 
 def _check_plan_matches(plan: LayerPlan, state: KFACState) -> None:
@@ -188,7 +179,7 @@ def kfac(
         new = F.factor_inverses(factors, damping_now, kind=damping_kind, method=inverse_method)
         a_inv, g_inv, failures = [], [], jnp.zeros((), jnp.int32)
         for a_new, g_new, a_old, g_old in zip(new.a, new.g, old_inverses.a, old_inverses.g):
-            ok = F.is_finite((a_new, g_new))
+            ok = tree_all_finite((a_new, g_new))
             a_inv.append(jnp.where(ok, a_new, a_old))
             g_inv.append(jnp.where(ok, g_new, g_old))
             failures = failures + (~ok).astype(jnp.int32)
@@ -200,7 +191,7 @@ def kfac(
             raise ValueError("fishr.kfac: `params` must be passed to update (the factors are evaluated at params).")
         if batch is None:
             raise ValueError("fishr.kfac: `batch=` must be passed to update (the batch the factors are estimated on).")
-        _check_grads(updates, params)
+        check_tree_matches_params(updates, params, "fishr.kfac")
         key, step_key = jax.random.split(state.key)
         plan, stats = F.factor_statistics(score_fn, params, batch, step_key, centre=centre, axis_name=axis_name)
         _check_plan_matches(plan, state)
@@ -216,7 +207,7 @@ def kfac(
                 lambda: (state.inverses, jnp.zeros((), jnp.int32)),
             )
         nat = F.precondition(updates, plan, inverses)
-        stats_ok = F.is_finite(stats)
+        stats_ok = tree_all_finite(stats)
         nat = jax.tree.map(lambda u: jnp.where(stats_ok, u, jnp.nan).astype(u.dtype), nat)
         new_state = KFACState(
             count=optax.safe_increment(state.count),
@@ -225,7 +216,7 @@ def kfac(
             key=key,
             inverse_failures=state.inverse_failures + failures,
         )
-        new_state = optax.tree.where(stats_ok & F.is_finite(nat), new_state, state)
+        new_state = optax.tree.where(stats_ok & tree_all_finite(nat), new_state, state)
         return nat, new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
