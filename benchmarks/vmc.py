@@ -1,11 +1,19 @@
-"""VMC convergence on the transverse-field Ising chain: fishr SR (each mode, SPRING) vs Adam.
+"""VMC convergence: fishr SR (each mode, with and without SPRING momentum) vs NetKet's VMC with SR vs Adam.
 
-Every method trains the same RBM (same initial parameters, same number of
-Monte Carlo samples per step, same step budget, same seed) with Metropolis
-sampling; the energy gradient is ``g = 2 Re mean[(E_loc - <E_loc>) O]``. The
-figure of merit is the relative error ``|E - E_0| / |E_0|`` of the energy
-averaged over the last 10% of steps, against the Lanczos ground-state energy
-``E_0`` computed by the benchmark (:func:`benchmarks.spin_chains.exact_ground_energy`).
+Every method trains the same ansatz from the same initial parameters with the
+same number of Monte Carlo samples per step (one sample per Metropolis chain,
+``2 L`` moves between steps), the same step budget and the same SR damping and
+learning rate; the energy gradient is ``g = 2 Re mean[(E_loc - <E_loc>) conj(O)]``.
+Reported per method: the relative error ``|E - E_0| / |E_0|`` of the energy
+averaged over the last 10% of steps, against the ground-state energy ``E_0``
+that the benchmark computes by Lanczos (:func:`benchmarks.spin_chains.exact_ground_energy`),
+and the median wall-clock time per step (sampling, local energies, gradient,
+preconditioner, update; min and max after the first, compiling, step).
+
+NetKet (optional) runs ``netket.driver.VMC_SR`` (``use_ntk=False``: its dense
+``QGTJacobianDense`` + Cholesky path; ``use_ntk=True``: MinSR/SRt) with
+``optax.sgd`` and ``MetropolisLocal`` (``n_chains = N``, ``sweep_size = 2 L``,
+no discarded samples), the same Flax module and initial parameters.
 """
 
 from __future__ import annotations
@@ -18,84 +26,188 @@ import numpy as np
 import optax
 
 import fishr
-from benchmarks.spin_chains import RBM, exact_ground_energy, local_energies, metropolis
+from benchmarks.spin_chains import RBM, SpinChain
 
 PRESETS = {
-    "quick": dict(length=10, n_samples=512, steps=150),
-    "full": dict(length=16, n_samples=1024, steps=300),
+    "tiny": dict(systems=[("ising", 8)], n_samples=256, steps=60),
+    "quick": dict(systems=[("ising", 16)], n_samples=512, steps=200),
+    "full": dict(systems=[("ising", 16), ("heisenberg", 16)], n_samples=1024, steps=600),
 }
+LR_SR, LR_ADAM, DAMPING, SPRING_MU = 0.02, 0.01, 1e-2, 0.9
 
 
-def methods(lr_sr: float = 0.02, lr_adam: float = 0.01, damping: float = 1e-2):
+def fishr_methods(lr_sr: float = LR_SR, lr_adam: float = LR_ADAM, damping: float = DAMPING, mu: float = SPRING_MU):
     """name -> factory(log_psi_apply) of an optax transformation (extra arg ``samples=``)."""
     cg = dict(tol=1e-4, maxiter=100)
+    sgd = optax.sgd(lr_sr)
     return {
-        "fishr SR lazy": lambda f: optax.chain(fishr.sr(f, damping, mode="lazy", **cg), optax.sgd(lr_sr)),
-        "fishr SR sample_space": lambda f: optax.chain(fishr.sr(f, damping, mode="sample_space"), optax.sgd(lr_sr)),
+        "fishr SR lazy": lambda f: optax.chain(fishr.sr(f, damping, mode="lazy", **cg), sgd),
+        "fishr SR lazy + SPRING": lambda f: optax.chain(
+            fishr.sr(f, damping, mode="lazy", momentum=mu, warm_start="previous", **cg), sgd),
         "fishr SR dense (cholesky)": lambda f: optax.chain(
-            fishr.sr(f, damping, mode="dense", solver="cholesky"), optax.sgd(lr_sr)),
-        "fishr SR + SPRING 0.9": lambda f: optax.chain(
-            fishr.sr(f, damping, mode="sample_space", momentum=0.9), optax.sgd(lr_sr)),
-        "optax adam": lambda f: optax.chain(optax.adam(lr_adam)),
+            fishr.sr(f, damping, mode="dense", solver="cholesky"), sgd),
+        "fishr SR sample_space": lambda f: optax.chain(fishr.sr(f, damping, mode="sample_space"), sgd),
+        "fishr SR sample_space + SPRING": lambda f: optax.chain(
+            fishr.sr(f, damping, mode="sample_space", momentum=mu), sgd),
+        "optax adam": lambda f: optax.adam(lr_adam),
     }
 
 
-def train(make_opt, length, n_samples, steps, seed=0, sweeps=2, progress=None):
-    """Run VMC; returns (energies per step, wall-clock seconds per step after the first)."""
-    model = RBM(alpha=1)
+def energy_gradient(log_psi_apply, params, samples, e_loc):
+    """``(mean E_loc, 2 Re mean[(E_loc - <E>) conj(O)])`` for real parameters, real or complex log psi."""
+    n = e_loc.shape[0]
+    e_mean = jnp.mean(e_loc)
+    out, vjp = jax.vjp(lambda p: log_psi_apply(p, samples), params)
+    de = jnp.conj(e_loc - e_mean) if jnp.iscomplexobj(out) else jnp.real(e_loc - e_mean)
+    (grad,) = vjp((2.0 / n) * de.astype(out.dtype))
+    return jnp.real(e_mean), jax.tree.map(jnp.real, grad)
+
+
+def train(system, model, make_opt, n_samples: int, steps: int, seed: int = 0, sweeps: int = 2, progress=None):
+    """Run VMC with an optax transform; returns (energies per step, seconds per step)."""
     key = jax.random.PRNGKey(seed)
     k_init, k_s, key = jax.random.split(key, 3)
-    s = jnp.where(jax.random.bernoulli(k_s, 0.5, (n_samples, length)), 1.0, -1.0)
+    s = system.init_samples(k_s, n_samples)
     params = model.init(k_init, s)
     opt = make_opt(model.apply)
     opt_state = opt.init(params)
 
     @jax.jit
     def step(params, opt_state, s, key):
-        s, _ = metropolis(model.apply, params, s, key, sweeps)
-        e_loc = local_energies(model.apply, params, s)
-        e_mean = jnp.mean(e_loc)
-        _, vjp = jax.vjp(lambda p: model.apply(p, s), params)
-        (grad,) = vjp(2.0 * (e_loc - e_mean) / n_samples)
+        s, _ = system.sample(model.apply, params, s, key, sweeps)
+        e_loc = system.local_energies(model.apply, params, s)
+        e_mean, grad = energy_gradient(model.apply, params, s, e_loc)
         updates, opt_state = opt.update(grad, opt_state, params, samples=s)
-        return optax.apply_updates(params, updates), opt_state, s, jnp.real(e_mean)
+        return optax.apply_updates(params, updates), opt_state, s, e_mean
 
-    s, _ = jax.jit(lambda p, s, k: metropolis(model.apply, p, s, k, 20))(params, s, key)  # burn-in
+    s, _ = jax.jit(lambda p, s, k: system.sample(model.apply, p, s, k, 20))(params, s, key)  # burn-in
     energies, times = [], []
     for t in range(steps):
         key, sub = jax.random.split(key)
         t0 = time.perf_counter()
         params, opt_state, s, e = step(params, opt_state, s, sub)
-        energies.append(float(e))
+        energies.append(float(e))  # blocks
         times.append(time.perf_counter() - t0)
-        if progress and (t + 1) % max(1, steps // 5) == 0:
+        if progress and (t + 1) % max(1, steps // 4) == 0:
             progress(t + 1, energies[-1])
-    return np.asarray(energies), np.asarray(times[1:])
+    return np.asarray(energies), np.asarray(times)
 
 
-def run(quick: bool = True, only=None, log=print):
-    preset = PRESETS["quick" if quick else "full"]
-    length = preset["length"]
-    e0 = exact_ground_energy(length)
-    log(f"[vmc] TFIM L={length} (J=h=1, periodic), exact E0 = {e0:.6f} (Lanczos); "
-        f"N={preset['n_samples']} samples, {preset['steps']} steps")
+def train_netket(system, model, n_samples: int, steps: int, use_ntk: bool, seed: int = 0, sweeps: int = 2,
+                 lr: float = LR_SR, damping: float = DAMPING, progress=None):
+    """The same run with ``netket.driver.VMC_SR``; returns (energies, seconds per step)."""
+    import netket as nk
+
+    length = system.length
+    hilbert = nk.hilbert.Spin(0.5, N=length, total_sz=0 if system.kind == "heisenberg" else None)
+    graph = nk.graph.Chain(length, pbc=True)
+    if system.kind == "ising":
+        ham = nk.operator.Ising(hilbert, graph, h=1.0, J=-1.0)  # NetKet: -h sum sx + J sum sz sz
+        sampler = nk.sampler.MetropolisLocal(hilbert, n_chains=n_samples, sweep_size=sweeps * length, dtype=jnp.float32)
+    else:
+        ham = nk.operator.Heisenberg(hilbert, graph, J=1.0, sign_rule=True)  # Pauli matrices, Marshall-rotated
+        sampler = nk.sampler.MetropolisExchange(hilbert, graph=graph, n_chains=n_samples,
+                                                sweep_size=sweeps * length, dtype=jnp.float32)
+    key = jax.random.PRNGKey(seed)
+    k_init, k_s, _ = jax.random.split(key, 3)
+    params = model.init(k_init, system.init_samples(k_s, n_samples))
+    vstate = nk.vqs.MCState(sampler, model, n_samples=n_samples, n_discard_per_chain=0, seed=seed, sampler_seed=seed)
+    vstate.parameters = params["params"]
+    vstate.sample(n_discard_per_chain=10)  # burn-in: 10 x 2L moves, as fishr's 20 L
+    driver = nk.driver.VMC_SR(ham, optax.sgd(lr), diag_shift=damping, variational_state=vstate, use_ntk=use_ntk)
+    log = nk.logging.RuntimeLog()
+    stamps = [time.perf_counter()]
+
+    def callback(step, log_data, driver):
+        stamps.append(time.perf_counter())
+        if progress and (step + 1) % max(1, steps // 4) == 0:
+            progress(step + 1, float(np.real(log_data["Energy"].mean)))
+        return True
+
+    driver.run(n_iter=steps, out=log, callback=callback, show_progress=False)
+    energies = np.real(np.asarray(log.data["Energy"]["Mean"]))
+    return energies, np.diff(np.asarray(stamps))
+
+
+def summarise(name, system_name, e0, energies, times) -> dict:
+    tail = energies[-max(1, len(energies) // 10):]
+    after = times[1:] if len(times) > 1 else times
+    return dict(
+        method=name, system=system_name, exact=e0, final_energy=float(np.mean(tail)),
+        rel_error=float(abs(np.mean(tail) - e0) / abs(e0)),
+        ms_per_step=float(1e3 * np.median(after)), ms_min=float(1e3 * np.min(after)), ms_max=float(1e3 * np.max(after)),
+        seconds_total=float(np.sum(times)), energies=[float(e) for e in energies], seconds=[float(t) for t in times],
+    )
+
+
+def run(quick: bool = True, preset: str | None = None, only=None, log=print, netket: bool = True):
+    """Train every method on each chain of the preset; returns the list of result rows."""
+    cfg = PRESETS[preset or ("quick" if quick else "full")]
+    n, steps = cfg["n_samples"], cfg["steps"]
+    try:
+        if not netket:
+            raise ImportError("disabled")
+        import netket  # noqa: F401
+        have_nk = True
+    except Exception as err:  # optional peer
+        have_nk = False
+        log(f"[vmc] NetKet not available ({type(err).__name__}: {err}); its rows are skipped.")
     rows = []
-    for name, make in methods().items():
-        if only and name not in only:
-            continue
-        energies, times = train(make, progress=lambda t, e: log(f"[vmc]   {name}: step {t}, E = {e:.5f}"), **preset)
-        tail = energies[-max(1, len(energies) // 10):]
-        rows.append(dict(
-            method=name, length=length, exact=e0, final_energy=float(np.mean(tail)),
-            rel_error=float(abs(np.mean(tail) - e0) / abs(e0)), ms_per_step=float(1e3 * np.median(times)),
-            seconds_total=float(np.sum(times)), energies=energies.tolist(),
-        ))
-        log(f"[vmc] {name:28s} rel. error {rows[-1]['rel_error']:.2e}  {rows[-1]['ms_per_step']:.1f} ms/step")
+    for kind, length in cfg["systems"]:
+        system = SpinChain(kind, length)
+        t0 = time.perf_counter()
+        e0 = system.exact_energy()
+        log(f"[vmc] {system.name} (periodic), exact E0 = {e0:.6f} (Lanczos, {time.perf_counter() - t0:.1f} s); "
+            f"RBM alpha=1, N={n} samples, {steps} steps, lr {LR_SR} (Adam {LR_ADAM}), damping {DAMPING}")
+        model = RBM(alpha=1)
+        runs = {name: (lambda make=make, name=name: train(system, model, make, n, steps, progress=prog(name, log)))
+                for name, make in fishr_methods().items()}
+        if have_nk:
+            runs["netket VMC_SR"] = lambda: train_netket(system, model, n, steps, False, progress=prog("netket VMC_SR", log))
+            runs["netket VMC_SR ntk"] = lambda: train_netket(system, model, n, steps, True,
+                                                             progress=prog("netket VMC_SR ntk", log))
+        for name, fn in runs.items():
+            if only and name not in only:
+                continue
+            energies, times = fn()
+            rows.append(summarise(name, system.name, e0, energies, times))
+            r = rows[-1]
+            log(f"[vmc] {system.name}: {name:32s} rel. error {r['rel_error']:.2e}  {r['ms_per_step']:.1f} ms/step")
     return rows
 
 
+def prog(name, log=print):
+    """A progress callback ``(step, energy)`` that prints one line."""
+    return lambda t, e: log(f"[vmc]   {name}: step {t}, E = {e:.5f}")
+
+
 def markdown(rows) -> str:
-    lines = ["| method | relative energy error | median ms / step | total s |", "|---|---|---|---|"]
+    lines = ["| system | method | relative energy error | median ms / step (min-max) | total s |", "|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['method']} | {r['rel_error']:.2e} | {r['ms_per_step']:.1f} | {r['seconds_total']:.1f} |")
+        lines.append(f"| {r['system']} | {r['method']} | {r['rel_error']:.2e} | "
+                     f"{r['ms_per_step']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {r['seconds_total']:.1f} |")
     return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Relative energy error vs step and vs wall-clock seconds, one panel pair per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    systems = list(dict.fromkeys(r["system"] for r in rows))
+    fig, axes = plt.subplots(len(systems), 2, figsize=(11, 3.8 * len(systems)), squeeze=False)
+    for (ax_s, ax_t), system in zip(axes, systems):
+        for r in (r for r in rows if r["system"] == system):
+            err = np.maximum(np.abs(np.asarray(r["energies"]) - r["exact"]) / abs(r["exact"]), 1e-7)
+            ax_s.semilogy(err, label=r["method"], lw=1)
+            ax_t.semilogy(np.cumsum(r["seconds"]), err, lw=1)
+        for ax, xl in ((ax_s, "step"), (ax_t, "wall-clock seconds")):
+            ax.set_xlabel(xl)
+            ax.set_ylabel("|E - E0| / |E0|")
+            ax.set_title(f"{system}, RBM")
+        ax_s.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

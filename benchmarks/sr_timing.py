@@ -1,0 +1,265 @@
+"""SR step time: fishr lazy / dense / sample_space vs NetKet's QGTs and SRt, side by side at identical inputs.
+
+For each grid point (a model with ``P`` parameters, ``N`` samples of the TFIM
+chain, their local energies ``e``) every method computes the same update
+
+    x = (S + damping I)^{-1} g,   S = Obar^T Obar / N,   g = 2 Re Obar^H (e - mean e) / N
+
+(NetKet's ``diag_shift`` is fishr's ``damping``: both normalise ``S`` by ``N``).
+Methods, each jitted and called on the same arrays:
+
+* ``fishr lazy``: ``fishr.sr_solve(mode="lazy")`` (CG, ``jax.linearize``, no Jacobian);
+* ``fishr dense cg`` / ``fishr dense chol``: per-sample Jacobian, CG / ``P x P`` Cholesky;
+* ``fishr sample_space``: ``N x N`` Cholesky (``jacobian="auto"``: for these Flax Dense
+  models, the structured kernel from captured layer statistics) and
+  ``fishr sample_space generic`` (explicit per-sample Jacobian rows);
+* ``netket QGTOnTheFly`` / ``netket QGTJacobianDense``: ``QGT(...).solve(cg)``;
+* ``netket QGTJacobianDense chol``: the same with ``netket.optimizer.solver.cholesky``;
+* ``netket SRt``: ``netket._src.ngd.sr_srt_common.srt`` (what ``VMC_SR(use_ntk=True)`` runs:
+  dense Jacobian, ``N x N`` Cholesky) and ``netket srt_onthefly`` (its Jacobian-free variant);
+* ``jacobian``: the bare per-sample Jacobian ``vmap(grad)`` (``N x P``), and ``gradient``: one
+  plain VJP of ``log psi``, the lower bounds.
+
+Every CG runs a fixed number of iterations (``tol = 0``, ``maxiter = cg_iters``) in both
+libraries, so that per-call times compare the same work. Before timing, each result is compared
+with a float64 NumPy solve of the same system (the column ``rel. err`` in the JSON and the
+printed check). Timing: one warm-up call (compilation), then ``repeats`` rounds in which every
+method is called once, interleaved so that machine noise hits all alike; the median and the
+min-max spread are reported, in milliseconds.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import fishr
+from benchmarks.spin_chains import MLP, RBM, local_energies, random_spins
+from benchmarks.vmc import energy_gradient
+
+# (N samples, model description); P follows from the model. Chain length 16 throughout.
+LENGTH = 16
+GRIDS = {
+    "tiny": [(128, ("rbm", 2)), (512, ("rbm", 1))],
+    "quick": [(256, ("rbm", 16)), (1024, ("rbm", 4)), (2048, ("rbm", 1)), (512, ("mlp-complex", 64))],
+    "full": [(256, ("rbm", 16)), (1024, ("rbm", 16)), (512, ("rbm", 64)), (1024, ("rbm", 4)),
+             (4096, ("rbm", 4)), (2048, ("rbm", 1)), (8192, ("rbm", 1)),
+             (512, ("mlp-complex", 64)), (2048, ("mlp-complex", 64))],
+}
+DAMPING, CG_ITERS = 1e-3, 50
+DENSE_CHOL_MAX_P = 5000  # P x P Cholesky beyond this is not a sensible choice (and slow)
+COLUMNS = ["gradient", "jacobian", "fishr lazy", "fishr dense cg", "fishr dense chol", "fishr sample_space",
+           "fishr sample_space generic", "netket QGTOnTheFly", "netket QGTJacobianDense",
+           "netket QGTJacobianDense chol", "netket SRt", "netket srt_onthefly"]
+
+
+def make_model(spec):
+    kind, size = spec
+    if kind == "rbm":
+        return RBM(alpha=size), f"RBM alpha={size}"
+    if kind == "mlp-complex":
+        return MLP(widths=(size, size), complex_output=True), f"MLP {size}-{size} complex"
+    raise ValueError(spec)
+
+
+def inputs(spec, n, seed=0):
+    """Model, parameters, samples, local energies and gradient of one grid point (float32)."""
+    model, label = make_model(spec)
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    s = random_spins(k1, n, LENGTH)
+    params = model.init(k2, s)
+    params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(k2, p.shape, p.dtype), params)  # off the init point
+    e_loc = jax.jit(lambda p, s: local_energies("ising", model.apply, p, s))(params, s)
+    _, grad = jax.jit(lambda p, s, e: energy_gradient(model.apply, p, s, e))(params, s, e_loc)
+    return model, label, params, s, e_loc, grad
+
+
+def reference_solution(model, params, s, grad):
+    """float64 NumPy solve of ``(S + damping) x = g`` from the float32 Jacobian (real parameters)."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    one = lambda p, x: model.apply(unravel(p), x[None])[0]
+    jac = np.asarray(jax.jit(jax.vmap(lambda x: jax.jacrev(lambda p: jnp.stack([jnp.real(one(p, x)),
+                                                                           jnp.imag(one(p, x))]))(flat)))(s),
+                     np.float64)  # (N, 2, P)
+    jac = jac - jac.mean(axis=0)
+    n = jac.shape[0]
+    o = jac.reshape(-1, jac.shape[-1])
+    g = np.asarray(jax.flatten_util.ravel_pytree(grad)[0], np.float64)
+    if o.shape[1] <= 6000:
+        x = np.linalg.solve(o.T @ o / n + DAMPING * np.eye(o.shape[1]), g)
+    else:  # Woodbury in sample space, exact as well
+        x = (g - o.T @ np.linalg.solve(n * DAMPING * np.eye(o.shape[0]) + o @ o.T, o @ g)) / DAMPING
+    return x
+
+
+def methods(model, params, s, e_loc, grad, have_nk: bool):
+    """name -> zero-argument callable returning the update as a flat vector."""
+    flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
+    p_count = flat(params).size
+    apply = model.apply
+    out = {}
+
+    def fishr_fn(**kw):
+        return partial(jax.jit(lambda g, p, x: flat(fishr.sr_solve(apply, g, p, x, damping=DAMPING, **kw)[0])),
+                       grad, params, s)
+
+    one = lambda p, x: apply(p, x[None])[0]
+    jac = jax.jit(jax.vmap(lambda x: jax.grad(lambda p: jnp.real(one(p, x)))(params), in_axes=0))
+    if jnp.iscomplexobj(e_loc):  # both parts of the complex score: what every complex-mode method needs
+        jac = jax.jit(jax.vmap(lambda x: jax.jacrev(lambda p: jnp.stack([jnp.real(one(p, x)),
+                                                                        jnp.imag(one(p, x))]))(params)))
+    out["gradient"] = partial(jax.jit(lambda p, x, e: flat(energy_gradient(apply, p, x, e)[1])), params, s, e_loc)
+    out["jacobian"] = partial(lambda x: jac(x), s)
+    cg = dict(tol=0.0, maxiter=CG_ITERS)
+    out["fishr lazy"] = fishr_fn(mode="lazy", **cg)
+    out["fishr dense cg"] = fishr_fn(mode="dense", **cg)
+    if p_count <= DENSE_CHOL_MAX_P:
+        out["fishr dense chol"] = fishr_fn(mode="dense", solver="cholesky")
+    out["fishr sample_space"] = fishr_fn(mode="sample_space")
+    out["fishr sample_space generic"] = fishr_fn(mode="sample_space", jacobian="generic")
+    if not have_nk:
+        return out
+
+    import netket as nk
+    from netket._src.ngd.sr_srt_common import srt
+    from netket._src.ngd.srt_onthefly import srt_onthefly
+    from netket.optimizer.qgt.qgt_jacobian import QGTJacobian_DefaultConstructor
+    from netket.optimizer.qgt.qgt_onthefly import QGTOnTheFly_DefaultConstructor
+
+    mode = "complex" if jnp.iscomplexobj(e_loc) else "real"
+    inner, g_inner = params["params"], grad["params"]
+    nk_cg = partial(jax.scipy.sparse.linalg.cg, tol=0.0, maxiter=CG_ITERS)
+
+    def qgt(constructor, solver, **kw):
+        def solve(p, x, g):
+            q = constructor(apply, p, {}, x, diag_shift=DAMPING, **kw)
+            return flat(q.solve(solver, g)[0])
+        return partial(jax.jit(solve), inner, s, g_inner)
+
+    out["netket QGTOnTheFly"] = qgt(QGTOnTheFly_DefaultConstructor, nk_cg)
+    out["netket QGTJacobianDense"] = qgt(QGTJacobian_DefaultConstructor, nk_cg, dense=True, mode=mode)
+    if p_count <= DENSE_CHOL_MAX_P:
+        out["netket QGTJacobianDense chol"] = qgt(QGTJacobian_DefaultConstructor, nk.optimizer.solver.cholesky,
+                                                  dense=True, mode=mode)
+    # srt is jitted by NetKet itself (and breaks under an outer jit); only the ravel is outside it
+    out["netket SRt"] = partial(lambda p, x, e: flat(srt(
+        apply, e, p, {}, x, diag_shift=DAMPING, solver_fn=nk.optimizer.solver.cholesky, mode=mode)[0]),
+        inner, s, e_loc)
+    out["netket srt_onthefly"] = partial(jax.jit(lambda p, x, e: flat(srt_onthefly(
+        apply, e, p, {}, x, diag_shift=DAMPING, solver_fn=nk.optimizer.solver.cholesky, mode=mode)[0])),
+        inner, s, e_loc)
+    return out
+
+
+def time_interleaved(fns: dict, repeats: int) -> dict:
+    """Warm up each callable, then ``repeats`` interleaved rounds; name -> (median, min, max) ms."""
+    for fn in fns.values():
+        jax.block_until_ready(fn())
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times[name].append(1e3 * (time.perf_counter() - t0))
+    return {name: (float(np.median(t)), float(np.min(t)), float(np.max(t))) for name, t in times.items()}
+
+
+def run(quick: bool = True, preset: str | None = None, repeats: int | None = None, log=print, netket: bool = True):
+    """Time every method at every grid point of the preset; returns the list of rows."""
+    preset = preset or ("quick" if quick else "full")
+    repeats = repeats or {"tiny": 3, "quick": 7, "full": 11}[preset]
+    try:
+        if not netket:
+            raise ImportError("disabled")
+        import netket  # noqa: F401
+        have_nk = True
+    except Exception as err:  # optional peer
+        have_nk = False
+        log(f"[sr_timing] NetKet not available ({type(err).__name__}: {err}); its columns are skipped.")
+    rows = []
+    for n, spec in GRIDS[preset]:
+        model, label, params, s, e_loc, grad = inputs(spec, n)
+        p_count = sum(p.size for p in jax.tree.leaves(params))
+        log(f"[sr_timing] {label}, N={n}, P={p_count} ({'N << P' if 4 * n <= p_count else 'N >> P' if n >= 4 * p_count else 'N ~ P'}) ...",
+            flush=True)
+        fns = methods(model, params, s, e_loc, grad, have_nk)
+        ref = reference_solution(model, params, s, grad)
+        errors = {}
+        for name, fn in fns.items():
+            if name in ("gradient", "jacobian"):
+                continue
+            x = np.asarray(fn(), np.float64)
+            errors[name] = float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+        log("[sr_timing]   relative error vs float64 solve: "
+            + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
+        timings = time_interleaved(fns, repeats)
+        row = dict(model=label, N=n, P=p_count, complex=bool(jnp.iscomplexobj(e_loc)), repeats=repeats,
+                   cg_iters=CG_ITERS, damping=DAMPING, errors=errors, ms=timings)
+        nk_times = [timings[k][0] for k in timings if k.startswith("netket")]
+        fishr_times = [timings[k][0] for k in timings if k.startswith("fishr")]
+        row["fishr fastest"] = min(timings[k][0] for k in timings if k.startswith("fishr"))
+        row["fishr fastest / jacobian"] = row["fishr fastest"] / timings["jacobian"][0]
+        if nk_times:
+            row["netket fastest"] = min(nk_times)
+            row["fishr fastest / netket fastest"] = min(fishr_times) / min(nk_times)
+        rows.append(row)
+        log("[sr_timing]   " + ", ".join(f"{k} {v[0]:.1f}" for k, v in timings.items()) + " ms", flush=True)
+    return rows
+
+
+def markdown(rows) -> str:
+    cols = [c for c in COLUMNS if any(c in r["ms"] for r in rows)]
+    short = {c: c.replace("netket ", "nk ").replace("QGTJacobianDense", "QGTJacDense")
+             .replace("sample_space", "sample_sp.") for c in cols}
+    head = "| model | N | P | " + " | ".join(short[c] for c in cols) + " | fishr best / jacobian | fishr best / NetKet best |"
+    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    for r in rows:
+        cells = []
+        best_f = r["fishr fastest"]
+        for c in cols:
+            if c not in r["ms"]:
+                cells.append("-")
+                continue
+            med, lo, hi = r["ms"][c]
+            cell = f"{med:.1f} ({lo:.1f}-{hi:.1f})" if med < 100 else f"{med:.0f} ({lo:.0f}-{hi:.0f})"
+            cells.append(f"**{cell}**" if c.startswith("fishr") and med == best_f else cell)
+        ratio_nk = f"{r['fishr fastest / netket fastest']:.2f}x" if "fishr fastest / netket fastest" in r else "n/a"
+        lines.append(f"| {r['model']} | {r['N']} | {r['P']} | " + " | ".join(cells)
+                     + f" | {r['fishr fastest / jacobian']:.2f}x | {ratio_nk} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    """Median ms per call of every method at each grid point (log scale), spread as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = [c for c in COLUMNS if any(c in r["ms"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(7, 1.6 * len(rows)), 4.5))
+    width = 0.8 / len(cols)
+    cmap = plt.get_cmap("tab20")
+    for j, c in enumerate(cols):
+        xs, med, lo, hi = [], [], [], []
+        for i, r in enumerate(rows):
+            if c in r["ms"]:
+                m, a, b = r["ms"][c]
+                xs.append(i + (j - len(cols) / 2) * width)
+                med.append(m)
+                lo.append(m - a)
+                hi.append(b - m)
+        ax.bar(xs, med, width, yerr=[lo, hi], label=c, color=cmap(j), hatch="//" if c.startswith("netket") else None)
+    ax.set_yscale("log")
+    ax.set_xticks(range(len(rows)))
+    ax.set_xticklabels([f"{r['model']}\nN={r['N']} P={r['P']}" for r in rows], fontsize=7)
+    ax.set_ylabel("ms per call (median, min-max)")
+    ax.set_title(f"SR solve, float32, damping {DAMPING}, CG {CG_ITERS} iterations")
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
