@@ -49,6 +49,9 @@ def main(argv=None) -> int:
     parser.add_argument("--only", nargs="*", default=None, choices=SECTIONS)
     args = parser.parse_args(argv)
 
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only
     import jax  # after benchmarks/__init__ pinned OpenBLAS to one thread
 
     from benchmarks import continuum, sr_timing, structured_sr, vmc

@@ -233,11 +233,11 @@ def markdown(rows) -> str:
     return "\n".join(lines)
 
 
-def plot(rows, path):
-    """Median ms per call of every method at each grid point (log scale), spread as error bars."""
-    import matplotlib
+def plot(rows, path=None):
+    """Median ms per call of every method at each grid point (log scale), spread as error bars.
 
-    matplotlib.use("Agg")
+    Saves to ``path`` (and closes the figure) or, with ``path=None``, returns the figure (notebooks).
+    """
     import matplotlib.pyplot as plt
 
     cols = [c for c in COLUMNS if any(c in r["ms"] for r in rows)]
@@ -261,5 +261,7 @@ def plot(rows, path):
     ax.set_title(f"SR solve, float32, damping {DAMPING}, CG {CG_ITERS} iterations")
     ax.legend(fontsize=6, ncol=2)
     fig.tight_layout()
+    if path is None:
+        return fig
     fig.savefig(path, dpi=90)
     plt.close(fig)

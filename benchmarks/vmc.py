@@ -191,9 +191,6 @@ def markdown(rows) -> str:
 
 def plot(rows, path):
     """Relative energy error vs step and vs wall-clock seconds, one panel pair per system."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     systems = list(dict.fromkeys(r["system"] for r in rows))
