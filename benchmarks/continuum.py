@@ -103,8 +103,8 @@ def run(quick: bool = True, preset: str | None = None, log=print):
     for name, make in vmc.fishr_methods(lr_sr=0.05, lr_adam=0.02).items():
         if name not in wanted:
             continue
-        energies, times = vmc.train(system, model, make, cfg["n_samples"], cfg["steps"],
-                                    progress=vmc.prog(f"hydrogen {name}", log))
-        rows.append(vmc.summarise(name, system.name, EXACT_ENERGY, energies, times))
+        energies, times, params = vmc.train(system, model, make, cfg["n_samples"], cfg["steps"],
+                                            progress=vmc.prog(f"hydrogen {name}", log))
+        rows.append(vmc.summarise(name, system, model, EXACT_ENERGY, energies, times, params))
         log(f"[hydrogen] {name:32s} rel. error {rows[-1]['rel_error']:.2e}  {rows[-1]['ms_per_step']:.1f} ms/step")
     return rows

@@ -51,7 +51,7 @@ GRIDS = {
              (512, ("mlp-complex", 64)), (2048, ("mlp-complex", 64))],
 }
 DAMPING, CG_ITERS = 1e-3, 50
-DENSE_CHOL_MAX_P = 5000  # P x P Cholesky beyond this is not a sensible choice (and slow)
+DENSE_CHOL_MAX_P = {"tiny": 2000, "quick": 2000, "full": 5000}  # P x P Cholesky beyond: slow, not a sensible choice
 COLUMNS = ["gradient", "jacobian", "fishr lazy", "fishr dense cg", "fishr dense chol", "fishr sample_space",
            "fishr sample_space generic", "netket QGTOnTheFly", "netket QGTJacobianDense",
            "netket QGTJacobianDense chol", "netket SRt", "netket srt_onthefly"]
@@ -96,7 +96,7 @@ def reference_solution(model, params, s, grad):
     return x
 
 
-def methods(model, params, s, e_loc, grad, have_nk: bool):
+def methods(model, params, s, e_loc, grad, have_nk: bool, dense_chol_max_p: int = 5000):
     """name -> zero-argument callable returning the update as a flat vector."""
     flat = lambda tree: jax.flatten_util.ravel_pytree(tree)[0]
     p_count = flat(params).size
@@ -117,7 +117,7 @@ def methods(model, params, s, e_loc, grad, have_nk: bool):
     cg = dict(tol=0.0, maxiter=CG_ITERS)
     out["fishr lazy"] = fishr_fn(mode="lazy", **cg)
     out["fishr dense cg"] = fishr_fn(mode="dense", **cg)
-    if p_count <= DENSE_CHOL_MAX_P:
+    if p_count <= dense_chol_max_p:
         out["fishr dense chol"] = fishr_fn(mode="dense", solver="cholesky")
     out["fishr sample_space"] = fishr_fn(mode="sample_space")
     out["fishr sample_space generic"] = fishr_fn(mode="sample_space", jacobian="generic")
@@ -142,7 +142,7 @@ def methods(model, params, s, e_loc, grad, have_nk: bool):
 
     out["netket QGTOnTheFly"] = qgt(QGTOnTheFly_DefaultConstructor, nk_cg)
     out["netket QGTJacobianDense"] = qgt(QGTJacobian_DefaultConstructor, nk_cg, dense=True, mode=mode)
-    if p_count <= DENSE_CHOL_MAX_P:
+    if p_count <= dense_chol_max_p:
         out["netket QGTJacobianDense chol"] = qgt(QGTJacobian_DefaultConstructor, nk.optimizer.solver.cholesky,
                                                   dense=True, mode=mode)
     # srt is jitted by NetKet itself (and breaks under an outer jit); only the ravel is outside it
@@ -186,7 +186,7 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
         p_count = sum(p.size for p in jax.tree.leaves(params))
         log(f"[sr_timing] {label}, N={n}, P={p_count} ({'N << P' if 4 * n <= p_count else 'N >> P' if n >= 4 * p_count else 'N ~ P'}) ...",
             flush=True)
-        fns = methods(model, params, s, e_loc, grad, have_nk)
+        fns = methods(model, params, s, e_loc, grad, have_nk, DENSE_CHOL_MAX_P[preset])
         ref = reference_solution(model, params, s, grad)
         errors = {}
         for name, fn in fns.items():
