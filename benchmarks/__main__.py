@@ -92,18 +92,16 @@ def main(argv=None) -> int:
                           f"CG: {sr_timing.CG_ITERS} iterations; damping {sr_timing.DAMPING}; TFIM L={sr_timing.LENGTH}"
                           " samples\n\n" + sr_timing.markdown(rows))
         section("sr_timing", "SR time per call (ms)", do)
-    if "vmc" in sections:
-        def do():
-            rows = vmc.run(quick=args.quick)
-            vmc.plot(rows, os.path.join(args.out, "vmc_energy.png"))
-            return rows, vmc.markdown(rows)
-        section("vmc", "VMC convergence (same ansatz, samples, step budget)", do)
-    if "hydrogen" in sections:
-        def do():
-            rows = continuum.run(quick=args.quick)
-            vmc.plot(rows, os.path.join(args.out, "hydrogen_energy.png"))
-            return rows, vmc.markdown(rows)
-        section("hydrogen", "Continuum VMC: hydrogen atom (E0 = -0.5 Ha)", do)
+    for name, title, module, png in (
+        ("vmc", "VMC convergence (same ansatz, samples, step budget)", vmc, "vmc_energy.png"),
+        ("hydrogen", "Continuum VMC: hydrogen atom (E0 = -0.5 Ha)", continuum, "hydrogen_energy.png"),
+    ):
+        if name in sections:
+            def do(module=module, png=png):
+                rows = module.run(quick=args.quick)
+                vmc.plot(rows, os.path.join(args.out, png))
+                return rows, vmc.markdown(rows)
+            section(name, title, do)
     if "structured_sr" in sections:
         def do():
             rows = structured_sr.run(quick=args.quick, out_dir=args.out)

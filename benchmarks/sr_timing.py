@@ -39,7 +39,7 @@ import numpy as np
 
 import fishr
 from benchmarks.spin_chains import MLP, RBM, local_energies, random_spins
-from benchmarks.vmc import energy_gradient
+from benchmarks.vmc import energy_gradient, netket_available
 
 # (N samples, model description); P follows from the model. Chain length 16 throughout.
 LENGTH = 16
@@ -172,14 +172,7 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
     """Time every method at every grid point of the preset; returns the list of rows."""
     preset = preset or ("quick" if quick else "full")
     repeats = repeats or {"tiny": 3, "quick": 7, "full": 11}[preset]
-    try:
-        if not netket:
-            raise ImportError("disabled")
-        import netket  # noqa: F401
-        have_nk = True
-    except Exception as err:  # optional peer
-        have_nk = False
-        log(f"[sr_timing] NetKet not available ({type(err).__name__}: {err}); its columns are skipped.")
+    have_nk = netket_available(netket, log, "[sr_timing]")
     rows = []
     for n, spec in GRIDS[preset]:
         model, label, params, s, e_loc, grad = inputs(spec, n)

@@ -55,6 +55,18 @@ def fishr_methods(lr_sr: float = LR_SR, lr_adam: float = LR_ADAM, damping: float
     }
 
 
+def netket_available(enabled: bool = True, log=print, tag: str = "") -> bool:
+    """Whether NetKet (an optional peer, ``bench`` extra) can be used; says why not once."""
+    try:
+        if not enabled:
+            raise ImportError("disabled by the caller")
+        import netket  # noqa: F401
+        return True
+    except Exception as err:
+        log(f"{tag} NetKet not available ({type(err).__name__}: {err}); its rows are skipped.")
+        return False
+
+
 def energy_gradient(log_psi_apply, params, samples, e_loc):
     """``(mean E_loc, 2 Re mean[(E_loc - <E>) conj(O)])`` for real parameters, real or complex log psi."""
     n = e_loc.shape[0]
@@ -169,14 +181,7 @@ def run(quick: bool = True, preset: str | None = None, only=None, log=print, net
     """Train every method on each chain of the preset; returns the list of result rows."""
     cfg = PRESETS[preset or ("quick" if quick else "full")]
     n, steps = cfg["n_samples"], cfg["steps"]
-    try:
-        if not netket:
-            raise ImportError("disabled")
-        import netket  # noqa: F401
-        have_nk = True
-    except Exception as err:  # optional peer
-        have_nk = False
-        log(f"[vmc] NetKet not available ({type(err).__name__}: {err}); its rows are skipped.")
+    have_nk = netket_available(netket, log, "[vmc]")
     rows = []
     for kind, length in cfg["systems"]:
         system = SpinChain(kind, length)
