@@ -56,7 +56,6 @@ def _median_ms(fn, repeats):
 
 def _peak_gflops(dtype, repeats):
     import jax
-    import jax.numpy as jnp
 
     n = 2048
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)

@@ -42,7 +42,6 @@ and the two that hold the statistics of the whole batch also offer
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax

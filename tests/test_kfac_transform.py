@@ -13,7 +13,7 @@ from jax.sharding import PartitionSpec as P
 import fishr
 from fishr.checks import tree_all_finite
 from fishr.kfac import factors as F
-from kfac_models import MLP, SeedLayer, init, random_like, sin_score
+from kfac_models import MLP, SeedLayer, init, random_like
 
 TOL = 1e-10
 

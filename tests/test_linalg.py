@@ -1,6 +1,5 @@
 """fishr.linalg against NumPy/SciPy float64 references."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -1,7 +1,6 @@
 """SR with samples split over 4 simulated CPU devices equals SR on one device with all samples."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
