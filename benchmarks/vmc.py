@@ -20,6 +20,7 @@ no discarded samples), the same Flax module and initial parameters.
 
 from __future__ import annotations
 
+import importlib
 import time
 
 import jax
@@ -60,7 +61,7 @@ def netket_available(enabled: bool = True, log=print, tag: str = "") -> bool:
     try:
         if not enabled:
             raise ImportError("disabled by the caller")
-        import netket  # noqa: F401
+        importlib.import_module("netket")
         return True
     except Exception as err:
         log(f"{tag} NetKet not available ({type(err).__name__}: {err}); its rows are skipped.")

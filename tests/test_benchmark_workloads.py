@@ -7,7 +7,7 @@ import pytest
 
 from benchmarks import continuum
 from benchmarks.spin_chains import (MLP, RBM, SpinChain, _basis_spins, exact_ground_energy, local_energies,
-                                    metropolis, random_spins, sparse_hamiltonian)
+                                    random_spins, sparse_hamiltonian)
 
 
 def _visible(params, scale):
