@@ -130,10 +130,11 @@ class DenseJacobian(NamedTuple):
         return self.rows.reshape(-1, self.rows.shape[-1])
 
     def matvec_flat(self, v: jax.Array) -> jax.Array:
-        return self.rows @ v
+        return (self.flat_rows @ v).reshape(self.rows.shape[:2])
 
     def rmatvec_flat(self, u: jax.Array) -> jax.Array:
-        return jnp.einsum("ncp,nc->p", self.rows.conj(), u)  # rows are centred already
+        # rows are centred already; u @ rows (not rows.T @ u) keeps the big operand untransposed
+        return u.reshape(-1) @ self.flat_rows.conj()
 
     def matvec(self, v: Any) -> jax.Array:
         return self.matvec_flat(ravel_pytree(v)[0])
