@@ -144,10 +144,20 @@ def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
 def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
     """``(a + damping I)^{-1} b`` for Hermitian PSD ``a`` by a Cholesky factorisation.
 
-    ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)``. A factor that is not
+    ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)`` (with ``a`` and ``b`` batched
+    over leading axes alike). A factor that is not
     positive definite gives NaN in the result (it is never silently finite).
+    Only one triangle of ``a`` is read (it is taken to be Hermitian, as LAPACK
+    does). The factorisation is of ``a^T = conj(a)``: LAPACK wants a column-major
+    operand, and ``a^T`` of a row-major ``a`` is that operand without a copy,
+    whereas factoring ``a`` itself makes XLA write a transposed copy first, a
+    strided pass that cost more than the factorisation (17 of ~35 ms for
+    ``n = 1024`` in float32 on a 2-core CPU). With ``conj(a) = L' L'^H`` the
+    solution is ``x = conj(cho_solve(L', conj(b)))``.
     """
-    factor = jnp.linalg.cholesky(_add_to_diagonal(a, damping))
+    factor = jax.lax.linalg.cholesky(jnp.swapaxes(_add_to_diagonal(a, damping), -1, -2), symmetrize_input=False)
+    if jnp.iscomplexobj(a):
+        return jax.scipy.linalg.cho_solve((factor, True), b.conj()).conj()
     return jax.scipy.linalg.cho_solve((factor, True), b)
 
 

@@ -36,6 +36,18 @@ def test_cholesky_solve_with_damping():
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.5 * np.eye(600), b), rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cholesky_solve_batched_and_complex(complex_):
+    # The factorisation runs on a^T = conj(a) (see cholesky_solve): check the
+    # complex conjugations and that leading batch axes are left alone.
+    a = np.stack([_spd(50, complex_, seed=s) for s in (6, 7, 8)])
+    rng = np.random.default_rng(9)
+    b = rng.normal(size=(3, 50)) + (1j * rng.normal(size=(3, 50)) if complex_ else 0)
+    x = linalg.cholesky_solve(jnp.asarray(a), jnp.asarray(b)[..., None], 0.2)[..., 0]
+    expected = np.linalg.solve(a + 0.2 * np.eye(50), b[..., None])[..., 0]
+    np.testing.assert_allclose(np.asarray(x), expected, rtol=1e-10)
+
+
 def test_cg_matches_solve_and_reports_diagnostics():
     a = _spd(40, seed=5)
     b = np.random.default_rng(6).normal(size=40)
