@@ -31,7 +31,8 @@ and the two that hold the statistics of the whole batch also offer
     i.e. per layer two Gram matrices and a Hadamard product, never the
     ``n x P`` Jacobian. Parameters in no captured layer keep explicit rows
     (:class:`DenseJacobian` restricted to them). Centring of the kernel is
-    ``H K H`` with ``H = I - 1 1^T / n`` acting on the sample index.
+    ``H K H`` with ``H = I - 1 1^T / n`` acting on the sample index, applied
+    through the row means of ``K`` (see :func:`_centre_kernel`).
 
     Per layer, :meth:`LayerJacobian.gram` picks the cheaper of the structured
     kernel, ``n^2 T^2 (k + C^2 m)`` multiply-adds, and the generic one through
@@ -60,11 +61,22 @@ def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.A
     return u - (distributed.batch_mean(u, axis_name) if mean_fn is None else mean_fn(u))
 
 
-def _centre_kernel(k: jax.Array, n: int, c: int) -> jax.Array:
-    """``H K H`` for ``K`` indexed ``(i c, j c')``, ``H`` centring over the sample index."""
-    k4 = k.reshape(n, c, n, c)
-    k4 = k4 - k4.mean(axis=0, keepdims=True)
-    k4 = k4 - k4.mean(axis=2, keepdims=True)
+def _centre_kernel(k: jax.Array, r: jax.Array) -> jax.Array:
+    """``H K H`` for ``K = O O^H`` indexed ``(i c, j c')``, ``H`` centring over the sample index.
+
+    ``r[i, c, c'] = O_ic . conj(mean_j O_jc')`` are ``K``'s row means, so with
+    ``s[c, c'] = mean_i r[i, c, c']``
+
+        (H K H)[ic, jc'] = K[ic, jc'] - r[i, c, c'] - conj(r[j, c', c]) + s[c, c'],
+
+    one elementwise pass that XLA fuses with the kernel's sum of products, instead
+    of two reductions over ``K`` and two passes to subtract them.
+    """
+    n, c = r.shape[:2]
+    s = r.mean(axis=0)
+    row = r[:, :, None, :]                                     # [i, c, ., c']
+    col = jnp.conj(jnp.transpose(r, (2, 0, 1)))[None]          # [., c, j, c'] = conj(r[j, c', c])
+    k4 = k.reshape(n, c, n, c) - row - col + s[None, :, None, :]
     return k4.reshape(n * c, n * c)
 
 
@@ -262,7 +274,10 @@ class LayerJacobian(NamedTuple):
         return _centre(self._uncentred_matvec(v), self.axis_name)
 
     def rmatvec(self, u: jax.Array) -> Any:
-        u = _centre(u, self.axis_name)
+        return self._uncentred_rmatvec(_centre(u, self.axis_name))
+
+    def _uncentred_rmatvec(self, u: jax.Array) -> Any:
+        """``O^H u`` (no centring) as a parameter pytree."""
         leaves: list = [None] * len(self.shapes)
         for i, leaf in zip(self.plan.uncovered, self.unravel_rest(_rows_rmatvec(self.rest, u))):
             leaves[i] = leaf
@@ -298,7 +313,20 @@ class LayerJacobian(NamedTuple):
             kernel = block if kernel is None else kernel + block
         if kernel is None:
             kernel = jnp.zeros((n * c, n * c), self.rest.dtype)
-        return _centre_kernel(kernel, n, c)
+        return _centre_kernel(kernel, self._row_means())
+
+    def _row_means(self) -> jax.Array:
+        """``r[i, c, c'] = O_ic . conj(mean_j O_jc')``, the row means of ``O O^H``, ``(n, C, C)``.
+
+        ``O^H (e_c' / n)`` is ``conj(mean_j O_jc')`` as a parameter pytree; one
+        uncentred ``matvec`` of it gives column ``c'``. Local batch only (call
+        after :meth:`gather` when the batch is split over devices).
+        """
+        n, c = self.rest.shape[:2]
+        dtype = jnp.result_type(self.rest, *self.a, *self.d)
+        columns = [self._uncentred_matvec(self._uncentred_rmatvec(jnp.zeros((n, c), dtype).at[:, comp].set(1.0 / n)))
+                   for comp in range(c)]
+        return jnp.stack(columns, axis=-1)
 
     def gather(self) -> "LayerJacobian":
         gather = lambda x: distributed.all_gather_batch(x, self.axis_name)
