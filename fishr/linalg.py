@@ -147,8 +147,10 @@ def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
     ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)`` (with ``a`` and ``b`` batched
     over leading axes alike). A factor that is not
     positive definite gives NaN in the result (it is never silently finite).
-    Only one triangle of ``a`` is read (it is taken to be Hermitian, as LAPACK
-    does). The factorisation is of ``a^T = conj(a)``: LAPACK wants a column-major
+    Only the upper triangle of ``a`` (``a[..., i, j]`` with ``i <= j``) is read; it
+    defines the Hermitian matrix, and what lies below the diagonal does not
+    matter (callers may leave it unset: :meth:`fishr.jacobian.LayerJacobian.gram`
+    with ``upper_only=True``). The factorisation is of ``a^T = conj(a)``: LAPACK wants a column-major
     operand, and ``a^T`` of a row-major ``a`` is that operand without a copy,
     whereas factoring ``a`` itself makes XLA write a transposed copy first, a
     strided pass that cost more than the factorisation (17 of ~35 ms for

@@ -256,7 +256,7 @@ def _solve_sample_space(jac, b, damping):
     jac = jac.gather()  # every device now holds the statistics of all N samples
     u = jac.matvec(b)  # (N, C)
     n_total = u.shape[0]
-    y = cholesky_solve(jac.gram(), u.reshape(-1), n_total * damping).reshape(u.shape)
+    y = cholesky_solve(jac.gram(upper_only=True), u.reshape(-1), n_total * damping).reshape(u.shape)
     x = optax.tree.scale(1.0 / damping, optax.tree.sub(b, jac.rmatvec(y)))
 
     def s_matvec(v):

@@ -48,6 +48,15 @@ def test_cholesky_solve_batched_and_complex(complex_):
     np.testing.assert_allclose(np.asarray(x), expected, rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cholesky_solve_reads_only_the_upper_triangle(complex_):
+    a = _spd(60, complex_, seed=10)
+    b = np.random.default_rng(11).normal(size=60)
+    garbage = np.where(np.tril(np.ones((60, 60)), -1) > 0, np.nan, a)
+    x = linalg.cholesky_solve(jnp.asarray(garbage), jnp.asarray(b), 0.1)
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(60), b), rtol=1e-10)
+
+
 def test_cg_matches_solve_and_reports_diagnostics():
     a = _spd(40, seed=5)
     b = np.random.default_rng(6).normal(size=40)

@@ -83,6 +83,42 @@ def test_layer_products_and_kernel_equal_explicit_rows(name):
     np.testing.assert_allclose(flat(layer.rmatvec(u)), flat(dense.rmatvec(u)), rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("name", ["mlp", "per_position", "complex_out"])
+def test_upper_kernel_blocks(name):
+    """``gram(upper_only=True)``: the blocks on and above the diagonal, zeros below.
+
+    n = 650 samples make three uneven sample ranges (217, 216, 217); the upper
+    triangle, which is all that the Cholesky solve reads, equals the full kernel's.
+    """
+    n = 650
+    log_psi, params, x, grad, holo = _case(name, n=n)
+    sr_mod = importlib.import_module("fishr.sr")
+    layer = sr_mod._build_jacobian(True, log_psi, params, x, holo, None)
+    dense = sr_mod._build_jacobian(False, log_psi, params, x, holo, None)
+    full = np.asarray(dense.gram())
+    c = full.shape[0] // n
+    ranges = jac_mod._sample_ranges(n, True)
+    assert [j - i for i, j in ranges] == [217, 216, 217]
+    below = np.zeros(full.shape, bool)  # strictly below the diagonal blocks
+    for i0, i1 in ranges:
+        below[i0 * c:i1 * c, :i0 * c] = True
+    for jac in (layer, dense):
+        upper = np.asarray(jac.gram(upper_only=True))
+        np.testing.assert_array_equal(upper[below], 0)
+        np.testing.assert_allclose(upper[~below], full[~below], rtol=1e-10, atol=1e-10 * np.abs(full).max())
+
+
+@pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
+def test_structured_equals_generic_over_several_sample_ranges(name):
+    log_psi, params, x, grad, holo = _case(name, n=650)
+    kw = dict(damping=1e-3, mode="sample_space", holomorphic=holo)
+    solve = lambda jacobian: jax.jit(lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, jacobian=jacobian, **kw))
+    generic, _ = solve("generic")(grad, params, x)
+    structured, info = solve("structured")(grad, params, x)
+    assert rel_err(flat(structured), flat(generic)) <= 1e-10
+    assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
+
+
 @pytest.mark.parametrize("force", [True, False], ids=["gram_hadamard", "via_per_sample_G"])
 def test_both_kernel_forms_for_repeated_layers(monkeypatch, force):
     """A per-position layer (T = 4) through each of the two exact kernel forms."""
