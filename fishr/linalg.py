@@ -4,7 +4,8 @@
   operator given as a function, returning diagnostics (iterations and the final
   residual norm) that ``jax.scipy.sparse.linalg.cg`` does not report.
 * :func:`cholesky_solve`: ``(A + damping I)^{-1} B`` for a dense Hermitian PSD
-  matrix by one Cholesky factorisation.
+  matrix by one Cholesky factorisation (:func:`cholesky_factor` and
+  :func:`cholesky_factor_solve` when the factor is reused).
 * :func:`psd_inverse`: the explicit damped inverse by Cholesky or by ``eigh``.
 * :func:`trace_damping` / :func:`pi_damping`: the diagonal shifts used by
   Kronecker-factored methods.
@@ -27,6 +28,8 @@ __all__ = [
     "CGInfo",
     "cg",
     "tree_inner",
+    "cholesky_factor",
+    "cholesky_factor_solve",
     "cholesky_solve",
     "psd_inverse",
     "trace_damping",
@@ -141,26 +144,43 @@ def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
     return a + shift * jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
+def cholesky_factor(a: jax.Array, damping=0.0) -> jax.Array:
+    """The Cholesky factor of ``a + damping I`` that :func:`cholesky_factor_solve` uses.
+
+    For Hermitian PSD ``a``, batched over leading axes. Only the upper triangle of
+    ``a`` (``a[..., i, j]`` with ``i <= j``) is read; it defines the Hermitian
+    matrix, and what lies below the diagonal does not matter (callers may leave
+    it unset: :meth:`fishr.jacobian.LayerJacobian.gram` with ``upper_only=True``).
+
+    The factorisation is of ``a^T = conj(a) = L' L'^H`` and ``L'`` is returned:
+    LAPACK wants a column-major operand, and ``a^T`` of a row-major ``a`` is that
+    operand without a copy, whereas factoring ``a`` itself makes XLA write a
+    transposed copy first, a strided pass that cost more than the factorisation
+    (17 of ~35 ms for ``n = 1024`` in float32 on a 2-core CPU). A matrix that is
+    not positive definite gives a NaN factor (never a silently finite one).
+    """
+    return jax.lax.linalg.cholesky(jnp.swapaxes(_add_to_diagonal(a, damping), -1, -2), symmetrize_input=False)
+
+
+def cholesky_factor_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
+    """``(a + damping I)^{-1} b`` from ``factor = cholesky_factor(a, damping)``.
+
+    ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)`` (batched like the factor).
+    The factor is of ``conj(a)``, so ``x = conj(cho_solve(L', conj(b)))``.
+    """
+    if jnp.iscomplexobj(factor):
+        return jax.scipy.linalg.cho_solve((factor, True), b.conj()).conj()
+    return jax.scipy.linalg.cho_solve((factor, True), b)
+
+
 def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
     """``(a + damping I)^{-1} b`` for Hermitian PSD ``a`` by a Cholesky factorisation.
 
     ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)`` (with ``a`` and ``b`` batched
-    over leading axes alike). A factor that is not
-    positive definite gives NaN in the result (it is never silently finite).
-    Only the upper triangle of ``a`` (``a[..., i, j]`` with ``i <= j``) is read; it
-    defines the Hermitian matrix, and what lies below the diagonal does not
-    matter (callers may leave it unset: :meth:`fishr.jacobian.LayerJacobian.gram`
-    with ``upper_only=True``). The factorisation is of ``a^T = conj(a)``: LAPACK wants a column-major
-    operand, and ``a^T`` of a row-major ``a`` is that operand without a copy,
-    whereas factoring ``a`` itself makes XLA write a transposed copy first, a
-    strided pass that cost more than the factorisation (17 of ~35 ms for
-    ``n = 1024`` in float32 on a 2-core CPU). With ``conj(a) = L' L'^H`` the
-    solution is ``x = conj(cho_solve(L', conj(b)))``.
+    over leading axes alike). Reads only the upper triangle of ``a``; a matrix
+    that is not positive definite gives NaN in the result (see :func:`cholesky_factor`).
     """
-    factor = jax.lax.linalg.cholesky(jnp.swapaxes(_add_to_diagonal(a, damping), -1, -2), symmetrize_input=False)
-    if jnp.iscomplexobj(a):
-        return jax.scipy.linalg.cho_solve((factor, True), b.conj()).conj()
-    return jax.scipy.linalg.cho_solve((factor, True), b)
+    return cholesky_factor_solve(cholesky_factor(a, damping), b)
 
 
 def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:
