@@ -21,6 +21,9 @@ after a warm-up, with min-max):
 
 Run: ``python -m benchmarks.structured_sr [--quick] [--f64]``. NetKet is optional
 (``pip install -e ".[bench]"``); without it its columns are skipped.
+``OPENBLAS_NUM_THREADS`` defaults to 1 here; ``OPENBLAS_NUM_THREADS=2 python -m
+benchmarks.structured_sr`` lets LAPACK's Cholesky (every method's) use two
+cores, faster on an idle machine and far slower on a busy one.
 """
 
 from __future__ import annotations
