@@ -69,7 +69,7 @@ import numpy as np
 import optax
 
 from fishr import distributed
-from fishr.checks import check_damping, tree_all_finite
+from fishr.checks import check_damping, damping_at, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.linalg import CGInfo, cg, cholesky_solve
 
@@ -347,7 +347,7 @@ def _branch_transform(name, solve, init_extra, make_state, damping, projection, 
 
     def update_fn(updates, state, params=None, *, branches=None, **extra_args):
         del params, extra_args
-        damping_now = damping(state.count) if callable(damping) else damping
+        damping_now = damping_at(damping, state.count)
         new_key, extra = state.key, init_extra()
         if has_branches(branches):
             matrix, new_key = _step_projection(projection, state.key, updates, branches)

@@ -1,4 +1,4 @@
-"""Argument checks shared by fishr's solvers and transforms.
+"""Argument checks (and the damping-schedule evaluation) shared by fishr's solvers and transforms.
 
 Each raises ``ValueError`` naming the argument and what was expected, at trace
 time (the values checked are Python numbers or static tree structures and
@@ -13,7 +13,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-__all__ = ["check_damping", "check_tree_matches_params", "tree_all_finite"]
+__all__ = ["check_damping", "check_tree_matches_params", "damping_at", "tree_all_finite"]
 
 
 def check_damping(damping: Any, who: str) -> None:
@@ -22,6 +22,20 @@ def check_damping(damping: Any, who: str) -> None:
         return
     if not damping >= 0:  # also rejects NaN
         raise ValueError(f"{who}: `damping` must be >= 0 or an optax schedule, got {damping!r}.")
+
+
+def damping_at(damping: Any, count: jax.Array) -> Any:
+    """The damping for step ``count``: ``damping(count)`` for an optax schedule, else ``damping``.
+
+    The transforms keep ``count`` as int32 (optax's convention); optax schedules
+    evaluated on an int32 count return float32 even with ``jax_enable_x64``, which
+    would round a float64 user's damping. The count is therefore passed as the
+    default integer type (int64 under x64), so the schedule computes in the
+    default float type.
+    """
+    if not callable(damping):
+        return damping
+    return damping(jnp.asarray(count, dtype=jax.dtypes.canonicalize_dtype(jnp.int64)))
 
 
 def check_tree_matches_params(tree: Any, params: Any, who: str, name: str = "the gradient (`updates`)") -> None:

@@ -71,7 +71,7 @@ from jax.flatten_util import ravel_pytree
 import optax
 
 from fishr import distributed
-from fishr.checks import check_damping, check_tree_matches_params, tree_all_finite
+from fishr.checks import check_damping, check_tree_matches_params, damping_at, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian
 from fishr.kfac.capture import discover_layers
@@ -510,7 +510,7 @@ def sr(
             raise ValueError("fishr.sr: `params` must be passed to update (S is evaluated at params).")
         if samples is None:
             raise ValueError("fishr.sr: `samples=` must be passed to update (the Monte Carlo samples).")
-        damping_now = damping(state.count) if callable(damping) else damping
+        damping_now = damping_at(damping, state.count)
         x0 = {"grad": None, "previous": state.previous, "zeros": optax.tree.zeros_like(updates)}[warm_start]
         x, info = sr_solve(
             log_psi_apply, updates, params, samples, damping=damping_now, mode=mode, solver=solver,

@@ -208,7 +208,7 @@ def test_transform_with_fixed_projection_and_schedule():
     state = tx.init(grad)
     for step in range(3):
         upd, state = jax.jit(tx.update)(grad, state, branches=b)
-        assert_close(flat(upd), np_natgrad(g, b, p, float(sched(jnp.int32(step))), "cholesky"))
+        assert_close(flat(upd), np_natgrad(g, b, p, float(sched(step)), "cholesky"))
     assert int(state.count) == 3 and int(state.cg_iterations) == 0
 
 

@@ -41,9 +41,20 @@ def test_damping_schedule_follows_count(problem):
     update = jax.jit(tx.update)
     for step in range(3):
         out, state = update(grad, state, params, samples=x)
-        damping_now = schedule(jnp.int32(step))  # the schedule sees the int32 count, as in the state
+        damping_now = 0.1**step  # float64: the schedule is evaluated in the default float type
         expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=damping_now, mode="sample_space")
         np.testing.assert_allclose(flat(out), flat(expected), rtol=1e-10)
+
+
+def test_schedules_are_evaluated_in_float64_under_x64():
+    # optax on the int32 count would give float32 (0.1 -> 0.10000000149...)
+    from fishr.checks import damping_at
+
+    schedule = optax.linear_schedule(0.1, 0.01, 10)
+    value = damping_at(schedule, jnp.zeros((), jnp.int32))
+    assert value.dtype == jnp.float64 and float(value) == 0.1
+    assert abs(float(damping_at(schedule, jnp.int32(3))) - 0.073) <= 1e-15
+    assert damping_at(0.25, jnp.int32(3)) == 0.25
 
 
 def test_momentum_in_transform_uses_previous_solution(problem):

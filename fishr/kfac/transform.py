@@ -29,7 +29,7 @@ import numpy as np
 import optax
 from jax import lax
 
-from fishr.checks import check_damping, check_tree_matches_params, tree_all_finite
+from fishr.checks import check_damping, check_tree_matches_params, damping_at, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.kfac import factors as F
 from fishr.kfac.capture import LayerPlan, discover_layers
@@ -195,7 +195,7 @@ def kfac(
         key, step_key = jax.random.split(state.key)
         plan, stats = F.factor_statistics(score_fn, params, batch, step_key, centre=centre, axis_name=axis_name)
         _check_plan_matches(plan, state)
-        damping_now = damping(state.count) if callable(damping) else damping
+        damping_now = damping_at(damping, state.count)
         factors = F.ema_update(state.factors, stats, ema, state.count, debias=ema_debias)
 
         if inverse_every == 1:
