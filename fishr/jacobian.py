@@ -105,8 +105,7 @@ def _sample_ranges(n: int, upper_only: bool) -> list:
     and from 1287 to 966 ms at ``n = 4096``, float32 from 575 to 440 ms at
     ``n = 4096`` (unchanged at ``n = 1024``).
     """
-    blocks = min(8, round(n / 256)) if upper_only else 1
-    blocks = max(blocks, 1)
+    blocks = max(1, min(8, round(n / 256))) if upper_only else 1
     edges = [round(b * n / blocks) for b in range(blocks + 1)]
     return list(zip(edges[:-1], edges[1:]))
 
@@ -140,9 +139,14 @@ class LinearizedJacobian:
 # --------------------------------------------------------------------------- dense rows
 
 
+def _flat_rows(rows: jax.Array) -> jax.Array:
+    """Rows ``(n, C, P)`` as the ``(n C) x P`` matrix they are."""
+    return rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[-1])
+
+
 def _rows_matvec(rows: jax.Array, v: jax.Array) -> jax.Array:
     """``rows v`` for rows ``(n, C, P)`` and a flat ``v`` ``(P,)`` -> ``(n, C)``, as one 2-D product."""
-    return (rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[-1]) @ v).reshape(rows.shape[:2])
+    return (_flat_rows(rows) @ v).reshape(rows.shape[:2])
 
 
 def _rows_rmatvec(rows: jax.Array, u: jax.Array) -> jax.Array:
@@ -151,13 +155,12 @@ def _rows_rmatvec(rows: jax.Array, u: jax.Array) -> jax.Array:
     Written ``u @ conj(rows)`` so the large operand is not transposed: inside a CG
     loop an ``einsum('ncp,nc->p')`` ran ~10x below memory bandwidth on the CPU.
     """
-    return u.reshape(-1) @ rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[-1]).conj()
+    return u.reshape(-1) @ _flat_rows(rows).conj()
 
 
 def _rows_gram(rows: jax.Array, other: Optional[jax.Array] = None) -> jax.Array:
     """``rows other^H`` (``other`` defaults to ``rows``), ``(n C) x (n' C)``."""
-    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[-1])
-    return flat(rows) @ flat(rows if other is None else other).conj().T
+    return _flat_rows(rows) @ _flat_rows(rows if other is None else other).conj().T
 
 
 def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, samples: Any, holomorphic: bool):
@@ -190,7 +193,7 @@ class DenseJacobian(NamedTuple):
 
     @property
     def flat_rows(self) -> jax.Array:
-        return self.rows.reshape(-1, self.rows.shape[-1])
+        return _flat_rows(self.rows)
 
     def matvec_flat(self, v: jax.Array) -> jax.Array:
         return _rows_matvec(self.rows, v)

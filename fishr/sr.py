@@ -220,8 +220,13 @@ def _build_jacobian(structured, log_psi_apply, params, samples, holomorphic, axi
     return DenseJacobian.build(one_sample, params, samples, holomorphic, axis_name, mean_fn)
 
 
+def _residual(s_matvec, b, x, damping):
+    """``b - (S + damping) x``."""
+    return optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
+
+
 def _residual_info(s_matvec, b, x, damping) -> CGInfo:
-    r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
+    r = _residual(s_matvec, b, x, damping)
     return CGInfo(iterations=jnp.int32(0), residual_norm=jnp.sqrt(tree_inner(r, r)))
 
 
@@ -276,14 +281,10 @@ def _solve_sample_space(jac, b, damping):
     def s_matvec(v):
         return optax.tree.scale(1.0 / n_total, jac.rmatvec(jac.matvec(v)))
 
-    def residual(x):
-        return optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
-
     x = woodbury(b)
     if _single_precision(b):
-        x = optax.tree.add(x, woodbury(residual(x)))
-    r = residual(x)
-    return x, CGInfo(iterations=jnp.int32(0), residual_norm=jnp.sqrt(tree_inner(r, r)))
+        x = optax.tree.add(x, woodbury(_residual(s_matvec, b, x, damping)))
+    return x, _residual_info(s_matvec, b, x, damping)
 
 
 def _single_precision(tree) -> bool:
