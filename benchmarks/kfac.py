@@ -28,18 +28,16 @@ the whole data set after ``train_steps`` steps.
 kfac-jax is optional (0.0.8 needs jax 0.9.1): if it cannot be imported its row
 is skipped with the reason. Run ``python -m benchmarks.kfac [--full]``; set
 ``OPENBLAS_NUM_THREADS=1`` in the environment when calling :func:`run` from a
-process that imported NumPy already (see the note at the imports).
+process that imported NumPy already (``benchmarks/__init__.py`` sets it, which
+takes effect only before NumPy is loaded).
 """
 
 from __future__ import annotations
 
-import os
-
-# One OpenBLAS thread: on a busy 2-core machine, OpenBLAS's threaded small LAPACK calls (the
-# 129 x 129 Cholesky solves of every K-FAC method here) run up to 100x slower than
-# single-threaded ones. Takes effect when this module is imported before NumPy; it applies to
-# all three optimizers alike.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# One OpenBLAS thread (benchmarks/__init__.py sets it before this module runs): on a busy
+# 2-core machine, OpenBLAS's threaded small LAPACK calls (the 129 x 129 Cholesky solves of
+# every K-FAC method here) run up to 100x slower than single-threaded ones; it applies to all
+# three optimizers alike.
 
 import argparse
 import json

@@ -21,7 +21,7 @@ after a warm-up, with min-max):
 
 Run: ``python -m benchmarks.structured_sr [--quick] [--f64]``. NetKet is optional
 (``pip install -e ".[bench]"``); without it its columns are skipped.
-``OPENBLAS_NUM_THREADS`` defaults to 1 here; ``OPENBLAS_NUM_THREADS=2 python -m
+``OPENBLAS_NUM_THREADS`` defaults to 1 (``benchmarks/__init__.py``); ``OPENBLAS_NUM_THREADS=2 python -m
 benchmarks.structured_sr`` lets LAPACK's Cholesky (every method's) use two
 cores, faster on an idle machine and far slower on a busy one.
 """
@@ -35,11 +35,10 @@ import sys
 import time
 from functools import partial
 
-# Threaded OpenBLAS makes the N x N Cholesky (LAPACK, used by every exact
-# sample-space method here) up to ~70x slower on a loaded 2-core machine.
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import numpy as np  # noqa: E402
+# OPENBLAS_NUM_THREADS defaults to 1 (benchmarks/__init__.py): threaded OpenBLAS makes the
+# N x N Cholesky (LAPACK, used by every exact sample-space method here) up to ~70x slower
+# on a loaded 2-core machine.
+import numpy as np
 
 GRID_QUICK = [(1024, (16, 64, 64))]
 GRID_FULL = [(1024, (16, 64, 64)), (4096, (16, 64, 64)), (1024, (32, 200, 200)), (4096, (32, 200, 200))]
