@@ -57,6 +57,19 @@ def test_cholesky_solve_reads_only_the_upper_triangle(complex_):
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(60), b), rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cholesky_factor_is_the_factor_of_conj_a_and_is_reusable(complex_):
+    a = _spd(40, complex_, seed=16)
+    factor = np.asarray(linalg.cholesky_factor(jnp.asarray(a), 0.3))
+    np.testing.assert_array_equal(np.triu(factor, 1), 0)  # lower triangular
+    np.testing.assert_allclose(factor @ factor.conj().T, np.conj(a) + 0.3 * np.eye(40), atol=1e-12)
+    rng = np.random.default_rng(17)
+    for _ in range(2):  # one factor, several right-hand sides
+        b = rng.normal(size=40) + (1j * rng.normal(size=40) if complex_ else 0)
+        x = linalg.cholesky_factor_solve(jnp.asarray(factor), jnp.asarray(b))
+        np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(40), b), rtol=1e-10)
+
+
 def test_cg_matches_solve_and_reports_diagnostics():
     a = _spd(40, seed=5)
     b = np.random.default_rng(6).normal(size=40)
