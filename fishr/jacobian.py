@@ -11,7 +11,8 @@ and imaginary parts of a complex ``log psi`` of real parameters).
   equivalently ``O^H (u - mean_i u_i)``, so centring costs nothing extra;
 
 and the two that hold the statistics of the whole batch also offer
-``gram() = Obar Obar^H`` (``(n C) x (n C)``) and ``gather()``.
+``gram() = Obar Obar^H`` (``(n C) x (n C)``), ``gram_tiles()`` (its tiles on and
+below the diagonal, for :func:`fishr.linalg.tiled_cholesky_factor`) and ``gather()``.
 
 :class:`LinearizedJacobian`
     ``jax.linearize`` of the batched scores and its transpose (no Jacobian is
@@ -78,36 +79,55 @@ def _centre_block(k4: jax.Array, r_i: jax.Array, r_j: jax.Array, s: jax.Array) -
     return k4 - row - col + s[None, :, None, :]
 
 
+def _sample_ranges(n: int, c: int, max_ranges: Optional[int] = None) -> list:
+    """Ranges of the sample index that the kernel is computed (and factored) in.
+
+    ``round(n C / 256)`` near-equal ranges (at least one, at most ``max_ranges``),
+    so that a tile of the kernel has about 256 rows (more when capped).
+
+    * The tiles of :func:`fishr.linalg.tiled_cholesky_factor` (no cap): 256-row
+      tiles ran the float32 factorisation at ``n = 4096`` in 294 ms, 512-row
+      ones in 343 ms (LAPACK on the whole matrix: 420 to 540 ms).
+    * The kernel assembled above the diagonal for LAPACK (cap 8): a tile of every
+      layer's two Gram matrices stays in cache for their Hadamard product, and
+      about half the products are saved. On the 2-core CPU of
+      ``benchmarks/structured_sr.py`` (MLP 16-64-64-1) the float64 solve went
+      from 53 to 25 ms at ``n = 1024`` and from 1287 to 966 ms at ``n = 4096``
+      against the kernel computed whole; at ``n = 4096``, 16 ranges instead of
+      8 cost another 6%.
+    """
+    blocks = max(1, round(n * c / 256))
+    if max_ranges is not None:
+        blocks = min(blocks, max_ranges)
+    edges = [round(b * n / blocks) for b in range(blocks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+
+
 def _assemble_kernel(n: int, c: int, upper_only: bool, block: Callable[[int, int, int, int], jax.Array]) -> jax.Array:
     """The ``(n C) x (n C)`` kernel from ``block(i0, i1, j0, j1)``, its rows for samples
-    ``i0:i1`` and columns for samples ``j0:j1``, over :func:`_sample_ranges`; zeros
-    below the diagonal blocks when ``upper_only``."""
-    ranges = _sample_ranges(n, upper_only)
+    ``i0:i1`` and columns for samples ``j0:j1``: computed whole, or with ``upper_only``
+    over the tiles of :func:`_sample_ranges` on and above the diagonal, with zeros below
+    (for :func:`fishr.linalg.cholesky_factor`, which reads only the upper triangle)."""
+    ranges = _sample_ranges(n, c, 8 if upper_only else 1)
     rows = []
     for b, (i0, i1) in enumerate(ranges):
-        row = [block(i0, i1, j0, j1) for j0, j1 in (ranges[b:] if upper_only else ranges)]
-        if upper_only and i0:
+        row = [block(i0, i1, j0, j1) for j0, j1 in ranges[b:]]
+        if i0:
             row.insert(0, jnp.zeros(((i1 - i0) * c, i0 * c), row[0].dtype))
         rows.append(jnp.concatenate(row, axis=1) if len(row) > 1 else row[0])
     return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
 
-def _sample_ranges(n: int, upper_only: bool) -> list:
-    """Ranges of the sample index that :meth:`LayerJacobian.gram` computes the kernel in.
+def _kernel_tiles(n: int, c: int, block: Callable[[int, int, int, int], jax.Array]) -> tuple:
+    """The tiles on and below the diagonal of the ``(n C) x (n C)`` kernel.
 
-    One range for the full kernel. With ``upper_only`` the samples are split into
-    ``min(8, round(n / 256))`` near-equal ranges and only the blocks on and above
-    the diagonal are computed, ``(nb + 1) / (2 nb)`` of the products (5/8 for
-    ``n = 1024``, 9/16 for ``n = 4096``). Besides the products saved, blocks of
-    256 to 512 samples stay in cache between a layer's two Gram matrices and
-    their Hadamard product: on the 2-core CPU of ``benchmarks/structured_sr.py``
-    (MLP 16-64-64-1) the float64 solve went from 53 to 25 ms at ``n = 1024``
-    and from 1287 to 966 ms at ``n = 4096``, float32 from 575 to 440 ms at
-    ``n = 4096`` (unchanged at ``n = 1024``).
+    ``block(i0, i1, j0, j1)`` is the kernel's block for the rows of samples ``i0:i1``
+    and the columns of samples ``j0:j1``; tile ``[i][j]`` (``j <= i``) is that block
+    for ranges ``i`` and ``j`` of :func:`_sample_ranges`, the layout of
+    :func:`fishr.linalg.tiled_cholesky_factor`.
     """
-    blocks = max(1, min(8, round(n / 256))) if upper_only else 1
-    edges = [round(b * n / blocks) for b in range(blocks + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    ranges = _sample_ranges(n, c)
+    return tuple(tuple(block(i0, i1, j0, j1) for j0, j1 in ranges[: b + 1]) for b, (i0, i1) in enumerate(ranges))
 
 
 # --------------------------------------------------------------------------- linearised
@@ -210,7 +230,15 @@ class DenseJacobian(NamedTuple):
     def gram(self, upper_only: bool = False) -> jax.Array:
         """``Obar Obar^H``; ``upper_only`` as in :meth:`LayerJacobian.gram`."""
         n, c = self.rows.shape[:2]
-        return _assemble_kernel(n, c, upper_only, lambda i0, i1, j0, j1: _rows_gram(self.rows[i0:i1], self.rows[j0:j1]))
+        return _assemble_kernel(n, c, upper_only, self._block)
+
+    def _block(self, i0: int, i1: int, j0: int, j1: int) -> jax.Array:
+        return _rows_gram(self.rows[i0:i1], self.rows[j0:j1])
+
+    def gram_tiles(self) -> tuple:
+        """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`_kernel_tiles`)."""
+        n, c = self.rows.shape[:2]
+        return _kernel_tiles(n, c, self._block)
 
     def gather(self) -> "DenseJacobian":
         return DenseJacobian(distributed.all_gather_batch(self.rows, self.axis_name), self.unravel, None)
@@ -329,11 +357,22 @@ class LayerJacobian(NamedTuple):
     def gram(self, upper_only: bool = False) -> jax.Array:
         """Centred kernel ``Obar Obar^H``, ``(n C) x (n C)``, per layer the cheaper of two exact forms.
 
-        ``upper_only=True`` computes only the blocks on and above the diagonal
-        (over ranges of samples, :func:`_sample_ranges`) and leaves zeros below:
-        for :func:`fishr.linalg.cholesky_solve`, which reads only the upper triangle.
+        ``upper_only=True`` computes only the tiles on and above the diagonal
+        (:func:`_sample_ranges`) and leaves zeros below: for
+        :func:`fishr.linalg.cholesky_factor`, which reads only the upper triangle.
         """
         n, c = self.rest.shape[:2]
+        return _assemble_kernel(n, c, upper_only, self._centred_block_fn())
+
+    def gram_tiles(self) -> tuple:
+        """The tiles of the centred kernel on and below the diagonal (:func:`_kernel_tiles`),
+        for :func:`fishr.linalg.tiled_cholesky_factor`; nothing above them is computed."""
+        n, c = self.rest.shape[:2]
+        return _kernel_tiles(n, c, self._centred_block_fn())
+
+    def _centred_block_fn(self) -> Callable[[int, int, int, int], jax.Array]:
+        """``(i0, i1, j0, j1) ->`` the centred kernel's block for samples ``i0:i1`` x ``j0:j1``."""
+        c = self.rest.shape[1]
         r = self._row_means()
         s = r.mean(axis=0)
         factors = self._kernel_factors()
@@ -342,7 +381,7 @@ class LayerJacobian(NamedTuple):
             k4 = self._uncentred_block(factors, slice(i0, i1), slice(j0, j1))
             return _centre_block(k4, r[i0:i1], r[j0:j1], s).reshape((i1 - i0) * c, (j1 - j0) * c)
 
-        return _assemble_kernel(n, c, upper_only, block)
+        return block
 
     def _kernel_factors(self) -> list:
         """Per layer, what its kernel blocks are products of (see :meth:`_uncentred_block`)."""

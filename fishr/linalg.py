@@ -6,6 +6,9 @@
 * :func:`cholesky_solve`: ``(A + damping I)^{-1} B`` for a dense Hermitian PSD
   matrix by one Cholesky factorisation (:func:`cholesky_factor` and
   :func:`cholesky_factor_solve` when the factor is reused).
+* :func:`tiled_cholesky_factor` / :func:`tiled_cholesky_factor_solve`: the same
+  for a matrix given as tiles (its blocks on and below the diagonal), factored
+  tile by tile so that the work is many independent matrix products.
 * :func:`psd_inverse`: the explicit damped inverse by Cholesky or by ``eigh``.
 * :func:`trace_damping` / :func:`pi_damping`: the diagonal shifts used by
   Kronecker-factored methods.
@@ -17,7 +20,7 @@ caller can detect the bad step with ``optax.apply_if_finite`` or its own check.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -31,6 +34,8 @@ __all__ = [
     "cholesky_factor",
     "cholesky_factor_solve",
     "cholesky_solve",
+    "tiled_cholesky_factor",
+    "tiled_cholesky_factor_solve",
     "psd_inverse",
     "trace_damping",
     "pi_damping",
@@ -181,6 +186,92 @@ def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
     that is not positive definite gives NaN in the result (see :func:`cholesky_factor`).
     """
     return cholesky_factor_solve(cholesky_factor(a, damping), b)
+
+
+Tiles = tuple  # tuple of tuples: tiles[i][j], j <= i, the (i, j) block of a lower block triangle
+
+
+def tiled_cholesky_factor(tiles: Sequence[Sequence[jax.Array]], damping=0.0) -> Tiles:
+    r"""The Cholesky factor, by tiles, of a Hermitian PSD matrix given by its lower tiles.
+
+    ``tiles[i][j]`` for ``j <= i`` is the block of ``A`` with the rows of range ``i``
+    and the columns of range ``j`` (ranges of any sizes, the same for rows and
+    columns); the blocks above the diagonal are ``A_ji^H`` and are not passed.
+    Of a diagonal tile only the upper triangle is read (:func:`cholesky_factor`).
+    Returns the lower tiles ``L[i][j]`` of ``A + damping I = L L^H``.
+
+    Right-looking, one tile column ``k`` at a time:
+
+        L_kk = chol(A_kk),   L_ik = A_ik L_kk^{-H}  (i > k),   A_ij -= L_ik L_jk^H  (i >= j > k),
+
+    where ``L_kk^{-H}`` is formed once per column (a triangular solve against the
+    identity), so that everything but the ``nb`` small diagonal factorisations
+    is a matrix product of two tiles. For ``nb`` tiles that is about
+    ``nb^3 / 6`` independent products, which XLA runs on all cores at once,
+    whereas LAPACK's factorisation of the assembled ``n x n`` matrix runs on one
+    core. On the 2-core CPU of ``benchmarks/structured_sr.py`` (jax 0.9.1,
+    float32, ``n = 4096``, tiles of 256) the factorisation and solve took 290 to
+    310 ms against 420 to 540 ms for LAPACK on the whole matrix; in float64,
+    where XLA's matrix product is slower than OpenBLAS's, the two are level.
+
+    A tile column that is not positive definite after damping gives NaN in its
+    factor and in every tile computed from it, so a solve with the factor is NaN
+    (never silently finite).
+    """
+    nb = len(tiles)
+    for i, row in enumerate(tiles):
+        if len(row) != i + 1:
+            raise ValueError(f"tiled_cholesky_factor: `tiles[{i}]` must hold the {i + 1} tiles on and below the "
+                             f"diagonal of row {i}, got {len(row)}.")
+    work = {(i, j): tiles[i][j] for i in range(nb) for j in range(i + 1)}
+    out = {}
+    for k in range(nb):
+        lkk = cholesky_factor(work[(k, k)], damping).conj()  # cholesky_factor factors conj(A_kk)
+        out[(k, k)] = lkk
+        if k + 1 == nb:
+            break
+        inv_h = lax.linalg.triangular_solve(lkk, jnp.eye(lkk.shape[0], dtype=lkk.dtype), left_side=True,
+                                            lower=True).conj().T  # L_kk^{-H}
+        for i in range(k + 1, nb):
+            out[(i, k)] = work[(i, k)] @ inv_h
+        for i in range(k + 1, nb):
+            for j in range(k + 1, i + 1):
+                work[(i, j)] = work[(i, j)] - out[(i, k)] @ out[(j, k)].conj().T
+    return tuple(tuple(out[(i, j)] for j in range(i + 1)) for i in range(nb))
+
+
+def tiled_cholesky_factor_solve(factor: Tiles, b: jax.Array) -> jax.Array:
+    """``(A + damping I)^{-1} b`` from ``factor = tiled_cholesky_factor(tiles, damping)``.
+
+    ``b`` is a vector ``(n,)`` or a matrix ``(n, k)`` split into the tiles' row
+    ranges; forward substitution ``L y = b`` then back substitution
+    ``L^H x = y``, a tile at a time.
+    """
+    sizes = [row[-1].shape[0] for row in factor]
+    if b.shape[0] != sum(sizes):
+        raise ValueError(f"tiled_cholesky_factor_solve: `b` must have {sum(sizes)} rows (the factor's), "
+                         f"got shape {b.shape}.")
+    vector = b.ndim == 1
+    rhs = (b[:, None] if vector else b).astype(jnp.result_type(b, factor[0][0]))
+    edges = [0]
+    for size in sizes:
+        edges.append(edges[-1] + size)
+    nb = len(factor)
+    y = []
+    for i in range(nb):
+        r = rhs[edges[i]:edges[i + 1]]
+        for k in range(i):
+            r = r - factor[i][k] @ y[k]
+        y.append(lax.linalg.triangular_solve(factor[i][i], r, left_side=True, lower=True))
+    x = [None] * nb
+    for i in reversed(range(nb)):
+        r = y[i]
+        for k in range(i + 1, nb):
+            r = r - (x[k].conj().T @ factor[k][i]).conj().T  # L_ki^H x_k, without transposing the tile
+        x[i] = lax.linalg.triangular_solve(factor[i][i], r, left_side=True, lower=True, transpose_a=True,
+                                           conjugate_a=True)
+    out = jnp.concatenate(x, axis=0) if nb > 1 else x[0]
+    return out[:, 0] if vector else out
 
 
 def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:

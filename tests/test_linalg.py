@@ -70,6 +70,66 @@ def test_cholesky_factor_is_the_factor_of_conj_a_and_is_reusable(complex_):
         np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(40), b), rtol=1e-10)
 
 
+def _tiles(a, sizes):
+    edges = np.cumsum([0] + list(sizes))
+    return [[jnp.asarray(a[edges[i]:edges[i + 1], edges[j]:edges[j + 1]]) for j in range(i + 1)]
+            for i in range(len(sizes))]
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("sizes", [(45,), (7, 13, 10, 15)], ids=["one_tile", "uneven_tiles"])
+def test_tiled_cholesky_factor_and_solve(complex_, sizes):
+    n = sum(sizes)
+    a = _spd(n, complex_, seed=20)
+    factor = linalg.tiled_cholesky_factor(_tiles(a, sizes), 0.3)
+    # the factor's tiles are the blocks of the lower-triangular L with L L^H = a + 0.3 I
+    edges = np.cumsum([0] + list(sizes))
+    full = np.zeros((n, n), a.dtype)
+    for i, row in enumerate(factor):
+        for j, tile in enumerate(row):
+            full[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = np.asarray(tile)
+    np.testing.assert_array_equal(np.triu(full, 1), 0)
+    np.testing.assert_allclose(full @ full.conj().T, a + 0.3 * np.eye(n), atol=1e-12)
+    rng = np.random.default_rng(21)
+    b = rng.normal(size=(n, 3)) + (1j * rng.normal(size=(n, 3)) if complex_ else 0)
+    expected = np.linalg.solve(a + 0.3 * np.eye(n), b)
+    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_factor_solve(factor, jnp.asarray(b))), expected,
+                               rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_factor_solve(factor, jnp.asarray(b[:, 0]))),
+                               expected[:, 0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_tiled_cholesky_reads_only_the_upper_triangle_of_diagonal_tiles(complex_):
+    sizes = (9, 11, 10)
+    a = _spd(30, complex_, seed=22)
+    tiles = _tiles(a, sizes)
+    for i in range(3):
+        d = np.asarray(tiles[i][i]).copy()
+        d[np.tril_indices(sizes[i], -1)] = np.nan
+        tiles[i][i] = jnp.asarray(d)
+    b = np.random.default_rng(23).normal(size=30)
+    x = linalg.tiled_cholesky_factor_solve(linalg.tiled_cholesky_factor(tiles, 0.1), jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(30), b), rtol=1e-10)
+
+
+def test_tiled_cholesky_not_positive_definite_gives_nan_everywhere():
+    a = _spd(30, seed=24)
+    a[12, 12] = -5.0  # in the second of three tiles
+    x = linalg.tiled_cholesky_factor_solve(linalg.tiled_cholesky_factor(_tiles(a, (10, 10, 10))), jnp.ones(30))
+    assert np.isnan(np.asarray(x)).all()
+
+
+def test_tiled_cholesky_rejects_bad_input():
+    a = _spd(20, seed=25)
+    tiles = _tiles(a, (10, 10))
+    with pytest.raises(ValueError, match=r"`tiles\[1\]` must hold the 2 tiles"):
+        linalg.tiled_cholesky_factor([tiles[0], tiles[1][:1]])
+    factor = linalg.tiled_cholesky_factor(tiles)
+    with pytest.raises(ValueError, match="`b` must have 20 rows"):
+        linalg.tiled_cholesky_factor_solve(factor, jnp.ones(19))
+
+
 def test_cg_matches_solve_and_reports_diagnostics():
     a = _spd(40, seed=5)
     b = np.random.default_rng(6).normal(size=40)

@@ -84,11 +84,12 @@ def test_layer_products_and_kernel_equal_explicit_rows(name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "per_position", "complex_out"])
-def test_upper_kernel_blocks(name):
-    """``gram(upper_only=True)``: the blocks on and above the diagonal, zeros below.
+def test_kernel_tiles_and_upper_kernel(name):
+    """``gram_tiles()`` and ``gram(upper_only=True)`` against the full kernel.
 
-    n = 650 samples make three uneven sample ranges (217, 216, 217); the upper
-    triangle, which is all that the Cholesky solve reads, equals the full kernel's.
+    n = 650 samples make uneven sample ranges (three of 217, 216, 217 for one
+    component); the tiles on and below the diagonal, and the upper triangle that
+    the LAPACK path reads (zeros below its tiles), equal the full kernel's.
     """
     n = 650
     log_psi, params, x, grad, holo = _case(name, n=n)
@@ -97,15 +98,53 @@ def test_upper_kernel_blocks(name):
     dense = sr_mod._build_jacobian(False, log_psi, params, x, holo, None)
     full = np.asarray(dense.gram())
     c = full.shape[0] // n
-    ranges = jac_mod._sample_ranges(n, True)
-    assert [j - i for i, j in ranges] == [217, 216, 217]
-    below = np.zeros(full.shape, bool)  # strictly below the diagonal blocks
-    for i0, i1 in ranges:
+    tol = dict(rtol=1e-10, atol=1e-10 * np.abs(full).max())
+    ranges = jac_mod._sample_ranges(n, c)
+    assert len(ranges) == round(n * c / 256) and sum(j - i for i, j in ranges) == n
+    if c == 1:
+        assert [j - i for i, j in ranges] == [217, 216, 217]
+    for jac in (layer, dense):
+        tiles = jac.gram_tiles()
+        assert [len(row) for row in tiles] == list(range(1, len(ranges) + 1))
+        for a, (i0, i1) in enumerate(ranges):
+            for b, (j0, j1) in enumerate(ranges[: a + 1]):
+                np.testing.assert_allclose(tiles[a][b], full[i0 * c:i1 * c, j0 * c:j1 * c], **tol)
+    upper_ranges = jac_mod._sample_ranges(n, c, 8)
+    below = np.zeros(full.shape, bool)  # strictly below the diagonal tiles
+    for i0, i1 in upper_ranges:
         below[i0 * c:i1 * c, :i0 * c] = True
     for jac in (layer, dense):
         upper = np.asarray(jac.gram(upper_only=True))
         np.testing.assert_array_equal(upper[below], 0)
-        np.testing.assert_allclose(upper[~below], full[~below], rtol=1e-10, atol=1e-10 * np.abs(full).max())
+        np.testing.assert_allclose(upper[~below], full[~below], **tol)
+
+
+def test_sample_ranges_rule():
+    assert jac_mod._sample_ranges(100, 1) == [(0, 100)]
+    assert len(jac_mod._sample_ranges(4096, 1)) == 16 and len(jac_mod._sample_ranges(4096, 1, 8)) == 8
+    assert len(jac_mod._sample_ranges(4096, 2)) == 32 and len(jac_mod._sample_ranges(4096, 1, 1)) == 1
+
+
+@pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
+@pytest.mark.parametrize("jacobian", ["structured", "generic"])
+def test_tiled_and_assembled_kernel_factors_agree(monkeypatch, name, jacobian):
+    """The sample-space solve by tiles (the CPU's single-precision path) and by LAPACK on
+    the assembled kernel (every other case) give the same update to 1e-10 in float64."""
+    sr_mod = importlib.import_module("fishr.sr")
+    log_psi, params, x, grad, holo = _case(name, n=650)
+    out = {}
+    for tiled in (True, False):
+        monkeypatch.setattr(sr_mod, "_tiled_factor_pays", lambda single_precision, tiled=tiled: tiled)
+        out[tiled], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
+                                          holomorphic=holo, jacobian=jacobian)
+        assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
+    assert rel_err(flat(out[True]), flat(out[False])) <= 1e-10
+
+
+def test_tiled_factor_is_the_single_precision_cpu_choice():
+    sr_mod = importlib.import_module("fishr.sr")
+    assert sr_mod._tiled_factor_pays(True) == (jax.default_backend() == "cpu")
+    assert not sr_mod._tiled_factor_pays(False)
 
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
