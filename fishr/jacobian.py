@@ -79,6 +79,11 @@ def _centre_block(k4: jax.Array, r_i: jax.Array, r_j: jax.Array, s: jax.Array) -
     return k4 - row - col + s[None, :, None, :]
 
 
+def _single(dtype) -> Any:
+    """The single-precision dtype of ``dtype``'s kind (complex64 or float32)."""
+    return jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
+
+
 def _sample_ranges(n: int, c: int, max_ranges: Optional[int] = None) -> list:
     """Ranges of the sample index that the kernel is computed (and factored) in.
 
@@ -239,6 +244,10 @@ class DenseJacobian(NamedTuple):
         """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`_kernel_tiles`)."""
         n, c = self.rows.shape[:2]
         return _kernel_tiles(n, c, self._block)
+
+    def single_precision(self) -> "DenseJacobian":
+        """The same rows rounded to single precision (for a preconditioning factor)."""
+        return self._replace(rows=self.rows.astype(_single(self.rows.dtype)))
 
     def gather(self) -> "DenseJacobian":
         return DenseJacobian(distributed.all_gather_batch(self.rows, self.axis_name), self.unravel, None)
@@ -431,6 +440,12 @@ class LayerJacobian(NamedTuple):
         columns = [self._uncentred_matvec(self._uncentred_rmatvec(jnp.zeros((n, c), dtype).at[:, comp].set(1.0 / n)))
                    for comp in range(c)]
         return jnp.stack(columns, axis=-1)
+
+    def single_precision(self) -> "LayerJacobian":
+        """The same statistics rounded to single precision (for a preconditioning factor)."""
+        single = lambda x: x.astype(_single(x.dtype))
+        return self._replace(a=tuple(map(single, self.a)), d=tuple(map(single, self.d)), rest=single(self.rest),
+                             dtypes=tuple(_single(dt) for dt in self.dtypes))
 
     def gather(self) -> "LayerJacobian":
         gather = lambda x: distributed.all_gather_batch(x, self.axis_name)

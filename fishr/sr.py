@@ -38,6 +38,8 @@ Modes (``mode=``)
     ``log psi`` of real parameters). Cheapest when ``N << P``. When
     ``g = Obar^H e / N`` (the VMC energy gradient) this is MinSR:
     ``x = Obar^H (Obar Obar^H + N damping I)^{-1} e``. Needs ``damping > 0``.
+    The factorisation runs by tiles in single precision on the CPU (all cores)
+    and by LAPACK on the assembled kernel otherwise (see :func:`_kernel_solver`).
     In single precision one step of iterative refinement (reusing the factor)
     recovers the digits that the subtraction cancels.
     With several devices the centred Jacobian rows of all samples are gathered
@@ -67,6 +69,7 @@ from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 from jax.flatten_util import ravel_pytree
 import optax
 
@@ -75,8 +78,8 @@ from fishr.checks import check_damping, check_tree_matches_params, damping_at, t
 from fishr.distributed import AxisName
 from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian
 from fishr.kfac.capture import discover_layers
-from fishr.linalg import (CGInfo, cg, cholesky_factor, cholesky_factor_solve, cholesky_solve, tiled_cholesky_factor,
-                          tiled_cholesky_factor_solve, tree_inner)
+from fishr.linalg import (CGInfo, cg, cholesky_factor, cholesky_factor_solve, cholesky_solve, mixed_precision_refine,
+                          tiled_cholesky_factor, tiled_cholesky_factor_solve, tiled_inf_norm, tree_inner)
 
 __all__ = [
     "MODES",
@@ -276,7 +279,7 @@ def _solve_sample_space(jac, b, damping):
 
     def woodbury(rhs):
         u = jac.matvec(rhs)  # (N, C)
-        y = kernel_solve(u.reshape(-1)).reshape(u.shape)
+        y = kernel_solve(u)
         return optax.tree.scale(1.0 / damping, optax.tree.sub(rhs, jac.rmatvec(y)))
 
     def s_matvec(v):
@@ -289,28 +292,59 @@ def _solve_sample_space(jac, b, damping):
 
 
 def _kernel_solver(jac, shift, single_precision: bool) -> Callable[[jax.Array], jax.Array]:
-    """``u -> (Obar Obar^H + shift I)^{-1} u`` by one Cholesky factorisation of the kernel.
+    """``u -> (Obar Obar^H + shift I)^{-1} u`` (``u`` of shape ``(N, C)``) by a Cholesky factorisation.
 
-    Two ways to the same factor, by what is faster where:
+    By what is fastest where (:func:`_kernel_factorisation`):
 
-    * on the CPU in single precision, by tiles (:meth:`gram_tiles` and
-      :func:`fishr.linalg.tiled_cholesky_factor`): the tile products run on all
-      cores, where LAPACK factors the whole matrix on one (``n = 4096``,
-      float32, 2-core CPU: the whole solve 498 -> 382 ms);
-    * otherwise on the kernel assembled above the diagonal (``gram(upper_only=True)``)
-      by LAPACK (or the accelerator's solver): XLA's float64 matrix product on the
-      CPU is slower than OpenBLAS's, and the tiled float64 solve took 1.16x as long.
+    * ``"tiled"`` (single precision on the CPU): the kernel's tiles
+      (:meth:`gram_tiles`) factored by :func:`fishr.linalg.tiled_cholesky_factor`,
+      whose tile products run on all cores where LAPACK factors a whole matrix on
+      one (``N = 4096``, float32, 2-core CPU: the whole solve 498-521 -> 382-404 ms).
+    * ``"mixed"`` (double precision on the CPU): the same tiled factor of the
+      kernel rounded to single precision, refined in double precision with the
+      exact kernel products ``Obar (Obar^H y)`` (:func:`fishr.linalg.mixed_precision_refine`,
+      LAPACK ``dsposv``'s scheme and stopping test), which gives the accuracy of a
+      double-precision Cholesky solve. If the refinement does not converge
+      (``cond(K + shift) * 6e-8`` near 1 or above, or a failed single-precision
+      factor), the double-precision path below runs instead (``lax.cond``: only one
+      branch runs, except under ``vmap``, where both do).
+    * ``"lapack"`` (accelerators; the CPU fallback): LAPACK (or the accelerator's
+      solver) on the double- or single-precision kernel assembled above the
+      diagonal (``gram(upper_only=True)``).
     """
-    if _tiled_factor_pays(single_precision):
+    kind = _kernel_factorisation(single_precision)
+
+    def direct(u):
+        return cholesky_factor_solve(cholesky_factor(jac.gram(upper_only=True), shift), u.reshape(-1)).reshape(u.shape)
+
+    if kind == "lapack":
+        return direct
+    if kind == "tiled":
         factor = tiled_cholesky_factor(jac.gram_tiles(), shift)
-        return lambda u: tiled_cholesky_factor_solve(factor, u)
-    factor = cholesky_factor(jac.gram(upper_only=True), shift)
-    return lambda u: cholesky_factor_solve(factor, u)
+        return lambda u: tiled_cholesky_factor_solve(factor, u.reshape(-1)).reshape(u.shape)
+    low = jac.single_precision()
+    tiles = low.gram_tiles()
+    factor = tiled_cholesky_factor(tiles, shift)
+    a_norm = tiled_inf_norm(tiles) + shift
+
+    def solve(u):
+        def matvec(y):
+            y = y.reshape(u.shape)
+            return (jac.matvec(jac.rmatvec(y)) + shift * y).reshape(-1)
+
+        x, converged, _ = mixed_precision_refine(
+            matvec, lambda r: tiled_cholesky_factor_solve(factor, r.astype(factor[0][0].dtype)), u.reshape(-1), a_norm)
+        return lax.cond(converged, lambda u: x.reshape(u.shape), direct, u)
+
+    return solve
 
 
-def _tiled_factor_pays(single_precision: bool) -> bool:
-    """Whether :func:`_kernel_solver` factors by tiles: single precision on the CPU."""
-    return single_precision and jax.default_backend() == "cpu"
+def _kernel_factorisation(single_precision: bool) -> str:
+    """How :func:`_kernel_solver` factors the kernel: ``"tiled"`` (single precision
+    on the CPU), ``"mixed"`` (double precision on the CPU) or ``"lapack"`` (elsewhere)."""
+    if jax.default_backend() != "cpu":
+        return "lapack"
+    return "tiled" if single_precision else "mixed"
 
 
 def _single_precision(tree) -> bool:

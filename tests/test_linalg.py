@@ -130,6 +130,51 @@ def test_tiled_cholesky_rejects_bad_input():
         linalg.tiled_cholesky_factor_solve(factor, jnp.ones(19))
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_tiled_inf_norm(complex_):
+    sizes = (9, 11, 10)
+    a = _spd(30, complex_, seed=26)
+    tiles = _tiles(a, sizes)
+    d = np.asarray(tiles[1][1]).copy()
+    d[np.tril_indices(11, -1)] = np.nan  # only the upper triangle of a diagonal tile is read
+    tiles[1][1] = jnp.asarray(d)
+    np.testing.assert_allclose(float(linalg.tiled_inf_norm(tiles)), np.abs(a).sum(axis=1).max(), rtol=1e-13)
+
+
+def _float32_solver(a):
+    factor = linalg.cholesky_factor(jnp.asarray(a).astype(jnp.complex64 if np.iscomplexobj(a) else jnp.float32))
+    return lambda r: linalg.cholesky_factor_solve(factor, r.astype(factor.dtype))
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_mixed_precision_refine_reaches_float64_accuracy(complex_):
+    a = _spd(200, complex_, seed=27)
+    rng = np.random.default_rng(28)
+    b = rng.normal(size=200) + (1j * rng.normal(size=200) if complex_ else 0)
+    x, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, _float32_solver(a), jnp.asarray(b),
+                                                    np.abs(a).sum(axis=1).max())
+    expected = np.linalg.solve(a, b)
+    assert bool(converged) and 1 <= int(k) <= 10
+    assert x.dtype == b.dtype
+    assert np.linalg.norm(np.asarray(x) - expected) <= 1e-13 * np.linalg.norm(expected)
+    unrefined = np.asarray(_float32_solver(a)(jnp.asarray(b)))
+    assert np.linalg.norm(unrefined - expected) > 1e-9 * np.linalg.norm(expected)  # float32 alone is not enough
+
+
+def test_mixed_precision_refine_reports_failure():
+    a = _spd(50, seed=29)
+    b = jnp.ones(50)
+    norm = np.abs(a).sum(axis=1).max()
+    # a failed low-precision factor (NaN): stops at once, not converged
+    _, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, lambda r: r * jnp.nan, b, norm)
+    assert not bool(converged) and int(k) == 0
+    # an approximate inverse too rough to contract (2.5 A^-1: the error grows 1.5x a step)
+    inv = np.linalg.inv(a)
+    _, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, lambda r: 2.5 * jnp.asarray(inv) @ r,
+                                                    b, norm, maxiter=12)
+    assert not bool(converged) and int(k) == 12
+
+
 def test_cg_matches_solve_and_reports_diagnostics():
     a = _spd(40, seed=5)
     b = np.random.default_rng(6).normal(size=40)

@@ -127,24 +127,52 @@ def test_sample_ranges_rule():
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
 @pytest.mark.parametrize("jacobian", ["structured", "generic"])
-def test_tiled_and_assembled_kernel_factors_agree(monkeypatch, name, jacobian):
-    """The sample-space solve by tiles (the CPU's single-precision path) and by LAPACK on
-    the assembled kernel (every other case) give the same update to 1e-10 in float64."""
+def test_kernel_factorisations_agree(monkeypatch, name, jacobian):
+    """The sample-space solve by tiles (the CPU's single-precision path), by a float32
+    tiled factor refined in float64 (the CPU's double-precision path) and by LAPACK on
+    the assembled kernel (accelerators) give the same update to 1e-10 in float64."""
     sr_mod = importlib.import_module("fishr.sr")
     log_psi, params, x, grad, holo = _case(name, n=650)
     out = {}
-    for tiled in (True, False):
-        monkeypatch.setattr(sr_mod, "_tiled_factor_pays", lambda single_precision, tiled=tiled: tiled)
-        out[tiled], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
-                                          holomorphic=holo, jacobian=jacobian)
+    for kind in ("tiled", "mixed", "lapack"):
+        monkeypatch.setattr(sr_mod, "_kernel_factorisation", lambda single_precision, kind=kind: kind)
+        out[kind], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
+                                         holomorphic=holo, jacobian=jacobian)
         assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
-    assert rel_err(flat(out[True]), flat(out[False])) <= 1e-10
+    assert rel_err(flat(out["tiled"]), flat(out["lapack"])) <= 1e-10
+    assert rel_err(flat(out["mixed"]), flat(out["lapack"])) <= 1e-12  # refined to float64's own accuracy
 
 
-def test_tiled_factor_is_the_single_precision_cpu_choice():
+def test_mixed_precision_falls_back_to_the_float64_factor(monkeypatch):
+    """At damping 1e-7 the float32 factorisation of the rank-deficient kernel (N = 650 > P = 121)
+    breaks down; the refinement stops unconverged and the float64 LAPACK solve runs instead.
+    (The two float64 solves are compiled apart and round differently: cond ~ 1e8 here.)"""
     sr_mod = importlib.import_module("fishr.sr")
-    assert sr_mod._tiled_factor_pays(True) == (jax.default_backend() == "cpu")
-    assert not sr_mod._tiled_factor_pays(False)
+    log_psi, params, x, grad, holo = _case("mlp", n=650)
+    seen = []
+    real_refine = sr_mod.mixed_precision_refine
+
+    def spy(*args, **kwargs):
+        x_, converged, k = real_refine(*args, **kwargs)
+        jax.debug.callback(lambda c: seen.append(bool(c)), converged)
+        return x_, converged, k
+
+    monkeypatch.setattr(sr_mod, "mixed_precision_refine", spy)
+    out = {}
+    for kind in ("mixed", "lapack"):
+        monkeypatch.setattr(sr_mod, "_kernel_factorisation", lambda single_precision, kind=kind: kind)
+        out[kind], _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
+    assert seen == [False]
+    assert np.isfinite(flat(out["lapack"])).all()
+    assert rel_err(flat(out["mixed"]), flat(out["lapack"])) <= 1e-9
+
+
+def test_kernel_factorisation_rule():
+    sr_mod = importlib.import_module("fishr.sr")
+    if jax.default_backend() == "cpu":
+        assert sr_mod._kernel_factorisation(True) == "tiled" and sr_mod._kernel_factorisation(False) == "mixed"
+    else:
+        assert sr_mod._kernel_factorisation(True) == sr_mod._kernel_factorisation(False) == "lapack"
 
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
