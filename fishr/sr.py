@@ -38,8 +38,9 @@ Modes (``mode=``)
     ``log psi`` of real parameters). Cheapest when ``N << P``. When
     ``g = Obar^H e / N`` (the VMC energy gradient) this is MinSR:
     ``x = Obar^H (Obar Obar^H + N damping I)^{-1} e``. Needs ``damping > 0``.
-    The factorisation runs by tiles in single precision on the CPU (all cores)
-    and by LAPACK on the assembled kernel otherwise (see :func:`_kernel_solver`).
+    On the CPU the kernel is factored by tiles (all cores), in double precision
+    as a single-precision factor refined to double-precision accuracy; on
+    accelerators by their solver on the assembled kernel (:func:`_kernel_solver`).
     In single precision one step of iterative refinement (reusing the factor)
     recovers the digits that the subtraction cancels.
     With several devices the centred Jacobian rows of all samples are gathered
