@@ -309,7 +309,8 @@ def mixed_precision_refine(matvec: Callable[[jax.Array], jax.Array], approx_solv
 
         r = b - A x;   stop if ||r||_inf <= ||x||_inf * a_norm * eps * sqrt(n);   x += approx_solve(r)
 
-    with ``a_norm = ||A||_inf`` and ``eps`` the working precision's unit
+    with ``a_norm = ||A||_inf``, ``n = b.size`` (``b`` and ``x`` may have any shape;
+    the norms run over all their entries) and ``eps`` the working precision's unit
     roundoff, at most ``maxiter`` refinements (``dsposv``'s test and its 30).
     The test is the backward error a direct solve in the working precision
     attains, so a converged ``x`` is as accurate as that solve; each step

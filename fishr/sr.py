@@ -315,27 +315,26 @@ def _kernel_solver(jac, shift, single_precision: bool) -> Callable[[jax.Array], 
     """
     kind = _kernel_factorisation(single_precision)
 
-    def direct(u):
-        return cholesky_factor_solve(cholesky_factor(jac.gram(upper_only=True), shift), u.reshape(-1)).reshape(u.shape)
+    def lapack_solver():
+        factor = cholesky_factor(jac.gram(upper_only=True), shift)  # once per solver, reused by every call
+        return lambda u: cholesky_factor_solve(factor, u.reshape(-1)).reshape(u.shape)
+
+    def tiled_solver(tiles):
+        factor = tiled_cholesky_factor(tiles, shift)
+        return lambda u: tiled_cholesky_factor_solve(factor, u.reshape(-1)).reshape(u.shape)
 
     if kind == "lapack":
-        return direct
+        return lapack_solver()
     if kind == "tiled":
-        factor = tiled_cholesky_factor(jac.gram_tiles(), shift)
-        return lambda u: tiled_cholesky_factor_solve(factor, u.reshape(-1)).reshape(u.shape)
-    low = jac.single_precision()
-    tiles = low.gram_tiles()
-    factor = tiled_cholesky_factor(tiles, shift)
+        return tiled_solver(jac.gram_tiles())
+    tiles = jac.single_precision().gram_tiles()
+    low_solve, low_dtype = tiled_solver(tiles), tiles[0][0].dtype
     a_norm = tiled_inf_norm(tiles) + shift
 
     def solve(u):
-        def matvec(y):
-            y = y.reshape(u.shape)
-            return (jac.matvec(jac.rmatvec(y)) + shift * y).reshape(-1)
-
-        x, converged, _ = mixed_precision_refine(
-            matvec, lambda r: tiled_cholesky_factor_solve(factor, r.astype(factor[0][0].dtype)), u.reshape(-1), a_norm)
-        return lax.cond(converged, lambda u: x.reshape(u.shape), direct, u)
+        x, converged, _ = mixed_precision_refine(lambda y: jac.matvec(jac.rmatvec(y)) + shift * y,
+                                                 lambda r: low_solve(r.astype(low_dtype)), u, a_norm)
+        return lax.cond(converged, lambda u: x, lambda u: lapack_solver()(u), u)
 
     return solve
 
