@@ -11,9 +11,9 @@ preconditioner, parameter update) from the same initial parameters:
 
 * ``fishr.kfac``: ``optax.chain(fishr.kfac(..., likelihood="gaussian"), optax.sgd(lr))``
   inside the user's ``jax.jit`` step (true Fisher with sampled targets, pi damping,
-  Cholesky inverses, EMA 0.95);
-* ``fishr.kfac ema_debias``: the same with the bias-corrected EMA of the factors
-  (kfac-jax's convention; the default is the seed's);
+  Cholesky inverses, the bias-corrected EMA 0.95: fishr's defaults);
+* ``fishr.kfac seed EMA``: the same with the seed's EMA rule (``ema_debias=False``:
+  first update replaces, then ``ema * old + (1 - ema) * new``);
 * ``kfac_jax.Optimizer``: the same learning rate, damping, EMA and inverse period,
   ``estimation_mode="fisher_gradients"`` (sampled targets), no adaptive learning
   rate / momentum / damping; its ``step`` is jitted by kfac-jax itself;
@@ -164,11 +164,11 @@ def run(quick: bool = True) -> dict:
             ),
             needs_batch=True,
         ),
-        "fishr.kfac ema_debias": lambda: optax_runner(
+        "fishr.kfac seed EMA": lambda: optax_runner(
             model, fresh(), data,
             optax.chain(
                 fishr.kfac(model.apply, damping, likelihood="gaussian", inverse_every=inverse_every,
-                           ema_debias=True, example_batch=batch_at(data, 0)),
+                           ema_debias=False, example_batch=batch_at(data, 0)),
                 optax.sgd(lr_kfac),
             ),
             needs_batch=True,

@@ -20,7 +20,8 @@ Methods, each jitted and called on the same arrays:
 * ``jacobian``: the bare per-sample Jacobian ``vmap(grad)`` (``N x P``), and ``gradient``: one
   plain VJP of ``log psi``, the lower bounds.
 
-Every CG runs a fixed number of iterations (``tol = 0``, ``maxiter = cg_iters``) in both
+Every CG runs a fixed number of iterations (fishr ``CG(rtol=0, max_steps=cg_iters)``, NetKet's
+``tol = 0, maxiter = cg_iters``) in both
 libraries, so that per-call times compare the same work. Before timing, each result is compared
 with a float64 NumPy solve of the same system (the column ``rel. err`` in the JSON and the
 printed check). Timing: one warm-up call (compilation), then ``repeats`` rounds in which every
@@ -114,11 +115,11 @@ def methods(model, params, s, e_loc, grad, have_nk: bool, dense_chol_max_p: int 
                                                                         jnp.imag(one(p, x))]))(params)))
     out["gradient"] = partial(jax.jit(lambda p, x, e: flat(energy_gradient(apply, p, x, e)[1])), params, s, e_loc)
     out["jacobian"] = partial(lambda x: jac(x), s)
-    cg = dict(tol=0.0, maxiter=CG_ITERS)
-    out["fishr lazy"] = fishr_fn(mode="lazy", **cg)
-    out["fishr dense cg"] = fishr_fn(mode="dense", **cg)
+    cg = fishr.CG(rtol=0.0, max_steps=CG_ITERS)
+    out["fishr lazy"] = fishr_fn(mode="lazy", solver=cg)
+    out["fishr dense cg"] = fishr_fn(mode="dense", solver=cg)
     if p_count <= dense_chol_max_p:
-        out["fishr dense chol"] = fishr_fn(mode="dense", solver="cholesky")
+        out["fishr dense chol"] = fishr_fn(mode="dense", solver=fishr.Cholesky())
     out["fishr sample_space"] = fishr_fn(mode="sample_space")
     out["fishr sample_space generic"] = fishr_fn(mode="sample_space", jacobian="generic")
     if not have_nk:

@@ -78,7 +78,7 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
     import jax.numpy as jnp
 
     import fishr
-    from fishr.kfac.capture import capture
+    from fishr.capture import capture
 
     try:
         import netket as nk
@@ -120,7 +120,8 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
         methods = {
             "fishr structured": partial(fishr_fn("sample_space", "structured"), grad, params, x),
             "fishr generic": partial(fishr_fn("sample_space", "generic"), grad, params, x),
-            "fishr lazy": partial(fishr_fn("lazy", "generic", tol=0.0, maxiter=cg_iters), grad, params, x),
+            "fishr lazy": partial(fishr_fn("lazy", "generic", solver=fishr.CG(rtol=0.0, max_steps=cg_iters)), grad,
+                                  params, x),
         }
         stats = jax.jit(lambda p, s: capture(model.apply, p, s)[2:])
         if nk is not None:

@@ -40,15 +40,16 @@ LR_SR, LR_ADAM, DAMPING, SPRING_MU = 0.02, 0.01, 1e-2, 0.9
 
 
 def fishr_methods(lr_sr: float = LR_SR, lr_adam: float = LR_ADAM, damping: float = DAMPING, mu: float = SPRING_MU):
-    """name -> factory(log_psi_apply) of an optax transformation (extra arg ``samples=``)."""
-    cg = dict(tol=1e-4, maxiter=100)
+    """name -> factory(log_psi_apply) of an optax transformation (extra arg ``batch=``)."""
+    cg = fishr.CG(rtol=1e-4, max_steps=100)
+    warm = fishr.CG(rtol=1e-4, max_steps=100, initial_guess="previous")
     sgd = optax.sgd(lr_sr)
     return {
-        "fishr SR lazy": lambda f: optax.chain(fishr.sr(f, damping, mode="lazy", **cg), sgd),
+        "fishr SR lazy": lambda f: optax.chain(fishr.sr(f, damping, mode="lazy", solver=cg), sgd),
         "fishr SR lazy + SPRING": lambda f: optax.chain(
-            fishr.sr(f, damping, mode="lazy", momentum=mu, warm_start="previous", **cg), sgd),
+            fishr.sr(f, damping, mode="lazy", momentum=mu, solver=warm), sgd),
         "fishr SR dense (cholesky)": lambda f: optax.chain(
-            fishr.sr(f, damping, mode="dense", solver="cholesky"), sgd),
+            fishr.sr(f, damping, mode="dense", solver=fishr.Cholesky()), sgd),
         "fishr SR sample_space": lambda f: optax.chain(fishr.sr(f, damping, mode="sample_space"), sgd),
         "fishr SR sample_space + SPRING": lambda f: optax.chain(
             fishr.sr(f, damping, mode="sample_space", momentum=mu), sgd),
@@ -92,7 +93,7 @@ def train(system, model, make_opt, n_samples: int, steps: int, seed: int = 0, sw
         s, _ = system.sample(model.apply, params, s, key, sweeps)
         e_loc = system.local_energies(model.apply, params, s)
         e_mean, grad = energy_gradient(model.apply, params, s, e_loc)
-        updates, opt_state = opt.update(grad, opt_state, params, samples=s)
+        updates, opt_state = opt.update(grad, opt_state, params, batch=s)
         return optax.apply_updates(params, updates), opt_state, s, e_mean
 
     s, _ = jax.jit(lambda p, s, k: system.sample(model.apply, p, s, k, 20))(params, s, key)  # burn-in

@@ -1,30 +1,34 @@
 """fishr: JAX-native natural-gradient preconditioners as optax transformations.
 
 Every method preconditions a gradient with ``(F + damping)^{-1}`` for some
-approximation ``F`` of the covariance of per-sample score gradients:
+approximation ``F`` of the covariance of per-sample score gradients.
 
-* :func:`fishr.sr` / :func:`fishr.fisher_inverse_fn`: stochastic reconfiguration
-  (lazy, dense and sample-space modes, SPRING momentum).
-* :func:`fishr.kfac`: block K-FAC for Flax dense layers (layers captured from an
-  unmodified model); pure functions ``kfac_statistics``, ``kfac_ema_update``,
-  ``kfac_inverses``, ``kfac_precondition``, ``capture_layers``.
-* :func:`fishr.branch_natgrad` / :func:`fishr.branch_kfac`: natural gradient from
-  the covariance of state branches mapped by a projection (CG or exact), and its
-  block-diagonal variant; pure functions ``branch_natgrad_solve``,
-  ``branch_kfac_solve``, ``branch_covariance``; ``clip_params`` for the seeds' clip.
+Transforms (``optax.GradientTransformationExtraArgs``) and their pure solves:
+
+* :func:`sr` / :func:`sr_solve`: stochastic reconfiguration (lazy, dense and
+  sample-space modes, SPRING momentum); extra argument ``batch=``.
+* :func:`kfac`: block K-FAC for Flax dense layers (layers captured from an
+  unmodified model); extra argument ``batch=``. Its pure functions are in
+  :mod:`fishr.kronecker`.
+* :func:`branch_natgrad` / :func:`branch_natgrad_solve`, :func:`branch_kfac` /
+  :func:`branch_kfac_solve`: natural gradient from the covariance of state branches
+  (:func:`branch_covariance`) mapped by a projection, and its block-diagonal variant;
+  extra argument ``branches=``. :func:`clip_params` is the seeds' parameter clip.
+
+Solver objects (:mod:`fishr.solvers`): :class:`CG`, :class:`Cholesky`, :class:`Eigh`;
+every solve returns ``(x, SolveInfo)``.
+
+Modules, each importable by its dotted path: :mod:`fishr.distributed` (device-aware
+reductions), :mod:`fishr.linalg` (numerical routines), :mod:`fishr.solvers`,
+:mod:`fishr.capture` (layer capture shared by K-FAC and structured SR),
+:mod:`fishr.jacobian` (representations of SR's Jacobian), :mod:`fishr.kronecker`
+(K-FAC's factor math), :mod:`fishr.scores` (per-sample scores), :mod:`fishr.compat`
+(the seeds' interfaces).
 """
 
-from fishr import distributed, linalg
-from fishr.linalg import CGInfo
-from fishr.sr import SRState, fisher_inverse_fn, sr, sr_solve
-from fishr.kfac import KFACState, KroneckerFactors, capture_layers, kfac  # noqa: E402  (binds fishr.kfac to the factory)
-from fishr.kfac import ema_update as kfac_ema_update
-from fishr.kfac import factor_inverses as kfac_inverses
-from fishr.kfac import factor_statistics as kfac_statistics
-from fishr.kfac import precondition as kfac_precondition
-from fishr.branch import (
-    BranchKFACState,
-    BranchNatGradState,
+from fishr import capture, compat, distributed, jacobian, kronecker, linalg, scores, solvers
+from fishr._branch import (
+    BranchState,
     branch_covariance,
     branch_kfac,
     branch_kfac_solve,
@@ -32,31 +36,39 @@ from fishr.branch import (
     branch_natgrad_solve,
     clip_params,
 )
+from fishr._kfac import KFACState, kfac
+from fishr._sr import SRState, sr
+from fishr._sr_solve import MODES as SR_MODES
+from fishr._sr_solve import sr_solve
+from fishr.linalg import SolveInfo
+from fishr.solvers import CG, Cholesky, Eigh
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
-    "CGInfo",
-    "SRState",
-    "distributed",
-    "fisher_inverse_fn",
-    "linalg",
-    "sr",
-    "sr_solve",
+    "BranchState",
+    "CG",
+    "Cholesky",
+    "Eigh",
     "KFACState",
-    "KroneckerFactors",
-    "capture_layers",
-    "kfac",
-    "kfac_ema_update",
-    "kfac_inverses",
-    "kfac_precondition",
-    "kfac_statistics",
-    "BranchKFACState",
-    "BranchNatGradState",
+    "SRState",
+    "SR_MODES",
+    "SolveInfo",
     "branch_covariance",
     "branch_kfac",
     "branch_kfac_solve",
     "branch_natgrad",
     "branch_natgrad_solve",
+    "capture",
     "clip_params",
+    "compat",
+    "distributed",
+    "jacobian",
+    "kfac",
+    "kronecker",
+    "linalg",
+    "scores",
+    "solvers",
+    "sr",
+    "sr_solve",
 ]

@@ -20,7 +20,7 @@ below the diagonal, for :func:`fishr.linalg.tiled_cholesky_factor`) and ``gather
 :class:`DenseJacobian`
     the explicit rows ``(n, C, P)`` from ``vmap`` of a per-sample ``jacrev``.
 :class:`LayerJacobian`
-    exact, from captured layer statistics (:mod:`fishr.kfac.capture`). For a
+    exact, from captured layer statistics (:mod:`fishr.capture`). For a
     dense layer ``z = a W (+ b)`` applied at positions ``t`` the per-sample
     gradient is ``G_ic = sum_t a_it^T d_ict`` (``a`` with a trailing 1 for the
     bias, ``d_ict = d score_ic / d z_it``), so
@@ -52,14 +52,22 @@ from jax.flatten_util import ravel_pytree
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.kfac.capture import LayerPlan, augment_bias, linearize_layers
+from fishr.capture import LayerPlan, augment_bias, linearize_layers
 
 __all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "layer_kernel_is_structured"]
 
 
 def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
     """``u - mean_i u_i``: the global batch mean, or a caller's ``mean_fn`` (see :func:`fishr.sr_solve`)."""
-    return u - (distributed.batch_mean(u, axis_name) if mean_fn is None else mean_fn(u))
+    if mean_fn is None:
+        return u - distributed.batch_mean(u, axis_name)
+    mean = mean_fn(u)
+    if jnp.shape(mean) not in (u.shape[1:], (1,) + u.shape[1:]):
+        raise ValueError(
+            f"fishr.sr_solve: `mean_fn` must average over the batch axis 0, mapping shape {u.shape} to "
+            f"{u.shape[1:]}; it returned shape {jnp.shape(mean)}."
+        )
+    return u - mean
 
 
 def _centre_block(k4: jax.Array, r_i: jax.Array, r_j: jax.Array, s: jax.Array) -> jax.Array:
@@ -267,7 +275,7 @@ class LayerJacobian(NamedTuple):
     """``Obar`` from captured layer statistics, exact (see the module docstring).
 
     Attributes:
-      plan: the static :class:`fishr.kfac.capture.LayerPlan`.
+      plan: the static :class:`fishr.capture.LayerPlan`.
       a: per layer, inputs with the bias column, ``(n, T, k)``.
       d: per layer, output gradients per component, ``(n, C, T, m)``.
       rest: explicit rows ``(n, C, P_rest)`` of the uncovered parameters (uncentred).

@@ -1,8 +1,11 @@
 """Damped linear solves shared by every preconditioner in fishr.
 
+* :class:`SolveInfo`: the diagnostics every solve returns (iterations, residual,
+  convergence, fallback).
 * :func:`cg`: pytree-aware conjugate gradient for a Hermitian positive-definite
-  operator given as a function, returning diagnostics (iterations and the final
-  residual norm) that ``jax.scipy.sparse.linalg.cg`` does not report.
+  operator given as a function, returning diagnostics (iterations, the final
+  residual norm, convergence) that ``jax.scipy.sparse.linalg.cg`` does not report,
+  and NaN where its result is worse than zero (divergence).
 * :func:`cholesky_solve`: ``(A + damping I)^{-1} B`` for a dense Hermitian PSD
   matrix by one Cholesky factorisation (:func:`cholesky_factor` and
   :func:`cholesky_factor_solve` when the factor is reused).
@@ -11,7 +14,8 @@
   tile by tile so that the work is many independent matrix products.
 * :func:`mixed_precision_refine`: a single-precision solve refined to the
   accuracy of a double-precision one (LAPACK ``dsposv``'s scheme).
-* :func:`psd_inverse`: the explicit damped inverse by Cholesky or by ``eigh``.
+* :func:`eigh_solve` / :func:`psd_inverse`: the damped solve by ``eigh``, and the
+  explicit damped inverse by Cholesky or by ``eigh``.
 * :func:`trace_damping` / :func:`pi_damping`: the diagonal shifts used by
   Kronecker-factored methods.
 
@@ -30,7 +34,8 @@ from jax import lax
 import optax
 
 __all__ = [
-    "CGInfo",
+    "SolveInfo",
+    "solve_info",
     "cg",
     "tree_inner",
     "cholesky_factor",
@@ -40,23 +45,43 @@ __all__ = [
     "tiled_cholesky_factor_solve",
     "tiled_inf_norm",
     "mixed_precision_refine",
+    "eigh_solve",
     "psd_inverse",
     "trace_damping",
     "pi_damping",
 ]
 
 
-class CGInfo(NamedTuple):
-    """Diagnostics of one conjugate-gradient solve.
+class SolveInfo(NamedTuple):
+    """Diagnostics of one linear solve, the same for every solver and method.
 
     Attributes:
-      iterations: number of CG iterations taken (``int32``; 0 for a direct solve).
-      residual_norm: ``||b - A x||_2`` at exit (CG's recursive residual; for a
-        direct solve the explicitly recomputed one).
+      iterations: CG iterations, or the refinement steps of a direct solve (``int32``;
+        0 for a plain direct solve).
+      residual_norm: ``||b - A x||_2`` at exit, recomputed from ``x`` (not CG's
+        recursive estimate); the system ``A`` includes the damping.
+      converged: whether the solve met its stopping test (CG: the tolerance within
+        ``max_steps``; a direct solve: a finite factorisation and solution).
+      fallback: which safer path produced ``x`` (``int32``): 0 none; 1 a
+        double-precision factorisation after the single-precision one failed or did
+        not refine; 2 the damping raised after both failed (see the sample-space solve).
     """
 
     iterations: jax.Array
     residual_norm: jax.Array
+    converged: jax.Array
+    fallback: jax.Array
+
+
+def solve_info(residual_norm: Any, converged: Any, iterations: Any = 0, fallback: Any = 0) -> SolveInfo:
+    """A :class:`SolveInfo` with the canonical dtypes (``int32``, real, ``bool``, ``int32``)."""
+    residual_norm = jnp.asarray(residual_norm)
+    return SolveInfo(
+        iterations=jnp.asarray(iterations, jnp.int32),
+        residual_norm=jnp.real(residual_norm),
+        converged=jnp.asarray(converged, bool),
+        fallback=jnp.asarray(fallback, jnp.int32),
+    )
 
 
 def tree_inner(x: Any, y: Any) -> jax.Array:
@@ -78,45 +103,55 @@ def cg(
     b: Any,
     x0: Optional[Any] = None,
     *,
-    tol: float = 1e-5,
+    rtol: float = 1e-5,
     atol: float = 0.0,
-    maxiter: Optional[int] = None,
+    max_steps: Optional[int] = None,
     denominator_floor: float = 0.0,
     min_iterations: int = 0,
-) -> tuple[Any, CGInfo]:
+) -> tuple[Any, SolveInfo]:
     r"""Conjugate gradient for ``A x = b`` with ``A`` Hermitian positive definite.
 
     ``b`` and ``x0`` are pytrees of the same structure; ``matvec(v)`` returns
     ``A v`` with that structure. Inner products are ``Re sum conj(u) v``, so
     complex Hermitian operators are handled as well as real symmetric ones.
 
-    The iteration stops when ``||r||_2 <= max(tol * ||b||_2, atol)`` or after
-    ``maxiter`` iterations (default ``10 * size(b)``, as in ``jax.scipy``).
+    The iteration stops when ``||r||_2 <= max(rtol * ||b||_2, atol)`` or after
+    ``max_steps`` iterations (default ``10 * size(b)``, as in ``jax.scipy``).
     ``denominator_floor`` bounds the two divisions of each iteration from below
     (``alpha = |r|^2 / max(floor, p.Ap)``, ``beta = |r_new|^2 / max(floor, |r|^2)``),
     which reproduces guarded variants of CG; 0 means unguarded.
     ``min_iterations`` iterations are taken before the stopping test is first
-    applied (capped by ``maxiter``): 1 reproduces loops that test only after an
+    applied (capped by ``max_steps``): 1 reproduces loops that test only after an
     update, such as qmlhc's ``cg_solve`` (which thus never returns ``x0`` itself).
+
+    After the loop the residual is recomputed from ``x`` (one more ``matvec``).
+    In exact arithmetic every CG iterate on a positive-definite ``A`` has
+    ``||b - A x_k|| <= sqrt(cond(A)) ||b - A x0||``, and a condition number above
+    ``1 / eps`` (``eps`` the working precision's) makes ``A`` singular to that
+    precision. So a result with ``||b - A x|| > max(||b||, ||b - A x0||) / sqrt(eps)``
+    (CG diverged, e.g. on a singular ``A`` with ``b`` outside its range, where ``x``
+    grows without bound along the null space) or one that is not finite is unusable
+    and returned as NaN, so a caller's finiteness check rejects it. A truncated
+    solve (``max_steps`` reached above the tolerance, below that bound) is returned
+    with ``converged=False``.
 
     Args:
       matvec: the linear operator ``v -> A v``.
       b: right-hand side.
       x0: initial guess; ``None`` means zeros (and saves one ``matvec``).
-      tol: relative tolerance on the residual norm.
+      rtol: tolerance on the residual norm relative to ``||b||``.
       atol: absolute tolerance on the residual norm.
-      maxiter: maximum number of iterations.
+      max_steps: maximum number of iterations (``>= 0``).
       denominator_floor: lower bound on the CG denominators (see above).
       min_iterations: iterations taken regardless of the residual (see above).
 
     Returns:
-      ``(x, CGInfo(iterations, residual_norm))``. If the residual becomes
-      non-finite (a NaN in ``b`` or in ``A``) every entry of ``x`` is NaN.
+      ``(x, SolveInfo)``.
     """
-    if maxiter is None:
-        maxiter = 10 * _tree_size(b)
-    if tol < 0 or atol < 0:
-        raise ValueError(f"cg: `tol` and `atol` must be >= 0, got tol={tol}, atol={atol}.")
+    if max_steps is None:
+        max_steps = 10 * _tree_size(b)
+    if rtol < 0 or atol < 0:
+        raise ValueError(f"cg: `rtol` and `atol` must be >= 0, got rtol={rtol}, atol={atol}.")
 
     if x0 is None:
         x0 = optax.tree.zeros_like(b)
@@ -125,12 +160,12 @@ def cg(
         r0 = optax.tree.sub(b, matvec(x0))
     gamma0 = tree_inner(r0, r0)
     b_norm2 = tree_inner(b, b)
-    threshold2 = jnp.maximum(tol**2 * b_norm2, atol**2)
+    threshold2 = jnp.maximum(rtol**2 * b_norm2, atol**2)
     floor = jnp.asarray(denominator_floor, dtype=gamma0.dtype)
 
     def cond(carry):
         _, _, _, gamma, k = carry
-        return ((gamma > threshold2) | (k < min_iterations)) & (k < maxiter)
+        return ((gamma > threshold2) | (k < min_iterations)) & (k < max_steps)
 
     def body(carry):
         x, r, p, gamma, k = carry
@@ -144,9 +179,11 @@ def cg(
         return x, r, p, gamma_new, k + 1
 
     x, _, _, gamma, k = lax.while_loop(cond, body, (x0, r0, r0, gamma0, jnp.int32(0)))
-    finite = jnp.isfinite(gamma)
-    x = jax.tree.map(lambda v: jnp.where(finite, v, jnp.nan), x)
-    return x, CGInfo(iterations=k, residual_norm=jnp.sqrt(gamma))
+    r = optax.tree.sub(b, matvec(x))
+    r_norm2 = tree_inner(r, r)
+    usable = jnp.isfinite(r_norm2) & (r_norm2 * jnp.finfo(r_norm2.dtype).eps <= jnp.maximum(b_norm2, gamma0))
+    x = jax.tree.map(lambda v: jnp.where(usable, v, jnp.nan), x)
+    return x, solve_info(jnp.sqrt(r_norm2), usable & (gamma <= threshold2), k)
 
 
 def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
@@ -342,6 +379,22 @@ def mixed_precision_refine(matvec: Callable[[jax.Array], jax.Array], approx_solv
     return x, done & finite, k
 
 
+def eigh_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
+    """``(a + damping I)^{-1} b`` for Hermitian ``a`` by ``a = U diag(w) U^H``.
+
+    ``x = U diag(1 / (w + damping)) U^H b``; NaN wherever ``w + damping <= 0`` enters
+    (a matrix that is not positive definite after damping never gives a silently
+    finite result). ``b`` may be ``(n,)`` or ``(n, k)``, ``a`` and ``b`` batched alike.
+    """
+    w, u = jnp.linalg.eigh(a)
+    w = w + damping
+    w_inv = jnp.where(w > 0, 1.0 / w, jnp.nan)
+    vector = b.ndim == a.ndim - 1
+    rhs = b[..., None] if vector else b
+    x = u @ (w_inv[..., :, None] * (jnp.swapaxes(u, -1, -2).conj() @ rhs))
+    return x[..., 0] if vector else x
+
+
 def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:
     """Explicit ``(a + damping I)^{-1}`` of a Hermitian PSD matrix.
 
@@ -349,16 +402,13 @@ def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Arra
     ``L^{-H} L^{-1}``; ``method="eigh"`` uses ``a = U diag(w) U^H`` and returns
     ``U diag(1 / (w + damping)) U^H``. A matrix that is not positive definite
     after damping gives NaN entries with Cholesky; with ``eigh`` the result is
-    NaN/inf wherever ``w + damping <= 0``.
+    NaN wherever ``w + damping <= 0``.
     """
+    eye = jnp.broadcast_to(jnp.eye(a.shape[-1], dtype=a.dtype), a.shape)
     if method == "cholesky":
-        eye = jnp.eye(a.shape[-1], dtype=a.dtype)
         return cholesky_solve(a, eye, damping)
     if method == "eigh":
-        w, u = jnp.linalg.eigh(a)
-        w = w + damping
-        w_inv = jnp.where(w > 0, 1.0 / w, jnp.nan)
-        return (u * w_inv[None, :]) @ u.conj().T
+        return eigh_solve(a, eye, damping)
     raise ValueError(f"psd_inverse: `method` must be 'cholesky' or 'eigh', got {method!r}.")
 
 

@@ -169,8 +169,30 @@ def test_sr_solve_mean_fn_hook_defaults_and_refuses_structured():
 
     params, x, grad = problem(5)
     for mode in ("lazy", "dense"):
-        default, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, maxiter=6)
-        explicit, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, maxiter=6, mean_fn=lambda u: jnp.mean(u, 0))
+        cg = fishr.CG(max_steps=6)
+        default, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, solver=cg)
+        explicit, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, solver=cg, mean_fn=lambda u: jnp.mean(u, 0))
         np.testing.assert_allclose(flat(explicit), flat(default), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="`mean_fn`"):
         fishr.sr_solve(log_psi, grad, params, x, jacobian="structured", mean_fn=plain_mean)
+
+
+def test_mean_grad_fn_over_all_axes_is_refused_where_it_is_wrong():
+    """jnp.mean without axis=0: in DEBUG it would average the (n, P) Jacobian over the parameters
+    too (60% off before this check) and is refused; in LAZY it only sees (n,) vectors, where it
+    is the right mean."""
+    params, x, grad = problem(6)
+    debug = get_fisher_inverse_fn(log_psi, jnp.mean, 1e-2, 6, SRMode.DEBUG)
+    with pytest.raises(ValueError, match="`mean_grad_fn` must average over the batch axis 0"):
+        jax.jit(debug)(grad, params, x)
+    lazy = get_fisher_inverse_fn(log_psi, jnp.mean, 1e-2, 6, SRMode.LAZY)
+    reference = get_fisher_inverse_fn(log_psi, plain_mean, 1e-2, 6, SRMode.LAZY)
+    np.testing.assert_allclose(flat(lazy(grad, params, x)), flat(reference(grad, params, x)), rtol=1e-12)
+
+
+def test_sr_solve_checks_the_mean_fn_shape():
+    import fishr
+
+    params, x, grad = problem(7)
+    with pytest.raises(ValueError, match="`mean_fn` must average over the batch axis 0"):
+        fishr.sr_solve(log_psi, grad, params, x, mode="dense", mean_fn=jnp.mean)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 import fishr
-from fishr.checks import tree_all_finite
-from fishr.kfac import capture_layers, discover_layers, factors as F
+from fishr import kronecker as F
+from fishr._validate import tree_all_finite
+from fishr.capture import capture as capture_layers, discover_layers
 from kfac_models import MLP, init, random_like, sin_score
 
 TOL = 1e-10
@@ -21,7 +22,7 @@ def captured(fn, params, x):
 
 
 def statistics(fn, params, x, **kw):
-    fac = jax.jit(lambda p, x: fishr.kfac_statistics(fn, p, x, **kw)[1])(params, x)
+    fac = jax.jit(lambda p, x: F.factor_statistics(fn, p, x, **kw)[1])(params, x)
     return discover_layers(fn, params, x), fac
 
 
@@ -159,9 +160,9 @@ def test_vmapped_layers_are_not_captured():
 def test_ema_first_update_replaces_then_mixes():
     old = F.KroneckerFactors(a=(jnp.full((2, 2), 7.0),), g=(jnp.full((1, 1), 7.0),))
     new = F.KroneckerFactors(a=(jnp.eye(2),), g=(jnp.ones((1, 1)),))
-    first = fishr.kfac_ema_update(old, new, 0.95, 0)
+    first = F.ema_update(old, new, 0.95, 0, debias=False)
     assert close(first.a[0], np.eye(2)) and close(first.g[0], np.ones((1, 1)))
-    later = fishr.kfac_ema_update(old, new, 0.95, 3)
+    later = F.ema_update(old, new, 0.95, 3, debias=False)
     assert close(later.a[0], 0.95 * 7.0 + 0.05 * np.eye(2))
 
 
@@ -170,7 +171,7 @@ def test_debiased_ema_is_the_normalised_weighted_average(ema):
     news = [F.KroneckerFactors(a=(jnp.full((1, 1), float(v)),), g=()) for v in (3.0, -1.0, 5.0, 2.0)]
     x = F.KroneckerFactors(a=(jnp.zeros((1, 1)),), g=())
     for count, n in enumerate(news):
-        x = fishr.kfac_ema_update(x, n, ema, count, debias=True)
+        x = F.ema_update(x, n, ema, count, debias=True)
         w = np.array([ema ** (count - k) for k in range(count + 1)])
         want = sum(wk * float(nk.a[0][0, 0]) for wk, nk in zip(w, news)) / w.sum()
         assert close(x.a[0][0, 0], want)
@@ -197,10 +198,11 @@ def test_inverses_and_non_pd_factor(method):
     m = rng.normal(size=(5, 3))
     a = jnp.asarray(m.T @ m)
     fac = F.KroneckerFactors(a=(a,), g=(jnp.eye(2),))
-    inv = fishr.kfac_inverses(fac, 0.01, kind="trace", method=method)
+    solver = {"cholesky": fishr.Cholesky(), "eigh": fishr.Eigh()}[method]
+    inv = F.factor_inverses(fac, 0.01, kind="trace", solver=solver)
     shift = 0.01 * np.trace(a) / 3
     assert close(inv.a[0], np.linalg.inv(np.asarray(a) + shift * np.eye(3)))
     bad = F.KroneckerFactors(a=(-a,), g=(jnp.eye(2),))
-    assert not bool(tree_all_finite(fishr.kfac_inverses(bad, 0.01, kind="trace", method=method)))
-    with pytest.raises(ValueError, match="inverse_method"):
-        fishr.kfac_inverses(fac, 0.01, method="lu")
+    assert not bool(tree_all_finite(F.factor_inverses(bad, 0.01, kind="trace", solver=solver)))
+    with pytest.raises(TypeError, match="`solver`"):
+        F.factor_inverses(fac, 0.01, solver="lu")

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import fishr
-from fishr.kfac import factors as F, make_score_fn
+from fishr import kronecker as F
+from fishr.scores import make_score_fn
 from kfac_models import init, random_like
 
 TOL = 1e-10
@@ -24,7 +25,7 @@ def exact_fisher_block(score, params, batch):
 
 
 def kfac_block(score, params, batch):
-    fac = jax.jit(lambda p, b: fishr.kfac_statistics(score, p, b, jax.random.PRNGKey(0))[1])(params, batch)
+    fac = jax.jit(lambda p, b: F.factor_statistics(score, p, b, jax.random.PRNGKey(0))[1])(params, batch)
     return np.kron(np.asarray(fac.a[0]), np.asarray(fac.g[0])), fac
 
 
@@ -75,9 +76,9 @@ def test_preconditioned_gradient_is_dense_solve(kind, method):
     damping = 0.05
 
     def step(p, x, g):
-        plan, fac = fishr.kfac_statistics(score, p, x)
-        inv = fishr.kfac_inverses(fac, damping, kind=kind, method=method)
-        return fac, fishr.kfac_precondition(g, plan, inv)
+        plan, fac = F.factor_statistics(score, p, x)
+        inv = F.factor_inverses(fac, damping, kind=kind, solver={"cholesky": fishr.Cholesky(), "eigh": fishr.Eigh()}[method])
+        return fac, F.precondition(g, plan, inv)
 
     fac, nat = jax.jit(step)(params, x, grads)
     A, G = np.asarray(fac.a[0]), np.asarray(fac.g[0])

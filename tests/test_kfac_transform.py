@@ -11,8 +11,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import fishr
-from fishr.checks import tree_all_finite
-from fishr.kfac import factors as F
+from fishr import kronecker as F
+from fishr._validate import tree_all_finite
 from kfac_models import MLP, SeedLayer, init, random_like
 
 TOL = 1e-10
@@ -36,7 +36,8 @@ def test_chain_reproduces_the_seed_over_several_steps():
     score = lambda p, x: jnp.sum(jnp.sin(layer.apply(p, x)), -1)
     damping, lr = 0.01, 0.1
     opt = optax.chain(
-        fishr.kfac(score, damping, damping_kind="trace", ema=0.95, inverse_method="cholesky", example_batch=xs[0]),
+        fishr.kfac(score, damping, damping_kind="trace", ema=0.95, ema_debias=False, solver=fishr.Cholesky(),
+                   example_batch=xs[0]),
         optax.sgd(lr),
     )
     state = opt.init(params)
@@ -114,14 +115,21 @@ def test_non_pd_factor_keeps_previous_inverse(mlp_problem):
 def test_errors_name_the_argument(mlp_problem):
     model, params, batch, grads = mlp_problem
     for kwargs, word in [
-        (dict(damping=-1.0), "damping"), (dict(ema=1.5), "ema"), (dict(inverse_every=0), "inverse_every"),
-        (dict(damping_kind="x"), "damping_kind"), (dict(inverse_method="lu"), "inverse_method"),
-        (dict(likelihood="poisson"), "likelihood"), (dict(fisher="sampled"), "fisher"),
+        (dict(damping=-1.0), "damping"), (dict(damping=jnp.asarray(-0.01)), "damping"),
+        (dict(damping=float("nan")), "damping"), (dict(ema=1.5), "ema"), (dict(inverse_every=0), "inverse_every"),
+        (dict(inverse_every=-5), "inverse_every"), (dict(damping_kind="x"), "damping_kind"),
+        (dict(likelihood="poisson"), "likelihood"), (dict(likelihood="categorical", fisher="sampled"), "fisher"),
+        (dict(fisher="empirical"), "`fisher` applies only with a `likelihood`"),
+        (dict(key=jax.random.key(1)), "`key` is used only"), (dict(ema_debias=1), "ema_debias"),
     ]:
         with pytest.raises(ValueError, match=word):
-            fishr.kfac(model.apply, **kwargs)
+            fishr.kfac(model.apply, example_batch=batch, **kwargs)
+    with pytest.raises(TypeError, match="`solver` must be one of fishr.Cholesky"):
+        fishr.kfac(model.apply, example_batch=batch, solver="lu")
+    with pytest.raises(TypeError, match="`key` must be a jax.random key"):
+        fishr.kfac(model.apply, example_batch=batch, likelihood="categorical", key=3)
     with pytest.raises(ValueError, match="example_batch"):
-        fishr.kfac(model.apply, likelihood="categorical").init(params)
+        fishr.kfac(model.apply, likelihood="categorical", example_batch=None)
     tx = fishr.kfac(model.apply, likelihood="categorical", example_batch=batch)
     state = tx.init(params)
     with pytest.raises(ValueError, match="batch="):
@@ -130,6 +138,35 @@ def test_errors_name_the_argument(mlp_problem):
         tx.update(grads, state, params, batch=batch[0])
     with pytest.raises(ValueError, match="tree structure"):
         tx.update(grads["params"], state, params, batch=batch)
+    with pytest.raises(ValueError, match="no samples"):
+        tx.update(grads, state, params, batch=(batch[0][:0], batch[1][:0]))
+
+
+def test_empirical_labels_out_of_range_give_nan_and_keep_state(mlp_problem):
+    model, params, (x, y), grads = mlp_problem
+    tx = fishr.kfac(model.apply, 1e-2, likelihood="categorical", fisher="empirical", example_batch=(x, y))
+    update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+    nat, state = update(grads, tx.init(params), params, (x, y))
+    assert bool(tree_all_finite(nat))
+    for bad in (-1, 3):  # 3 classes: labels must lie in [0, 3)
+        out, new = update(grads, state, params, (x, y.at[5].set(bad)))
+        assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(out)), bad
+        for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(ValueError, match="labels must be integers"):
+        update(grads, state, params, (x, y.astype(jnp.float64)))
+
+
+def test_negative_schedule_value_gives_nan_and_keeps_state(mlp_problem):
+    model, params, batch, grads = mlp_problem
+    tx = fishr.kfac(model.apply, lambda count: 1e-2 - 2e-2 * count, likelihood="categorical", example_batch=batch)
+    update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
+    good, state = update(grads, tx.init(params), params, batch)
+    assert bool(tree_all_finite(good))
+    bad, new = update(grads, state, params, batch)
+    assert all(bool(jnp.all(jnp.isnan(u))) for u in jax.tree.leaves(bad))
+    for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------- devices

@@ -11,8 +11,10 @@ from sr_models import (
     mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like, rel_err,
 )
 
-EXACT = [("lazy", None), ("dense", "cg"), ("debug", None), ("dense", "cholesky"), ("sample_space", None)]
-TIGHT = dict(tol=1e-14, maxiter=5000)
+TIGHT = fishr.CG(rtol=1e-14, max_steps=5000)
+EXACT = [("lazy", TIGHT), ("dense", TIGHT), ("dense", fishr.Cholesky()), ("dense", fishr.Eigh()),
+         ("sample_space", fishr.Cholesky()), ("sample_space", fishr.Eigh())]
+IDS = ["lazy-cg", "dense-cg", "dense-cholesky", "dense-eigh", "sample_space-cholesky", "sample_space-eigh"]
 
 
 @pytest.fixture(scope="module")
@@ -24,26 +26,27 @@ def problem():
     return params, x, grad
 
 
-@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("mode,solver", EXACT, ids=IDS)
 @pytest.mark.parametrize("damping", [1e-3, 0.1])
 def test_modes_match_dense_solve(problem, mode, solver, damping):
     params, x, grad = problem
     ref = dense_sr(mlp_log_psi, grad, params, x, damping)
     out, info = jax.jit(
-        lambda g, p, s: fishr.sr_solve(mlp_log_psi, g, p, s, damping=damping, mode=mode, solver=solver, **TIGHT)
+        lambda g, p, s: fishr.sr_solve(mlp_log_psi, g, p, s, damping=damping, mode=mode, solver=solver)
     )(grad, params, x)
     assert jax.tree.structure(out) == jax.tree.structure(params)
     assert rel_err(flat(out), ref) <= 1e-8
     assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
-    if mode in ("sample_space",) or solver == "cholesky":
-        assert int(info.iterations) == 0
-    else:
+    assert bool(info.converged) and int(info.fallback) == 0
+    if isinstance(solver, fishr.CG):
         assert int(info.iterations) > 0
+    elif mode == "dense":
+        assert int(info.iterations) == 0
 
 
 def test_modes_agree_with_each_other(problem):
     params, x, grad = problem
-    outs = [flat(fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode=m, solver=s, **TIGHT)[0])
+    outs = [flat(fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode=m, solver=s)[0])
             for m, s in EXACT]
     for o in outs[1:]:
         assert rel_err(o, outs[0]) <= 1e-9
@@ -71,7 +74,7 @@ def _linear_log_psi(params, x):
     return x[:, :2] @ params["a"] + x[:, 2:] @ params["b"]
 
 
-@pytest.mark.parametrize("mode", ["lazy", "debug"])
+@pytest.mark.parametrize("mode", ["lazy", "dense"])
 def test_vmcnet_linear_model_fisher_is_position_covariance(mode):
     """vmcnet checks SR on log psi = x . theta, where O_i = x_i and S = Cov(x)."""
     x = jax.random.normal(jax.random.PRNGKey(3), (50, 5)) * jnp.arange(1.0, 6.0)
@@ -80,8 +83,8 @@ def test_vmcnet_linear_model_fisher_is_position_covariance(mode):
     damping = 1e-3
     xc = np.asarray(x) - np.asarray(x).mean(0)
     expected = np.linalg.solve(xc.T @ xc / x.shape[0] + damping * np.eye(5), flat(grad))
-    precondition = fishr.fisher_inverse_fn(_linear_log_psi, damping=damping, mode=mode, tol=1e-14)
-    out = jax.jit(precondition)(grad, params, x)
+    out, _ = jax.jit(lambda g, p, s: fishr.sr_solve(_linear_log_psi, g, p, s, damping=damping, mode=mode,
+                                                    solver=TIGHT))(grad, params, x)
     np.testing.assert_allclose(flat(out), expected, rtol=1e-9)
 
 
@@ -93,15 +96,15 @@ def test_vmcnet_linear_model_isotropic_positions_scale_gradient():
     x = jnp.asarray(q * np.sqrt(n) * 2.0)  # covariance 4 I
     params = {"a": jnp.zeros(2), "b": jnp.zeros(2)}
     grad = {"a": jnp.array([1.0, 2.0]), "b": jnp.array([3.0, 4.0])}
-    for mode in ["lazy", "debug", "sample_space"]:
-        out = fishr.fisher_inverse_fn(_linear_log_psi, damping=0.5, mode=mode, tol=1e-14)(grad, params, x)
+    for mode, solver in [("lazy", TIGHT), ("dense", TIGHT), ("sample_space", None)]:
+        out, _ = fishr.sr_solve(_linear_log_psi, grad, params, x, damping=0.5, mode=mode, solver=solver)
         np.testing.assert_allclose(flat(out), flat(grad) / 4.5, rtol=1e-10)
 
 
 # ----------------------------------------------------------------- complex
 
 
-@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("mode,solver", EXACT, ids=IDS)
 def test_complex_log_psi_real_params(problem, mode, solver):
     params, x, grad = problem
     o = jacobian_rows(mlp_complex_log_psi, params, x)
@@ -109,11 +112,11 @@ def test_complex_log_psi_real_params(problem, mode, solver):
     s = dense_s(o, real_params=True)
     np.testing.assert_allclose(s, s.T, atol=1e-14)
     ref = dense_sr(mlp_complex_log_psi, grad, params, x, 1e-3)
-    out, _ = fishr.sr_solve(mlp_complex_log_psi, grad, params, x, damping=1e-3, mode=mode, solver=solver, **TIGHT)
+    out, _ = fishr.sr_solve(mlp_complex_log_psi, grad, params, x, damping=1e-3, mode=mode, solver=solver)
     assert rel_err(flat(out), ref) <= 1e-8
 
 
-@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("mode,solver", EXACT, ids=IDS)
 def test_holomorphic(mode, solver):
     params = holomorphic_params(jax.random.PRNGKey(7))
     x = jax.random.normal(jax.random.PRNGKey(8), (20, 3))
@@ -121,7 +124,7 @@ def test_holomorphic(mode, solver):
     ref = dense_sr(holomorphic_log_psi, grad, params, x, 1e-3, holomorphic=True)
     assert np.abs(ref.imag).max() > 1e-3
     out, _ = fishr.sr_solve(holomorphic_log_psi, grad, params, x, damping=1e-3, mode=mode, solver=solver,
-                            holomorphic=True, **TIGHT)
+                            holomorphic=True)
     assert jnp.iscomplexobj(out["w"])
     assert rel_err(flat(out), ref) <= 1e-8
 
@@ -129,7 +132,7 @@ def test_holomorphic(mode, solver):
 # ----------------------------------------------------------------- SPRING momentum
 
 
-@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("mode,solver", EXACT, ids=IDS)
 def test_momentum_equals_spring_sample_space_formula(problem, mode, solver):
     params, x, _ = problem
     o = jacobian_rows(mlp_log_psi, params, x)
@@ -142,7 +145,7 @@ def test_momentum_equals_spring_sample_space_formula(problem, mode, solver):
     # SPRING: phi_k = mu phi_{k-1} + Obar^T (Obar Obar^T + N lam I)^{-1} (e - mu Obar phi_{k-1})
     spring = mu * prev + ob.T @ np.linalg.solve(ob @ ob.T + n * lam * np.eye(n), e - mu * ob @ prev)
     out, _ = fishr.sr_solve(mlp_log_psi, unravel(jnp.asarray(g)), params, x, damping=lam, mode=mode, solver=solver,
-                            momentum=mu, previous=unravel(jnp.asarray(prev)), **TIGHT)
+                            momentum=mu, previous=unravel(jnp.asarray(prev)))
     assert np.max(np.abs(flat(out) - spring)) <= 1e-10 * max(1.0, np.max(np.abs(spring)))
 
 
@@ -157,35 +160,44 @@ def test_momentum_zero_is_plain_sr(problem):
 # ----------------------------------------------------------------- CG options
 
 
-def test_cg_maxiter_and_diagnostics(problem):
+def test_cg_max_steps_initial_guess_and_diagnostics(problem):
     params, x, grad = problem
-    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, maxiter=3, tol=1e-14)
-    assert int(info.iterations) == 3
+    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=fishr.CG(max_steps=3, rtol=1e-14))
+    assert int(info.iterations) == 3 and not bool(info.converged)
     assert float(info.residual_norm) > 1e-8
-    x_exact, info_exact = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, tol=1e-12)
-    # warm start from the exact solution converges at once
-    _, info_warm = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, tol=1e-10, x0=x_exact)
+    x_exact, info_exact = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=fishr.CG(rtol=1e-12))
+    assert bool(info_exact.converged)
+    # a start from the exact solution converges at once
+    warm = fishr.CG(rtol=1e-10, initial_guess="previous")
+    _, info_warm = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=warm, previous=x_exact)
     assert int(info_warm.iterations) < int(info_exact.iterations)
+    zeros = fishr.CG(rtol=1e-12, initial_guess="zeros")
+    x_zero, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=zeros)
+    assert rel_err(flat(x_zero), flat(x_exact)) <= 1e-9
+    with pytest.raises(ValueError, match="initial_guess='previous' needs the previous solution"):
+        fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=warm)
 
 
-def test_default_maxiter_is_ten_times_params(problem):
+def test_default_max_steps_is_ten_times_params(problem):
     params, x, grad = problem
     p = flat(params).size
-    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.0, tol=0.0)
+    _, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-6, solver=fishr.CG(rtol=0.0))
     assert int(info.iterations) == 10 * p
 
 
 # ----------------------------------------------------------------- float32
 
 
-@pytest.mark.parametrize("mode,solver", EXACT)
+@pytest.mark.parametrize("mode,solver", EXACT, ids=IDS)
 def test_float32(mode, solver):
     params = mlp_params(jax.random.PRNGKey(0), dtype=jnp.float32)
     x = jax.random.normal(jax.random.PRNGKey(1), (24, 3), jnp.float32)
     grad = random_like(jax.random.PRNGKey(2), params)
     ref = dense_sr(mlp_log_psi, jax.tree.map(lambda g: g.astype(jnp.float64), grad),
                    jax.tree.map(lambda p: p.astype(jnp.float64), params), x.astype(jnp.float64), 0.1)
-    out, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.1, mode=mode, solver=solver, tol=1e-6)
+    if isinstance(solver, fishr.CG):
+        solver = fishr.CG(rtol=1e-6)
+    out, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.1, mode=mode, solver=solver)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
     assert rel_err(flat(out), ref) <= 1e-4
 
@@ -204,7 +216,7 @@ def test_float32_sample_space_refines_the_woodbury_solve(jacobian):
     vmc_grad = lambda p, s, e: jax.vjp(lambda q: model.apply(q, s), p)[1](2 * (e - e.mean()) / n)[0]
     f64 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)
     ref, _ = fishr.sr_solve(model.apply, vmc_grad(f64(params), f64(x), f64(e)), f64(params), f64(x),
-                            damping=1e-3, mode="dense", solver="cholesky")
+                            damping=1e-3, mode="dense", solver=fishr.Cholesky())
     out, _ = fishr.sr_solve(model.apply, vmc_grad(params, x, e), params, x, damping=1e-3, mode="sample_space",
                             jacobian=jacobian)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))

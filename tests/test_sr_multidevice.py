@@ -10,8 +10,8 @@ import fishr
 from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like
 
 NDEV = 4
-MODES = [("lazy", None), ("dense", "cg"), ("dense", "cholesky"), ("sample_space", None)]
-TIGHT = dict(tol=1e-14, maxiter=2000)
+TIGHT = fishr.CG(rtol=1e-14, max_steps=2000)
+MODES = [("lazy", TIGHT), ("dense", TIGHT), ("dense", fishr.Cholesky()), ("sample_space", None)]
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +44,10 @@ def _assert_close(a, b, tol=1e-10):
 
 
 @pytest.mark.parametrize("log_psi", [mlp_log_psi, mlp_complex_log_psi], ids=["real", "complex"])
-@pytest.mark.parametrize("mode,solver", MODES)
+@pytest.mark.parametrize("mode,solver", MODES, ids=["lazy", "dense-cg", "dense-cholesky", "sample_space"])
 def test_pmap_and_shard_map_equal_single_device(problem, log_psi, mode, solver):
     params, x, grad = problem
-    kw = dict(damping=1e-3, mode=mode, solver=solver, **TIGHT)
+    kw = dict(damping=1e-3, mode=mode, solver=solver)
     single, _ = fishr.sr_solve(log_psi, grad, params, x, **kw)
 
     solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="devices", **kw)[0]
@@ -65,24 +65,24 @@ def test_pmap_and_shard_map_equal_single_device(problem, log_psi, mode, solver):
     _assert_close(jax.tree.map(lambda a: a[0], sharded), single)
 
 
-@pytest.mark.parametrize("mode,solver", MODES)
+@pytest.mark.parametrize("mode,solver", MODES, ids=["lazy", "dense-cg", "dense-cholesky", "sample_space"])
 def test_transform_in_chain_under_pmap_and_shard_map(problem, mode, solver):
     params, x, grad = problem
     make = lambda axis_name: optax.chain(
-        fishr.sr(mlp_log_psi, damping=1e-3, mode=mode, solver=solver, momentum=0.5, axis_name=axis_name, **TIGHT),
+        fishr.sr(mlp_log_psi, damping=1e-3, mode=mode, solver=solver, momentum=0.5, axis_name=axis_name),
         optax.sgd(0.1),
     )
     single = make(None)
     s_state = single.init(params)
     for _ in range(2):  # two steps, so the momentum state is exercised
-        s_upd, s_state = single.update(grad, s_state, params, samples=x)
+        s_upd, s_state = single.update(grad, s_state, params, batch=x)
 
     multi = make("devices")
     state = multi.init(params)
 
     def two_steps(g, st, p, s):
         for _ in range(2):
-            u, st = multi.update(g, st, p, samples=s)
+            u, st = multi.update(g, st, p, batch=s)
         return u, st
 
     upd, st = jax.pmap(two_steps, axis_name="devices", in_axes=(None, None, None, 0))(grad, state, params, _split(x))

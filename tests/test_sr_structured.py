@@ -1,7 +1,6 @@
 """Structured exact SR (captured layer statistics) equals the generic Jacobian path."""
 
 import functools
-import importlib
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +9,15 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 import fishr
+from fishr import _sample_space as sample_space_mod
+from fishr import _sr_solve as sr_solve_mod
 from fishr import jacobian as jac_mod
-from fishr.kfac.capture import discover_layers
+from fishr.capture import discover_layers
 from flax_models import MLP, RBM, ComplexOut, Holomorphic, Mixed, PerPosition
 from sr_models import flat, random_like, rel_err
 
 NDEV = 4
-TIGHT = dict(tol=1e-14, maxiter=3000)
+TIGHT = fishr.CG(rtol=1e-14, max_steps=3000)
 
 
 def _f64(tree):
@@ -43,10 +44,17 @@ def _case(name, n=16):
 CASES = ["mlp", "rbm", "per_position", "mixed", "complex_out", "holomorphic"]
 
 
+def _jacobian(structured, log_psi, params, x, holo):
+    """The Jacobian representation SR's sample-space path builds (structured or explicit rows)."""
+    config = sr_solve_mod.sr_config("test", damping=1e-3, mode="sample_space", solver=None, jacobian="auto",
+                                    momentum=0.0, holomorphic=holo, axis_name=None)
+    return sr_solve_mod._build_jacobian(structured, log_psi, params, x, config, "test")
+
+
 def _sr_plan(name):
     """The layer plan that SR's structured path really uses (not just what discovery could find)."""
     log_psi, params, x, _, holo = _case(name)
-    return importlib.import_module("fishr.sr")._build_jacobian(True, log_psi, params, x, holo, None).plan
+    return _jacobian(True, log_psi, params, x, holo).plan
 
 
 def test_models_exercise_what_they_claim():
@@ -63,7 +71,7 @@ def test_models_exercise_what_they_claim():
 @pytest.mark.parametrize("name", CASES)
 def test_structured_equals_generic(name, mode):
     log_psi, params, x, grad, holo = _case(name)
-    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, **TIGHT)
+    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, solver=TIGHT if mode == "lazy" else None)
     solve = lambda jacobian: jax.jit(lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, jacobian=jacobian, **kw))
     generic, _ = solve("generic")(grad, params, x)
     structured, info = solve("structured")(grad, params, x)
@@ -74,9 +82,8 @@ def test_structured_equals_generic(name, mode):
 @pytest.mark.parametrize("name", CASES)
 def test_layer_products_and_kernel_equal_explicit_rows(name):
     log_psi, params, x, grad, holo = _case(name)
-    sr_mod = importlib.import_module("fishr.sr")  # the module (fishr.sr is the transform factory)
-    layer = sr_mod._build_jacobian(True, log_psi, params, x, holo, None)
-    dense = sr_mod._build_jacobian(False, log_psi, params, x, holo, None)
+    layer = _jacobian(True, log_psi, params, x, holo)
+    dense = _jacobian(False, log_psi, params, x, holo)
     np.testing.assert_allclose(layer.gram(), dense.gram(), rtol=1e-10, atol=1e-10 * np.abs(dense.gram()).max())
     np.testing.assert_allclose(layer.matvec(grad), dense.matvec(grad), rtol=1e-10, atol=1e-12)
     u = jax.random.normal(jax.random.PRNGKey(4), dense.rows.shape[:2])
@@ -93,9 +100,8 @@ def test_kernel_tiles_and_upper_kernel(name):
     """
     n = 650
     log_psi, params, x, grad, holo = _case(name, n=n)
-    sr_mod = importlib.import_module("fishr.sr")
-    layer = sr_mod._build_jacobian(True, log_psi, params, x, holo, None)
-    dense = sr_mod._build_jacobian(False, log_psi, params, x, holo, None)
+    layer = _jacobian(True, log_psi, params, x, holo)
+    dense = _jacobian(False, log_psi, params, x, holo)
     full = np.asarray(dense.gram())
     c = full.shape[0] // n
     tol = dict(rtol=1e-10, atol=1e-10 * np.abs(full).max())
@@ -131,11 +137,10 @@ def test_kernel_factorisations_agree(monkeypatch, name, jacobian):
     """The sample-space solve by tiles (the CPU's single-precision path), by a float32
     tiled factor refined in float64 (the CPU's double-precision path) and by LAPACK on
     the assembled kernel (accelerators) give the same update to 1e-10 in float64."""
-    sr_mod = importlib.import_module("fishr.sr")
     log_psi, params, x, grad, holo = _case(name, n=650)
     out = {}
     for kind in ("tiled", "mixed", "lapack"):
-        monkeypatch.setattr(sr_mod, "_kernel_factorisation", lambda single_precision, kind=kind: kind)
+        monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda single_precision, kind=kind: kind)
         out[kind], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
                                          holomorphic=holo, jacobian=jacobian)
         assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
@@ -147,32 +152,32 @@ def test_mixed_precision_falls_back_to_the_float64_factor(monkeypatch):
     """At damping 1e-7 the float32 factorisation of the rank-deficient kernel (N = 650 > P = 121)
     breaks down; the refinement stops unconverged and the float64 LAPACK solve runs instead.
     (The two float64 solves are compiled apart and round differently: cond ~ 1e8 here.)"""
-    sr_mod = importlib.import_module("fishr.sr")
     log_psi, params, x, grad, holo = _case("mlp", n=650)
     seen = []
-    real_refine = sr_mod.mixed_precision_refine
+    real_refine = sample_space_mod.mixed_precision_refine
 
     def spy(*args, **kwargs):
         x_, converged, k = real_refine(*args, **kwargs)
         jax.debug.callback(lambda c: seen.append(bool(c)), converged)
         return x_, converged, k
 
-    monkeypatch.setattr(sr_mod, "mixed_precision_refine", spy)
-    out = {}
+    monkeypatch.setattr(sample_space_mod, "mixed_precision_refine", spy)
+    out, info = {}, {}
     for kind in ("mixed", "lapack"):
-        monkeypatch.setattr(sr_mod, "_kernel_factorisation", lambda single_precision, kind=kind: kind)
-        out[kind], _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
+        monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda single_precision, kind=kind: kind)
+        out[kind], info[kind] = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
     assert seen == [False]
+    assert int(info["mixed"].fallback) == 1 and int(info["lapack"].fallback) == 0
     assert np.isfinite(flat(out["lapack"])).all()
     assert rel_err(flat(out["mixed"]), flat(out["lapack"])) <= 1e-9
 
 
 def test_kernel_factorisation_rule():
-    sr_mod = importlib.import_module("fishr.sr")
+    rule = sample_space_mod.kernel_factorisation
     if jax.default_backend() == "cpu":
-        assert sr_mod._kernel_factorisation(True) == "tiled" and sr_mod._kernel_factorisation(False) == "mixed"
+        assert rule(True) == "tiled" and rule(False) == "mixed"
     else:
-        assert sr_mod._kernel_factorisation(True) == sr_mod._kernel_factorisation(False) == "lapack"
+        assert rule(True) == rule(False) == "lapack"
 
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
@@ -229,7 +234,7 @@ def test_structured_rejected_for_dense_mode():
 @pytest.mark.parametrize("name", ["mixed", "complex_out"])
 def test_structured_multidevice(name, mode):
     log_psi, params, x, grad, holo = _case(name, n=32)
-    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured", **TIGHT)
+    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured", solver=TIGHT if mode == "lazy" else None)
     single, _ = fishr.sr_solve(log_psi, grad, params, x, **kw)
     solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="d", **kw)[0]
 

@@ -21,15 +21,17 @@ def problem():
 def test_chain_with_sgd_under_jit(problem):
     params, x, grad = problem
     lr = 0.05
-    opt = optax.chain(fishr.sr(mlp_log_psi, damping=1e-3, tol=1e-12), optax.sgd(lr))
+    cg = fishr.CG(rtol=1e-12)
+    opt = optax.chain(fishr.sr(mlp_log_psi, damping=1e-3, solver=cg), optax.sgd(lr))
     state = opt.init(params)
-    updates, state = jax.jit(opt.update)(grad, state, params, samples=x)
-    expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, tol=1e-12)
+    updates, state = jax.jit(opt.update)(grad, state, params, batch=x)
+    expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-3, solver=cg)
     np.testing.assert_allclose(flat(updates), -lr * flat(expected), rtol=1e-9)  # jit vs eager CG rounding
     sr_state = state[0]
     assert isinstance(sr_state, fishr.SRState)
     assert int(sr_state.count) == 1
-    assert int(sr_state.cg_iterations) > 0
+    assert fishr.SR_MODES[int(sr_state.mode)] == "lazy"
+    assert int(sr_state.info.iterations) > 0 and bool(sr_state.info.converged)
     np.testing.assert_allclose(flat(sr_state.previous), flat(expected), rtol=1e-9)
 
 
@@ -40,7 +42,7 @@ def test_damping_schedule_follows_count(problem):
     state = tx.init(params)
     update = jax.jit(tx.update)
     for step in range(3):
-        out, state = update(grad, state, params, samples=x)
+        out, state = update(grad, state, params, batch=x)
         damping_now = 0.1**step  # float64: the schedule is evaluated in the default float type
         expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=damping_now, mode="sample_space")
         np.testing.assert_allclose(flat(out), flat(expected), rtol=1e-10)
@@ -48,7 +50,7 @@ def test_damping_schedule_follows_count(problem):
 
 def test_schedules_are_evaluated_in_float64_under_x64():
     # optax on the int32 count would give float32 (0.1 -> 0.10000000149...)
-    from fishr.checks import damping_at
+    from fishr._validate import damping_at
 
     schedule = optax.linear_schedule(0.1, 0.01, 10)
     value = damping_at(schedule, jnp.zeros((), jnp.int32))
@@ -59,14 +61,14 @@ def test_schedules_are_evaluated_in_float64_under_x64():
 
 def test_momentum_in_transform_uses_previous_solution(problem):
     params, x, grad = problem
-    tx = fishr.sr(mlp_log_psi, damping=1e-2, mode="dense", solver="cholesky", momentum=0.8)
+    tx = fishr.sr(mlp_log_psi, damping=1e-2, mode="dense", solver=fishr.Cholesky(), momentum=0.8)
     state = tx.init(params)
-    x1, state = tx.update(grad, state, params, samples=x)
-    plain, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode="dense", solver="cholesky")
+    x1, state = tx.update(grad, state, params, batch=x)
+    plain, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode="dense", solver=fishr.Cholesky())
     np.testing.assert_allclose(flat(x1), flat(plain), rtol=1e-12)  # previous starts at zero
-    x2, state = tx.update(grad, state, params, samples=x)
-    expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode="dense", solver="cholesky",
-                                 momentum=0.8, previous=x1)
+    x2, state = tx.update(grad, state, params, batch=x)
+    expected, _ = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode="dense",
+                                 solver=fishr.Cholesky(), momentum=0.8, previous=x1)
     np.testing.assert_allclose(flat(x2), flat(expected), rtol=1e-12)
     assert not np.allclose(flat(x2), flat(x1))
 
@@ -74,13 +76,13 @@ def test_momentum_in_transform_uses_previous_solution(problem):
 def test_warm_start_from_previous_saves_iterations(problem):
     params, x, grad = problem
     iters = {}
-    for warm in ["grad", "previous", "zeros"]:
-        tx = fishr.sr(mlp_log_psi, damping=1e-3, tol=1e-10, warm_start=warm)
+    for warm in ["rhs", "previous", "zeros"]:
+        tx = fishr.sr(mlp_log_psi, damping=1e-3, solver=fishr.CG(rtol=1e-10, initial_guess=warm))
         state = tx.init(params)
-        _, state = tx.update(grad, state, params, samples=x)
-        _, state = tx.update(grad, state, params, samples=x)
-        iters[warm] = int(state.cg_iterations)
-    assert iters["previous"] < iters["grad"]
+        _, state = tx.update(grad, state, params, batch=x)
+        _, state = tx.update(grad, state, params, batch=x)
+        iters[warm] = int(state.info.iterations)
+    assert iters["previous"] < iters["rhs"]
     assert iters["previous"] < iters["zeros"]
 
 
@@ -90,7 +92,7 @@ def test_batch_size_may_change_between_calls(problem):
     state = tx.init(params)
     for n in (8, 12):
         x = jax.random.normal(jax.random.PRNGKey(n), (n, 3))
-        out, state = tx.update(grad, state, params, samples=x)
+        out, state = tx.update(grad, state, params, batch=x)
         assert np.all(np.isfinite(flat(out)))
 
 
@@ -104,33 +106,96 @@ def test_gradient_tree_must_match_params(problem):
     bad = dict(grad)
     del bad["phase"]
     with pytest.raises(ValueError, match="tree structure of `params`"):
-        tx.update(bad, state, params, samples=x)
+        tx.update(bad, state, params, batch=x)
     bad = jax.tree.map(lambda g: g, grad)
     bad["dense1"]["b"] = jnp.zeros(7)
     with pytest.raises(ValueError, match=r"\['dense1'\]\['b'\].*shape"):
-        jax.jit(tx.update)(bad, state, params, samples=x)
+        jax.jit(tx.update)(bad, state, params, batch=x)
 
 
-@pytest.mark.parametrize("damping", [-1e-3, -1.0])
-def test_negative_damping(damping):
-    with pytest.raises(ValueError, match="`damping` must be >= 0"):
+@pytest.mark.parametrize("damping", [-1e-3, -1.0, float("nan"), float("inf"), jnp.asarray(-0.01), np.float32(-1)])
+def test_bad_concrete_damping(damping):
+    with pytest.raises(ValueError, match="`damping` must be finite and >= 0"):
         fishr.sr(mlp_log_psi, damping=damping)
-    with pytest.raises(ValueError, match="`damping` must be >= 0"):
-        fishr.fisher_inverse_fn(mlp_log_psi, damping=damping)
+    with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
+        fishr.sr(mlp_log_psi, damping=damping, mode="sample_space")
+
+
+def test_damping_must_be_a_scalar():
+    with pytest.raises(ValueError, match="`damping` must be a real scalar"):
+        fishr.sr(mlp_log_psi, damping=jnp.ones(3))
+    with pytest.raises(ValueError, match="`damping` must be a real scalar"):
+        fishr.sr(mlp_log_psi, damping="0.1")
 
 
 def test_sample_space_needs_positive_damping():
-    with pytest.raises(ValueError, match="sample_space.*damping"):
+    with pytest.raises(ValueError, match="`damping` must be finite and > 0"):
         fishr.sr(mlp_log_psi, damping=0.0, mode="sample_space")
 
 
+@pytest.mark.parametrize("mode", ["lazy", "dense", "sample_space"])
+def test_negative_schedule_or_traced_damping_gives_nan_and_keeps_state(problem, mode):
+    params, x, grad = problem
+    schedule = lambda count: 1e-2 - 2e-2 * count  # 0.01, then -0.01
+    tx = fishr.sr(mlp_log_psi, damping=schedule, mode=mode)
+    state = tx.init(params)
+    good, state1 = jax.jit(tx.update)(grad, state, params, batch=x)
+    assert np.all(np.isfinite(flat(good)))
+    bad, state2 = jax.jit(tx.update)(grad, state1, params, batch=x)
+    assert np.all(np.isnan(flat(bad)))
+    for a, b in zip(jax.tree.leaves(state2), jax.tree.leaves(state1)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a traced damping in the pure function
+    solve = jax.jit(lambda d: fishr.sr_solve(mlp_log_psi, grad, params, x, damping=d, mode=mode)[0])
+    assert np.all(np.isnan(flat(solve(-0.01))))
+    assert np.all(np.isfinite(flat(solve(0.01))))
+
+
+def test_diverging_cg_on_singular_s_is_nan_and_state_kept(problem):
+    """damping=0 on a singular S (the unused 'phase' leaf): CG diverges; the update is NaN, not 1e33."""
+    params, x, grad = problem
+    tx = fishr.sr(mlp_log_psi, damping=0.0, mode="lazy")
+    state = tx.init(params)
+    out, new_state = jax.jit(tx.update)(grad, state, params, batch=x)
+    assert np.all(np.isnan(flat(out)))
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # a non-singular problem (no unused leaf, N = 64 > P = 30) at damping 0 still converges
+    sub = {k: v for k, v in params.items() if k != "phase"}
+    g = {k: v for k, v in grad.items() if k != "phase"}
+    many = jax.random.normal(jax.random.PRNGKey(9), (64, 3))
+    y, info = fishr.sr_solve(mlp_log_psi, g, sub, many, damping=0.0, solver=fishr.CG(rtol=1e-10))
+    assert bool(info.converged) and np.all(np.isfinite(flat(y)))
+
+
+def test_cg_options_are_validated():
+    for bad in [dict(max_steps=-5), dict(max_steps=0), dict(max_steps=2.5), dict(rtol=-1.0), dict(atol=float("nan")),
+                dict(initial_guess="last")]:
+        with pytest.raises(ValueError, match="fishr.CG: `(max_steps|rtol|atol|initial_guess)`"):
+            fishr.CG(**bad)
+
+
 def test_unknown_mode_and_solver():
-    with pytest.raises(ValueError, match="unknown `mode` 'exact'"):
+    with pytest.raises(ValueError, match="`mode` must be one of 'lazy', 'dense', 'sample_space'; got 'exact'"):
         fishr.sr(mlp_log_psi, mode="exact")
-    with pytest.raises(ValueError, match="`solver`='cholesky' is not available for mode='lazy'"):
-        fishr.sr(mlp_log_psi, mode="lazy", solver="cholesky")
-    with pytest.raises(ValueError, match="`warm_start`"):
-        fishr.sr(mlp_log_psi, warm_start="last")
+    with pytest.raises(TypeError, match=r"`solver` must be one of fishr.CG\(\) in mode='lazy'"):
+        fishr.sr(mlp_log_psi, mode="lazy", solver=fishr.Cholesky())
+    with pytest.raises(TypeError, match=r"`solver` must be one of fishr.Cholesky\(\), fishr.Eigh\(\) in mode='sample_space'"):
+        fishr.sr(mlp_log_psi, mode="sample_space", solver=fishr.CG())
+    with pytest.raises(TypeError, match="`solver`"):
+        fishr.sr(mlp_log_psi, mode="dense", solver="cholesky")
+    with pytest.raises(ValueError, match="`jacobian` must be one of"):
+        fishr.sr(mlp_log_psi, jacobian="fast")
+    with pytest.raises(ValueError, match="jacobian='structured' applies to modes"):
+        fishr.sr(mlp_log_psi, mode="dense", jacobian="structured")
+
+
+def test_empty_batch_is_refused(problem):
+    params, x, grad = problem
+    for mode in ["lazy", "dense", "sample_space"]:
+        tx = fishr.sr(mlp_log_psi, mode=mode)
+        with pytest.raises(ValueError, match="`batch` holds no samples"):
+            tx.update(grad, tx.init(params), params, batch=x[:0])
 
 
 @pytest.mark.parametrize("momentum", [-0.1, 1.0, 1.5])
@@ -147,17 +212,17 @@ def test_log_psi_must_return_one_value_per_sample(problem, mode):
         return mlp_log_psi(p, s)[:, None]  # (N, 1) instead of (N,)
 
     tx = fishr.sr(bad_log_psi, mode=mode)
-    with pytest.raises(ValueError, match=r"`log_psi_apply\(params, samples\)` must return one value per sample"):
-        jax.jit(tx.update)(grad, tx.init(params), params, samples=x)
+    with pytest.raises(ValueError, match=r"`apply_fn\(params, batch\)` must return log psi, one value per sample"):
+        jax.jit(tx.update)(grad, tx.init(params), params, batch=x)
 
 
 def test_missing_samples_or_params(problem):
     params, x, grad = problem
     tx = fishr.sr(mlp_log_psi)
-    with pytest.raises(ValueError, match="`samples=`"):
+    with pytest.raises(ValueError, match="`batch=`"):
         tx.update(grad, tx.init(params), params)
     with pytest.raises(ValueError, match="`params`"):
-        tx.update(grad, tx.init(params), None, samples=x)
+        tx.update(grad, tx.init(params), None, batch=x)
 
 
 def test_holomorphic_flag_must_match_params(problem):
@@ -180,10 +245,11 @@ def test_non_finite_step_leaves_state_and_params_clean(problem, mode, where):
     bad_x = x.at[3, 1].set(jnp.nan) if where == "samples" else x
     damping = 1e-2
 
-    tx = fishr.sr(mlp_log_psi, damping=damping, mode=mode, tol=1e-12, momentum=0.5)
+    cg = fishr.CG(rtol=1e-12) if mode != "sample_space" else None
+    tx = fishr.sr(mlp_log_psi, damping=damping, mode=mode, solver=cg, momentum=0.5)
     state0 = tx.init(params)
-    good, state1 = tx.update(grad, state0, params, samples=x)
-    out, state2 = jax.jit(tx.update)(bad_grad, state1, params, samples=bad_x)
+    good, state1 = tx.update(grad, state0, params, batch=x)
+    out, state2 = jax.jit(tx.update)(bad_grad, state1, params, batch=bad_x)
     assert not np.all(np.isfinite(flat(out)))  # the bad update is visible ...
     for a, b in zip(jax.tree.leaves(state2), jax.tree.leaves(state1)):  # ... and the state untouched
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
@@ -191,18 +257,18 @@ def test_non_finite_step_leaves_state_and_params_clean(problem, mode, where):
     # optax.apply_if_finite inspects the updates it receives. Placed after fishr.sr it sees SR's
     # output, so it catches non-finite samples as well as non-finite gradients; placed around the
     # whole chain it sees the raw gradient and catches non-finite gradients.
-    chains = {"after_sr": lambda: optax.chain(fishr.sr(mlp_log_psi, damping=damping, mode=mode, tol=1e-12),
+    chains = {"after_sr": lambda: optax.chain(fishr.sr(mlp_log_psi, damping=damping, mode=mode, solver=cg),
                                               optax.apply_if_finite(optax.sgd(0.1), 3))}
     if where == "grad":
         chains["outer"] = lambda: optax.apply_if_finite(
-            optax.chain(fishr.sr(mlp_log_psi, damping=damping, mode=mode, tol=1e-12), optax.sgd(0.1)), 3)
+            optax.chain(fishr.sr(mlp_log_psi, damping=damping, mode=mode, solver=cg), optax.sgd(0.1)), 3)
     for make in chains.values():
         opt = make()
         ostate = opt.init(params)
-        upd, ostate = jax.jit(opt.update)(bad_grad, ostate, params, samples=bad_x)
+        upd, ostate = jax.jit(opt.update)(bad_grad, ostate, params, batch=bad_x)
         new_params = optax.apply_updates(params, upd)
         np.testing.assert_array_equal(flat(new_params), flat(params))
         assert all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(ostate))
         # and the next good step is the one it would have been without the bad one
-        upd2, _ = opt.update(grad, ostate, params, samples=x)
+        upd2, _ = opt.update(grad, ostate, params, batch=x)
         np.testing.assert_allclose(flat(upd2), -0.1 * flat(good), rtol=1e-9)

@@ -22,11 +22,16 @@ Conventions reproduced from qmlhc:
 * ``theta_new = theta - lr * precond``, then ``clip(theta_new, -clip, clip)`` if
   ``clip`` is not ``None``.
 
-``HCNaturalGrad`` is :func:`fishr.branch_natgrad_solve` with qmlhc's CG
-(``cg_iters`` iterations from zero, absolute tolerance ``1e-6``); ``HCKFACLike``
-is :func:`fishr.branch_kfac_solve` (blocks solved by Cholesky where qmlhc uses
-LU, equal to rounding). Where the seeds would raise ``LinAlgError`` or return
-garbage for a singular block (``damp = 0``), these return NaN parameters.
+``HCNaturalGrad`` is fishr's projected branch solve with qmlhc's own CG loop
+(``cg_iters`` iterations from zero, at least one, the absolute tolerance ``1e-6``
+tested after each update, denominators floored at ``1e-12``; fishr's public
+:class:`fishr.CG` tests before each iteration); ``HCKFACLike`` is
+:func:`fishr.branch_kfac_solve` (blocks solved by Cholesky where qmlhc uses LU,
+equal to rounding). Deviations, where the seeds would silently compute garbage: a
+negative or non-finite ``fisher_damp`` / ``damp`` raises ``ValueError`` at
+construction, as does ``cg_iters < 0`` (``blocks`` is clamped to ``[1, D]`` as in qmlhc); where the seeds would raise
+``LinAlgError`` or return garbage for a singular block (``damp = 0``) or a diverged CG,
+these return NaN parameters.
 """
 
 from __future__ import annotations
@@ -37,21 +42,37 @@ import jax
 from jax.flatten_util import ravel_pytree
 import numpy as np
 
-from fishr.branch import branch_kfac_solve, branch_natgrad_solve
+from fishr import linalg
+from fishr._branch import branch_kfac_solve, projected_solve
+from fishr._validate import check_damping, check_int
 
 __all__ = ["HCKFACLike", "HCNaturalGrad"]
 
 GradEstimator = Callable[[Any, Mapping[str, Any], Mapping[str, Any]], np.ndarray]
 
 
+QMLHC_CG_TOL = 1e-6  # qmlhc's cg_solve: absolute tolerance on ||r||, tested after each update
+QMLHC_CG_FLOOR = 1e-12  # qmlhc's cg_solve guards both CG divisions with max(1e-12, .)
+
+
+def _qmlhc_cg(cg_iters: int):
+    """qmlhc's ``cg_solve`` on ``C + damping I``: from zero, at most ``cg_iters`` iterations and at least one."""
+
+    def state_solve(c, b, damping):
+        return linalg.cg(lambda v: c @ v + damping * v, b, None, rtol=0.0, atol=QMLHC_CG_TOL, max_steps=cg_iters,
+                         denominator_floor=QMLHC_CG_FLOOR, min_iterations=1)
+
+    return state_solve
+
+
 _kfac_preconditioner = jax.jit(
     lambda g, branches, projection, damping, blocks: branch_kfac_solve(
-        g, branches, projection, damping=damping, blocks=blocks),
+        g, branches, projection, damping=damping, blocks=blocks)[0],
     static_argnums=4,
 )
 _natgrad_preconditioner = jax.jit(
-    lambda g, branches, projection, damping, cg_iters: branch_natgrad_solve(
-        g, branches, projection, damping=damping, cg_iters=cg_iters, tol=1e-6)[0],
+    lambda g, branches, projection, damping, cg_iters: projected_solve(
+        g, branches, projection, damping, None, _qmlhc_cg(cg_iters), "HCNaturalGrad")[0],
     static_argnums=4,
 )
 
@@ -130,6 +151,8 @@ class HCNaturalGrad(_BranchOptimizer):
         grad_estimator: GradEstimator | None = None,
         seed: int = 12345,
     ):
+        check_damping(fisher_damp, "HCNaturalGrad", name="fisher_damp")
+        check_int(cg_iters, "HCNaturalGrad", "cg_iters", 0)
         self.lr = float(lr)
         self.fisher_damp = float(fisher_damp)
         self.cg_iters = int(cg_iters)
@@ -159,6 +182,7 @@ class HCKFACLike(_BranchOptimizer):
         clip: float | None = None,
         seed: int = 2027,
     ):
+        check_damping(damp, "HCKFACLike", name="damp")
         self.lr = float(lr)
         self.damp = float(damp)
         self.blocks = int(blocks)
@@ -168,4 +192,4 @@ class HCKFACLike(_BranchOptimizer):
         self._state: Dict[str, Any] = {}
 
     def _precondition(self, g, branches, projection):
-        return _kfac_preconditioner(g, branches, projection, self.damp, self.blocks)
+        return _kfac_preconditioner(g, branches, projection, self.damp, max(1, self.blocks))

@@ -1,7 +1,7 @@
 r"""ruvector-math's ``KFACLayer`` / ``KFACApproximation`` (Rust) on fishr's K-FAC factor code.
 
 The seed's interface and numbers, with its factor statistics, EMA, damping and
-Cholesky inverses computed by :mod:`fishr.kfac.factors` (no second implementation):
+Cholesky inverses computed by :mod:`fishr.kronecker` (no second implementation):
 
 * ``KFACLayer(input_dim, output_dim)`` (or ``KFACLayer.new(...)``): zero factors,
   ``damping = 1e-3``, ``ema_factor = 0.95``. ``with_damping(d)`` sets
@@ -48,8 +48,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fishr.checks import tree_all_finite
-from fishr.kfac import factors as F
+from fishr import kronecker as F
+from fishr._validate import tree_all_finite
+from fishr.solvers import Cholesky
 
 __all__ = [
     "EPS",
@@ -166,13 +167,14 @@ class KFACLayer:
         with _x64():
             new_a, new_g = F.layer_factors(jnp.asarray(a)[:, None, :], jnp.asarray(d)[:, None, :], has_bias=False)
             old = F.KroneckerFactors(a=(jnp.asarray(self.a_factor),), g=(jnp.asarray(self.g_factor),))
-            mixed = F.ema_update(old, F.KroneckerFactors(a=(new_a,), g=(new_g,)), self._ema_factor, self._num_updates)
+            mixed = F.ema_update(old, F.KroneckerFactors(a=(new_a,), g=(new_g,)), self._ema_factor, self._num_updates,
+                                 debias=False)
             self.a_factor, self.g_factor = np.asarray(mixed.a[0]), np.asarray(mixed.g[0])
         self._num_updates += 1
 
     def _inverses(self) -> F.KroneckerFactors:
         factors = F.KroneckerFactors(a=(jnp.asarray(self.a_factor),), g=(jnp.asarray(self.g_factor),))
-        inverses = F.factor_inverses(factors, self._damping, kind="trace", method="cholesky")
+        inverses = F.factor_inverses(factors, self._damping, kind="trace", solver=Cholesky())
         if not bool(tree_all_finite(inverses)):
             raise NumericalInstabilityError("Matrix not positive definite in K-FAC")
         return inverses

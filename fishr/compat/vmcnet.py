@@ -34,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from fishr import distributed
-from fishr.sr import sr_solve
+from fishr._sr_solve import sr_solve
+from fishr.solvers import CG
 
 __all__ = ["PMAP_AXIS_NAME", "SRMode", "get_fisher_inverse_fn"]
 
@@ -93,15 +94,24 @@ def get_fisher_inverse_fn(
       preconditioned gradient with the structure of ``energy_grad``.
     """
     fishr_mode = _fishr_mode(mode)
+    solver = CG(rtol=1e-5, atol=0.0, max_steps=maxiter, initial_guess="rhs")
 
     def centring_mean(scores: jax.Array) -> jax.Array:
         # fishr's score rows carry a component axis, (n, 1) or (n, 1, P); vmcnet's are (n,) or (n, P)
-        return mean_grad_fn(jnp.squeeze(scores, axis=1))
+        local = jnp.squeeze(scores, axis=1)
+        mean = mean_grad_fn(local)
+        if jnp.shape(mean) not in (local.shape[1:], (1,) + local.shape[1:]):
+            raise ValueError(
+                "get_fisher_inverse_fn: `mean_grad_fn` must average over the batch axis 0 only, mapping an "
+                f"array of shape {local.shape} to shape {local.shape[1:]}; it returned shape {jnp.shape(mean)} "
+                "(e.g. jnp.mean without axis=0)."
+            )
+        return jnp.reshape(mean, local.shape[1:])[None]
 
     def precondition_grad_with_fisher(energy_grad: Any, params: Any, positions: jax.Array) -> Any:
         x, _ = sr_solve(
-            log_psi_apply, energy_grad, params, positions, damping=damping, mode=fishr_mode,
-            maxiter=maxiter, tol=1e-5, atol=0.0, axis_name=_pmap_axis_if_bound(), mean_fn=centring_mean,
+            log_psi_apply, energy_grad, params, positions, damping=damping, mode=fishr_mode, solver=solver,
+            axis_name=_pmap_axis_if_bound(), mean_fn=centring_mean,
         )
         return x
 

@@ -5,8 +5,9 @@ For a dense layer ``z = a W (+ b)`` (Flax layout: kernel ``W`` of shape
 per-sample gradient with respect to the kernel is the outer product
 ``d s_i / d W = sum_t a_{i,t} d_{i,t}^T`` with ``d_{i,t} = d s_i / d z_{i,t}``
 (``t`` runs over the extra axes the layer is applied over: positions,
-particles, a sequence; and over repeated calls of a shared layer). K-FAC (and the
-structured exact SR of issue 6) need exactly these ``a`` and ``d``; this module
+particles, a sequence; and over repeated calls of a shared layer). Block K-FAC
+(:func:`fishr.kfac`) and structured exact SR (:func:`fishr.sr`,
+:mod:`fishr.jacobian`) need exactly these ``a`` and ``d``; this module, shared by both,
 collects all of them from ONE forward and ONE backward pass:
 
 * the forward pass runs ``fn`` under :func:`flax.linen.intercept_methods`; every
@@ -34,7 +35,8 @@ What is captured
   of ``params``. Layers inside ``nn.scan``/``nn.vmap``/``nn.remat`` or a
   ``jax.vmap`` over samples, layers whose parameters are transformed before
   use, and every other module are *not* captured; their parameters are listed
-  in :attr:`LayerPlan.uncovered` (K-FAC leaves them to the identity).
+  in :attr:`LayerPlan.uncovered` (K-FAC leaves them to the identity, structured SR
+  gives them explicit per-sample rows).
 * ``flax.linen.Conv`` is not captured (its kernel falls back to the identity):
   the Kronecker factors of a convolution (KFC, Grosse & Martens 2016) need the
   input patches (im2col) for the layer's window, strides, padding, dilation and
@@ -206,7 +208,7 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
     out = jax.eval_shape(traced, params, *args)
     if not hasattr(out, "shape") or len(out.shape) < 1:
         raise ValueError(
-            "fishr.kfac capture: `fn(params, ...)` must return an array with a leading batch axis "
+            "fishr.capture: `fn(params, ...)` must return an array with a leading batch axis "
             f"(one score per sample); got {out}."
         )
     n = out.shape[0]
@@ -308,7 +310,7 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
             x = _layer_input(iargs, ikwargs)
             if k is None or plan.calls[k].input_shape != tuple(jnp.shape(x)):
                 raise RuntimeError(
-                    "fishr.kfac capture: the model called its layers differently in two traces of the "
+                    "fishr.capture: the model called its layers differently in two traces of the "
                     "same function (call order or shapes changed); capture needs a deterministic model."
                 )
             out = next_fun(*iargs, **ikwargs)

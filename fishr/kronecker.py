@@ -1,9 +1,11 @@
 r"""Kronecker factors of the Fisher for dense layers: statistics, EMA, damping, inverses, preconditioning.
 
+The pure functions under :func:`fishr.kfac` (its optax transform).
+
 The math and its conventions
 ----------------------------
 For a captured dense layer ``z = a W (+ b)`` (Flax layout, ``W`` is ``(d_in, d_out)``),
-per-sample score ``s_i`` and ``d_{i,t} = d s_i / d z_{i,t}`` (see :mod:`fishr.kfac.capture`),
+per-sample score ``s_i`` and ``d_{i,t} = d s_i / d z_{i,t}`` (see :mod:`fishr.capture`),
 the layer's block of the Fisher ``F = E_i[vec(g_i) vec(g_i)^T]`` of the per-sample
 gradients ``g_i = sum_t abar_{i,t} d_{i,t}^T`` is approximated by ``A (x) G`` with
 
@@ -28,9 +30,10 @@ default is ``False`` (second moments, as the seed and Martens & Grosse): for the
 true Fisher ``E[d] = 0`` already, and centring ``a`` removes the input mean that
 the layer's curvature genuinely contains.
 
-EMA (the seed's rule): ``X <- new`` on the first update (``count == 0``, the zero
-initial factors are replaced), afterwards ``X <- ema X + (1 - ema) new``. Option
-``debias=True``: the bias-corrected EMA (kfac-jax's), see :func:`ema_update`.
+EMA: ``debias=True`` (the default of :func:`fishr.kfac`) is the bias-corrected EMA
+(kfac-jax's and Adam's convention), see :func:`ema_update`; ``debias=False`` is the
+seed's rule, ``X <- new`` on the first update (``count == 0``, the zero initial
+factors are replaced), afterwards ``X <- ema X + (1 - ema) new``.
 
 Damping (``kind``):
 
@@ -42,28 +45,28 @@ Damping (``kind``):
 Preconditioning: ``W``'s gradient ``Gamma`` (with the bias gradient as an extra
 row) becomes ``(A + s_A I)^{-1} Gamma (G + s_G I)^{-1}``, i.e.
 ``((A + s_A I) (x) (G + s_G I))^{-1} vec(Gamma)``; in the seed's ``(out, in)``
-layout this is ``G^{-1} dW A^{-1}``. Inverses are explicit, by Cholesky (the seed)
-or ``eigh`` (:func:`fishr.linalg.psd_inverse`). A damped factor that is not positive
-definite gives a non-finite inverse; :func:`fishr.checks.tree_all_finite` lets callers detect it (the
-optax transform then keeps the layer's previous inverse, the ruvector adapter
-raises).
+layout this is ``G^{-1} dW A^{-1}``. Inverses are explicit, by the solver object
+:class:`fishr.Cholesky` (the seed) or :class:`fishr.Eigh`. A damped factor that is
+not positive definite gives a non-finite inverse (the optax transform then keeps the
+layer's previous inverse, the ruvector adapter raises).
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from fishr import distributed
+from fishr._validate import check_choice
+from fishr.capture import LayerInfo, LayerPlan, augment_bias, capture
 from fishr.distributed import AxisName
-from fishr.kfac.capture import LayerInfo, LayerPlan, augment_bias, capture
-from fishr.linalg import pi_damping, psd_inverse, trace_damping
+from fishr.linalg import pi_damping, trace_damping
+from fishr.solvers import Cholesky, DirectSolver, Eigh, check_solver
 
 __all__ = [
     "DAMPING_KINDS",
-    "INVERSE_METHODS",
     "SEED_EPS",
     "KroneckerFactors",
     "damping_shifts",
@@ -79,7 +82,7 @@ __all__ = [
 
 SEED_EPS = 1e-10  # ruvector-math's utils::EPS: the floor of the seed's trace damping
 DAMPING_KINDS = ("pi", "trace")
-INVERSE_METHODS = ("cholesky", "eigh")
+DampingKind = Literal["pi", "trace"]
 
 
 class KroneckerFactors(NamedTuple):
@@ -123,7 +126,8 @@ def damping_shifts(a: jax.Array, g: jax.Array, damping: Any, kind: str = "pi") -
         return trace_damping(a, damping, SEED_EPS), trace_damping(g, damping, SEED_EPS)
     if kind == "pi":
         return pi_damping(a, g, damping)
-    raise ValueError(f"fishr.kfac: `damping_kind` must be one of {DAMPING_KINDS}, got {kind!r}.")
+    check_choice(kind, DAMPING_KINDS, "fishr.kfac", "damping_kind")
+    raise AssertionError(kind)
 
 
 def precondition_matrix(grad_matrix: jax.Array, a_inv: jax.Array, g_inv: jax.Array) -> jax.Array:
@@ -139,9 +143,9 @@ def factor_statistics(
 ) -> tuple[LayerPlan, KroneckerFactors]:
     """This batch's ``(A, G)`` for every captured layer of ``score_fn(params, *args)`` (shape ``(n_local,)``).
 
-    One forward and one backward pass (:func:`fishr.kfac.capture.capture`), then
+    One forward and one backward pass (:func:`fishr.capture.capture`), then
     the means of module docs over all devices of ``axis_name``. Returns the
-    static :class:`~fishr.kfac.capture.LayerPlan` and the factors.
+    static :class:`~fishr.capture.LayerPlan` and the factors.
     """
     cap = capture(score_fn, params, *args)
     if cap.outputs.ndim != 1:
@@ -177,12 +181,13 @@ def identity_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
 
 
 def ema_update(
-    old: KroneckerFactors, new: KroneckerFactors, ema: Any, count: Any, debias: bool = False
+    old: KroneckerFactors, new: KroneckerFactors, ema: Any, count: Any, debias: bool = True
 ) -> KroneckerFactors:
-    """``new`` if ``count == 0`` (first update replaces), else ``ema * old + (1 - ema) * new``.
+    """The factors' exponential moving average after ``count`` earlier updates.
 
-    ``debias=True`` instead keeps the bias-corrected average of all updates so far,
-    ``X_t = sum_k ema^(t-k) (1 - ema) new_k / (1 - ema^t)`` (``t = count + 1``; Adam's and
+    ``debias=False`` (the seed's rule): ``new`` if ``count == 0`` (first update replaces),
+    else ``ema * old + (1 - ema) * new``. ``debias=True`` (the default) instead keeps the
+    bias-corrected average of all updates so far, ``X_t = sum_k ema^(t-k) (1 - ema) new_k / (1 - ema^t)`` (``t = count + 1``; Adam's and
     kfac-jax's convention), by the recursion ``X_t = (ema (1 - ema^(t-1)) X_{t-1} +
     (1 - ema) new_t) / (1 - ema^t)``. It also replaces on the first update but forgets
     the first batches faster: with the seed's rule the first batch keeps weight
@@ -207,16 +212,16 @@ def ema_update(
 
 
 def factor_inverses(
-    factors: KroneckerFactors, damping: Any, *, kind: str = "pi", method: str = "cholesky"
+    factors: KroneckerFactors, damping: Any, *, kind: str = "pi", solver: DirectSolver = Cholesky()
 ) -> KroneckerFactors:
-    """``((A + s_A I)^{-1}, (G + s_G I)^{-1})`` per layer; non-finite where a damped factor is not PD."""
-    if method not in INVERSE_METHODS:
-        raise ValueError(f"fishr.kfac: `inverse_method` must be one of {INVERSE_METHODS}, got {method!r}.")
+    """``((A + s_A I)^{-1}, (G + s_G I)^{-1})`` per layer by ``solver`` (:class:`fishr.Cholesky` or
+    :class:`fishr.Eigh`); non-finite where a damped factor is not positive definite."""
+    check_solver(solver, (Cholesky, Eigh), "fishr.kfac", "for the factor inverses")
     a_inv, g_inv = [], []
     for a, g in zip(factors.a, factors.g):
         shift_a, shift_g = damping_shifts(a, g, damping, kind)
-        a_inv.append(psd_inverse(a, shift_a, method))
-        g_inv.append(psd_inverse(g, shift_g, method))
+        a_inv.append(solver.inverse(a, shift_a))
+        g_inv.append(solver.inverse(g, shift_g))
     return KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv))
 
 

@@ -24,11 +24,12 @@ The math and its conventions
 
       update = P (C + damping I)^{-1} P^T g
 
-  with the ``D x D`` solve by conjugate gradient (``solver="cg"``, the seed's) or
-  by a Cholesky factorisation (``solver="cholesky"``). The CG follows qmlhc's
-  ``cg_solve``: start at ``x = 0``, at most ``cg_iters`` iterations, at least
-  one, stop after an update once ``||r||_2 <= tol`` (an *absolute* tolerance on
-  the state-space residual), denominators floored at ``1e-12``.
+  with the ``D x D`` solve by a solver object (:mod:`fishr.solvers`): conjugate
+  gradient, ``fishr.CG(rtol=0.0, atol=1e-6, max_steps=8, initial_guess="zeros")`` by
+  default (qmlhc's iteration count and absolute tolerance, with fishr's CG semantics:
+  the test ``||r||_2 <= max(rtol ||b||, atol)`` before each iteration), or a direct
+  ``fishr.Cholesky()`` / ``fishr.Eigh()``. (qmlhc's own loop tests only after an update
+  and floors its denominators at ``1e-12``; :mod:`fishr.compat.qmlhc` keeps that.)
 * Branch-factored blocks (:func:`branch_kfac_solve`): ``C + damping I`` is cut
   into ``blocks`` diagonal blocks (``blocks`` clamped to ``[1, D]``; sizes
   ``D // blocks``, the first ``D % blocks`` of them one larger), the
@@ -37,29 +38,33 @@ The math and its conventions
 
       update = P blockdiag(C + damping I)^{-1} P^T g
 
-  Blocks of equal size are solved in one batched Cholesky, so there are at
-  most two solves per step whatever ``blocks`` is.
+  Blocks of equal size are solved in one batched solve (``fishr.Cholesky()`` or
+  ``fishr.Eigh()``), so there are at most two solves per step whatever ``blocks`` is.
 * Without branches (``branches`` is ``None`` or not 2-D) the gradient is
   returned unchanged and no projection is drawn, as in the seeds.
 
 The sign and the learning rate are left to the chain, as in optax; the seeds'
 parameter clip is :func:`clip_params`. qmlhc's ``HCNaturalGrad`` is::
 
-    optax.chain(fishr.branch_natgrad(fisher_damp, cg_iters=cg_iters, key=key),
+    optax.chain(fishr.branch_natgrad(fisher_damp, solver=fishr.CG(rtol=0.0, atol=1e-6,
+                max_steps=cg_iters, initial_guess="zeros"), key=key),
                 optax.scale(-lr), fishr.clip_params(clip))    # clip: optional
 
-and ``HCKFACLike`` the same with ``fishr.branch_kfac(damp, blocks=blocks, key=key)``.
-These chains draw ``P`` from JAX's random stream; :mod:`fishr.compat.qmlhc`
-draws it from the seeds' NumPy stream and reproduces their numbers.
+(up to qmlhc's test-after-update and denominator floor, which matter only when
+``||P^T g|| <= 1e-6`` or a direction has no curvature), and ``HCKFACLike`` is the same
+with ``fishr.branch_kfac(damp, blocks=blocks, key=key)``. These chains draw ``P`` from
+JAX's random stream; :mod:`fishr.compat.qmlhc` draws it from the seeds' NumPy stream
+and reproduces their numbers.
 
-Non-finite values: a NaN/inf in ``g`` or ``B`` gives a NaN update (the solves
-never hide it); the transforms then leave their state (step count and key)
-exactly as it was, so that ``optax.apply_if_finite`` can skip the step.
+Non-finite values: a NaN/inf in ``g`` or ``B``, a negative or non-finite traced
+damping or schedule value, or a CG that diverged (its residual above ``||P^T g||``)
+gives a NaN update (the solves never hide it); the transforms then leave their state
+(step count, key, diagnostics) exactly as it was, so that ``optax.apply_if_finite``
+can skip the step.
 """
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, NamedTuple, Optional, Union
 
 import jax
@@ -69,13 +74,14 @@ import numpy as np
 import optax
 
 from fishr import distributed
-from fishr.checks import check_damping, damping_at, tree_all_finite
+from fishr._validate import (check_damping, check_int, check_key, damping_at, damping_ok, poison,
+                             tree_all_finite)
 from fishr.distributed import AxisName
-from fishr.linalg import CGInfo, cg, cholesky_solve
+from fishr.linalg import SolveInfo, solve_info
+from fishr.solvers import CG, Cholesky, DirectSolver, Eigh, check_solver
 
 __all__ = [
-    "BranchKFACState",
-    "BranchNatGradState",
+    "BranchState",
     "block_sizes",
     "branch_covariance",
     "branch_kfac",
@@ -90,8 +96,7 @@ __all__ = [
 Projection = Union[jax.Array, np.ndarray, Callable[[jax.Array], jax.Array]]
 ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
-SOLVERS = ("cg", "cholesky")
-CG_DENOMINATOR_FLOOR = 1e-12  # qmlhc's cg_solve guards both CG divisions with max(1e-12, .)
+DEFAULT_CG = CG(rtol=0.0, atol=1e-6, max_steps=8, initial_guess="zeros")  # qmlhc's cg_iters=8, tol=1e-6
 
 
 # --------------------------------------------------------------------------- checks
@@ -102,34 +107,15 @@ def has_branches(branches: Any) -> bool:
     return branches is not None and jnp.ndim(branches) == 2
 
 
-def _check_solver(solver: str) -> None:
-    if solver not in SOLVERS:
-        raise ValueError(f"fishr.branch_natgrad: `solver` must be one of {SOLVERS}, got {solver!r}.")
+def _check_natgrad_solver(solver: Any, who: str) -> None:
+    check_solver(solver, (CG, Cholesky, Eigh), who, "for the D x D state-space solve")
+    if isinstance(solver, CG) and solver.initial_guess == "previous":
+        raise ValueError(f"{who}: CG(initial_guess='previous') does not apply: each step's projection is new, "
+                         "so the last state-space solution is no guess for this one.")
 
 
-def _check_cg(cg_iters: Any, tol: Any) -> None:
-    if not isinstance(cg_iters, numbers.Integral) or cg_iters < 0:
-        raise ValueError(f"fishr.branch_natgrad: `cg_iters` must be an int >= 0, got {cg_iters!r}.")
-    if not isinstance(tol, numbers.Real) or tol < 0:
-        raise ValueError(f"fishr.branch_natgrad: `tol` must be a float >= 0, got {tol!r}.")
-
-
-def _check_blocks(blocks: Any) -> None:
-    if not isinstance(blocks, numbers.Integral):
-        raise ValueError(f"fishr.branch_kfac: `blocks` must be an int, got {blocks!r}.")
-
-
-def _check_key(key: Any, projection: Any, name: str) -> jax.Array:
-    if key is None:
-        if projection is None:
-            raise ValueError(
-                f"fishr.{name}: the random projection needs `key=` (a jax.random key or an int seed); "
-                "or pass `projection=` (an (n_params, D) matrix or a linear map)."
-            )
-        return jax.random.key(0)  # unused: the projection is the user's
-    if isinstance(key, numbers.Integral):
-        return jax.random.key(key)
-    return key
+def _check_blocks(blocks: Any, who: str) -> None:
+    check_int(blocks, who, "blocks", 1)
 
 
 # --------------------------------------------------------------------------- pure functions
@@ -147,6 +133,8 @@ def branch_covariance(branches: jax.Array, axis_name: AxisName = None) -> jax.Ar
             f"fishr.branch_covariance: `branches` must be a 2-D (K, D) array, got shape {jnp.shape(branches)}."
         )
     branches = jnp.asarray(branches)
+    if branches.shape[0] == 0:
+        raise ValueError("fishr.branch_covariance: `branches` holds no branches (K = 0).")
     k = distributed.batch_size(branches.shape[0], axis_name)
     centred = branches - distributed.batch_mean(branches, axis_name)
     return distributed.psum(centred.T @ centred, axis_name) / max(1, k - 1)
@@ -165,14 +153,14 @@ def block_sizes(state_dim: int, blocks: int) -> tuple[int, ...]:
     return (base + 1,) * extra + (base,) * (blocks - extra)
 
 
-def _projection_maps(projection: Projection, num_params: int, state_dim: int, dtype: Any, name: str):
+def _projection_maps(projection: Projection, num_params: int, state_dim: int, dtype: Any, who: str):
     """``(v -> P v, g -> P^T g)`` for a matrix or a linear map, checked at trace time."""
     if callable(projection):
         v_spec = jax.ShapeDtypeStruct((state_dim,), dtype)
         out = jax.eval_shape(projection, v_spec)
         if getattr(out, "shape", None) != (num_params,):
             raise ValueError(
-                f"fishr.{name}: a callable `projection` must map a state vector of shape ({state_dim},) "
+                f"{who}: a callable `projection` must map a state vector of shape ({state_dim},) "
                 f"to a raveled parameter vector of shape ({num_params},); got {getattr(out, 'shape', out)}."
             )
         transpose = jax.linear_transpose(projection, v_spec)
@@ -180,150 +168,151 @@ def _projection_maps(projection: Projection, num_params: int, state_dim: int, dt
             jax.eval_shape(transpose, jax.ShapeDtypeStruct((num_params,), out.dtype))
         except (NotImplementedError, TypeError, ValueError) as err:
             raise ValueError(
-                f"fishr.{name}: a callable `projection` must be a linear map v -> P v "
+                f"{who}: a callable `projection` must be a linear map v -> P v "
                 f"(its transpose gives P^T g); transposing it failed: {err}"
             ) from err
         return projection, lambda g: transpose(g.astype(out.dtype))[0]
     matrix = jnp.asarray(projection)
     if matrix.shape != (num_params, state_dim):
         raise ValueError(
-            f"fishr.{name}: `projection` must have shape (n_params, D) = ({num_params}, {state_dim}); "
-            f"got {matrix.shape}."
+            f"{who}: `projection` must have shape (n_params, D) = ({num_params}, {state_dim}); got {matrix.shape}."
         )
     return (lambda v: matrix @ v), (lambda g: matrix.T @ g)
 
 
-def _no_branches_info(dtype: Any) -> CGInfo:
-    return CGInfo(iterations=jnp.zeros((), jnp.int32), residual_norm=jnp.zeros((), dtype))
+def _no_branches_info(dtype: Any) -> SolveInfo:
+    return solve_info(jnp.zeros((), dtype), True)
 
 
-def _state_space_solve(c, b, damping, solver, cg_iters, tol):
-    def matvec(v):
-        return c @ v + damping * v
-
-    if solver == "cholesky":
-        x = cholesky_solve(c, b, damping)
-        residual = jnp.linalg.norm(b - matvec(x))
-        return x, CGInfo(iterations=jnp.zeros((), jnp.int32), residual_norm=residual)
-    return cg(
-        matvec, b, None, tol=0.0, atol=tol, maxiter=cg_iters,
-        denominator_floor=CG_DENOMINATOR_FLOOR, min_iterations=1,
-    )
+def _block_mask(sizes) -> np.ndarray:
+    """The static boolean mask of the diagonal blocks of sizes ``sizes``."""
+    owner = np.repeat(np.arange(len(sizes)), sizes)
+    return owner[:, None] == owner[None, :]
 
 
-def _block_diagonal_solve(c, b, damping, sizes):
-    """``blockdiag(c + damping I)^{-1} b``, one batched Cholesky per distinct block size (at most two)."""
+def _block_diagonal_solve(c, b, damping, sizes, solver: DirectSolver):
+    """``blockdiag(c + damping I)^{-1} b``, one batched solve per distinct block size (at most two)."""
     pieces, offset = [], 0
     for size in sorted(set(sizes), reverse=True):  # the larger blocks come first
         count = sizes.count(size)
         idx = offset + size * np.arange(count)[:, None] + np.arange(size)[None, :]  # static (count, size)
         if size > 0:
             diag_blocks = c[idx[:, :, None], idx[:, None, :]]  # (count, size, size)
-            pieces.append(cholesky_solve(diag_blocks, b[idx][..., None], damping)[..., 0].reshape(-1))
+            pieces.append(solver.apply_inverse(diag_blocks, b[idx][..., None], damping)[..., 0].reshape(-1))
         offset += count * size
-    return jnp.concatenate(pieces) if pieces else jnp.zeros_like(b)
+    x = jnp.concatenate(pieces) if pieces else jnp.zeros_like(b)
+    r = b - (jnp.where(_block_mask(sizes), c, 0.0) @ x + damping * x)  # the block-diagonal system's residual
+    return x, solve_info(jnp.linalg.norm(r), jnp.all(jnp.isfinite(x)))
 
 
-def _prepare(grad, branches, projection, name):
-    flat_g, unravel = ravel_pytree(grad)
+def _prepare(grads, branches, projection, who):
+    flat_g, unravel = ravel_pytree(grads)
     branches = jnp.asarray(branches)
     state_dim = branches.shape[1]
     dtype = jnp.result_type(flat_g, branches)
-    forward, transpose = _projection_maps(projection, flat_g.shape[0], state_dim, dtype, name)
+    forward, transpose = _projection_maps(projection, flat_g.shape[0], state_dim, dtype, who)
     return flat_g, unravel, branches, forward, transpose
 
 
+def projected_solve(grads, branches, projection, damping, axis_name, state_solve, who):
+    """``P A^{-1} P^T g`` with ``A^{-1} b = state_solve(C, b, damping) -> (v, info)``.
+
+    What :func:`branch_natgrad_solve` and :func:`branch_kfac_solve` share (and the qmlhc
+    adapter, with qmlhc's own CG as ``state_solve``). A traced damping that is negative
+    or not finite gives a NaN update.
+    """
+    if not has_branches(branches):
+        return grads, _no_branches_info(ravel_pytree(grads)[0].dtype)
+    flat_g, unravel, branches, forward, transpose = _prepare(grads, branches, projection, who)
+    c = branch_covariance(branches, axis_name)
+    ok = damping_ok(damping)
+    v, info = state_solve(c, transpose(flat_g), jnp.where(ok, damping, jnp.nan))
+    return poison(unravel(forward(v).astype(flat_g.dtype)), ok), info
+
+
 def branch_natgrad_solve(
-    grad: Any,
+    grads: Any,
     branches: Optional[jax.Array],
     projection: Projection,
     *,
     damping: Any = 1e-3,
-    solver: str = "cg",
-    cg_iters: int = 8,
-    tol: float = 1e-6,
+    solver: Union[CG, Cholesky, Eigh] = DEFAULT_CG,
     axis_name: AxisName = None,
-) -> tuple[Any, CGInfo]:
+) -> tuple[Any, SolveInfo]:
     r"""``P (C + damping I)^{-1} P^T g``, the branch natural gradient (see the module docs).
 
     A pure, jit-able function.
 
     Args:
-      grad: gradient pytree ``g`` (raveled with ``ravel_pytree`` to ``n`` entries).
+      grads: gradient pytree ``g`` (raveled with ``ravel_pytree`` to ``n`` entries).
       branches: ``(K_local, D)`` states, or ``None`` / not 2-D for no preconditioning.
       projection: ``(n, D)`` matrix ``P``, or a linear map ``v (D,) -> P v (n,)``.
       damping: ``damping >= 0`` added to ``C``.
-      solver: ``"cg"`` (qmlhc's CG, see the module docs) or ``"cholesky"`` (exact).
-      cg_iters: maximum CG iterations (at least one is taken when ``cg_iters >= 1``).
-      tol: absolute tolerance on the state-space residual norm ``||r||_2``.
+      solver: ``fishr.CG(...)`` (default ``CG(rtol=0.0, atol=1e-6, max_steps=8,
+        initial_guess="zeros")``), ``fishr.Cholesky()`` or ``fishr.Eigh()``.
       axis_name: mapped axis the branches are split over (``None``: one device).
 
     Returns:
-      ``(update, CGInfo)``; the update has the structure of ``grad``. Without
-      branches it is ``grad`` itself with 0 iterations and residual 0; the
-      Cholesky solve reports 0 iterations and its explicit residual norm.
+      ``(update, fishr.SolveInfo)``; the update has the structure of ``grads``. Without
+      branches it is ``grads`` itself with 0 iterations and residual 0.
     """
-    check_damping(damping, "fishr.branch_natgrad_solve")
-    _check_solver(solver)
-    _check_cg(cg_iters, tol)
-    if not has_branches(branches):
-        return grad, _no_branches_info(ravel_pytree(grad)[0].dtype)
-    flat_g, unravel, branches, forward, transpose = _prepare(grad, branches, projection, "branch_natgrad_solve")
-    c = branch_covariance(branches, axis_name)
-    v, info = _state_space_solve(c, transpose(flat_g), damping, solver, cg_iters, tol)
-    return unravel(forward(v).astype(flat_g.dtype)), info
+    who = "fishr.branch_natgrad_solve"
+    check_damping(damping, who)
+    _check_natgrad_solver(solver, who)
+
+    def state_solve(c, b, d):
+        if isinstance(solver, CG):
+            return solver.solve(lambda v: c @ v + d * v, b, solver.start(b))
+        return solver.solve(c, b, d)
+
+    return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
 
 
 def branch_kfac_solve(
-    grad: Any,
+    grads: Any,
     branches: Optional[jax.Array],
     projection: Projection,
     *,
     damping: Any = 1e-3,
     blocks: int = 4,
+    solver: DirectSolver = Cholesky(),
     axis_name: AxisName = None,
-) -> Any:
+) -> tuple[Any, SolveInfo]:
     r"""``P blockdiag(C + damping I)^{-1} P^T g``, the branch-factored update (see the module docs).
 
     A pure, jit-able function; arguments as :func:`branch_natgrad_solve`, with
-    ``blocks`` the number of diagonal blocks (clamped to ``[1, D]``, sizes from
-    :func:`block_sizes`). Without branches returns ``grad`` unchanged.
+    ``blocks`` the number of diagonal blocks (an int ``>= 1``, clamped to ``D``; sizes
+    from :func:`block_sizes`) and ``solver`` ``fishr.Cholesky()`` or ``fishr.Eigh()``
+    for the blocks. Returns ``(update, fishr.SolveInfo)``; without branches ``grads``
+    unchanged. The reported residual is that of the block-diagonal system.
     """
-    check_damping(damping, "fishr.branch_kfac_solve")
-    _check_blocks(blocks)
-    if not has_branches(branches):
-        return grad
-    flat_g, unravel, branches, forward, transpose = _prepare(grad, branches, projection, "branch_kfac_solve")
-    c = branch_covariance(branches, axis_name)
-    sizes = block_sizes(branches.shape[1], blocks)
-    v = _block_diagonal_solve(c, transpose(flat_g), damping, sizes)
-    return unravel(forward(v).astype(flat_g.dtype))
+    who = "fishr.branch_kfac_solve"
+    check_damping(damping, who)
+    _check_blocks(blocks, who)
+    check_solver(solver, (Cholesky, Eigh), who, "for the diagonal blocks")
+
+    def state_solve(c, b, d):
+        return _block_diagonal_solve(c, b, d, block_sizes(c.shape[0], blocks), solver)
+
+    return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
 
 
 # --------------------------------------------------------------------------- optax
 
 
-class BranchNatGradState(NamedTuple):
-    """State of :func:`branch_natgrad`.
+class BranchState(NamedTuple):
+    """State of :func:`branch_natgrad` and :func:`branch_kfac`.
 
     Attributes:
       count: number of finite updates so far (the damping schedule's step).
-      key: ``jax.random`` key of the next projection (split on every step that draws one).
-      cg_iterations: iterations of the last finite solve (0: Cholesky or no branches).
-      residual_norm: state-space residual norm of the last finite solve.
+      key: data (``jax.random.key_data``, uint32) of the key of the next projection,
+        split on every step that draws one; stored as data so that the state serialises.
+      info: :class:`fishr.SolveInfo` of the last finite solve with branches.
     """
 
     count: jax.Array
     key: jax.Array
-    cg_iterations: jax.Array
-    residual_norm: jax.Array
-
-
-class BranchKFACState(NamedTuple):
-    """State of :func:`branch_kfac`: finite-update ``count`` and the projection ``key``."""
-
-    count: jax.Array
-    key: jax.Array
+    info: SolveInfo
 
 
 def _step_projection(projection, key, updates, branches):
@@ -336,23 +325,28 @@ def _step_projection(projection, key, updates, branches):
     return gaussian_projection(sub, flat_g.shape[0], jnp.shape(branches)[1], dtype), key
 
 
-def _branch_transform(name, solve, init_extra, make_state, damping, projection, key):
+def _branch_transform(who, solve, damping, projection, key):
     """The optax transform shared by :func:`branch_natgrad` and :func:`branch_kfac`."""
-    check_damping(damping, "fishr." + name)
-    key = _check_key(key, projection, name)
+    check_damping(damping, who)
+    if key is not None and projection is not None:
+        raise ValueError(f"{who}: `key` draws the random projection; with a fixed `projection=` it has no use.")
+    key_data, key_impl = check_key(key, who)
 
     def init_fn(params):
         del params
-        return make_state(jnp.zeros((), jnp.int32), key, *init_extra())
+        return BranchState(jnp.zeros((), jnp.int32), key_data, solve_info(jnp.zeros((), jnp.result_type(float)), False))
 
     def update_fn(updates, state, params=None, *, branches=None, **extra_args):
         del params, extra_args
         damping_now = damping_at(damping, state.count)
-        new_key, extra = state.key, init_extra()
+        new_key, info = state.key, state.info
         if has_branches(branches):
-            matrix, new_key = _step_projection(projection, state.key, updates, branches)
-            updates, extra = solve(updates, branches, matrix, damping_now)
-        new_state = make_state(optax.safe_increment(state.count), new_key, *extra)
+            matrix, key = _step_projection(projection, jax.random.wrap_key_data(state.key, impl=key_impl), updates,
+                                           branches)
+            new_key = jax.random.key_data(key)
+            updates, info = solve(updates, branches, matrix, damping_now)
+            info = jax.tree.map(lambda new, old: new.astype(old.dtype), info, state.info)
+        new_state = BranchState(optax.safe_increment(state.count), new_key, info)
         new_state = optax.tree.where(tree_all_finite(updates), new_state, state)
         return updates, new_state
 
@@ -362,74 +356,71 @@ def _branch_transform(name, solve, init_extra, make_state, damping, projection, 
 def branch_natgrad(
     damping: ScalarOrSchedule = 1e-3,
     *,
-    key: Any = None,
+    solver: Union[CG, Cholesky, Eigh] = DEFAULT_CG,
     projection: Optional[Projection] = None,
-    solver: str = "cg",
-    cg_iters: int = 8,
-    tol: float = 1e-6,
+    key: Optional[jax.Array] = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-covariance natural gradient as an optax transformation.
 
     ``update(grads, state, params=None, *, branches=None)`` returns
-    ``P (C + damping I)^{-1} P^T grads`` (see :mod:`fishr.branch`), or ``grads``
-    unchanged when ``branches`` is ``None`` or not 2-D::
+    ``P (C + damping I)^{-1} P^T grads`` (see :func:`fishr.branch_natgrad_solve`), or
+    ``grads`` unchanged when ``branches`` is ``None`` or not 2-D::
 
         opt = optax.chain(fishr.branch_natgrad(1e-3, key=jax.random.key(0)), optax.sgd(5e-3))
         updates, state = opt.update(grads, state, params, branches=B)
 
     Args:
       damping: float ``>= 0`` or an ``optax.Schedule`` of the finite-step count.
-      key: ``jax.random`` key (or int seed) of the Gaussian projections; the
-        state's key is split on every step with branches, so a run is
-        reproducible from ``key``. Needed unless ``projection`` is given.
+      solver: ``fishr.CG(...)`` (default ``CG(rtol=0.0, atol=1e-6, max_steps=8,
+        initial_guess="zeros")``), ``fishr.Cholesky()`` or ``fishr.Eigh()``.
       projection: fixed ``(n_params, D)`` matrix or linear map ``v -> P v``
         used instead of the random projection.
-      solver: ``"cg"`` (qmlhc's CG) or ``"cholesky"``.
-      cg_iters, tol: CG iterations and absolute residual tolerance.
+      key: ``jax.random`` key of the Gaussian projections (default ``jax.random.key(0)``);
+        the state's key is split on every step with branches, so a run is
+        reproducible from ``key``. Not accepted with a fixed ``projection``.
       axis_name: mapped axis the branches are split over under ``pmap``/``shard_map``.
 
-    A non-finite update (from a non-finite gradient or branch) is returned as
-    is and the state is left unchanged (count, key and diagnostics).
+    A non-finite update (from a non-finite gradient or branch, a bad traced damping, a
+    diverged CG) is returned as is and the state is left unchanged (count, key and
+    diagnostics).
     """
-    _check_solver(solver)
-    _check_cg(cg_iters, tol)
+    who = "fishr.branch_natgrad"
+    _check_natgrad_solver(solver, who)
 
     def solve(updates, branches, matrix, damping_now):
-        x, info = branch_natgrad_solve(
-            updates, branches, matrix, damping=damping_now, solver=solver, cg_iters=cg_iters, tol=tol,
-            axis_name=axis_name,
-        )
-        return x, (info.iterations.astype(jnp.int32), info.residual_norm.astype(jnp.result_type(float)))
+        return branch_natgrad_solve(updates, branches, matrix, damping=damping_now, solver=solver,
+                                    axis_name=axis_name)
 
-    def init_extra():
-        return jnp.zeros((), jnp.int32), jnp.zeros((), jnp.result_type(float))
-
-    return _branch_transform("branch_natgrad", solve, init_extra, BranchNatGradState, damping, projection, key)
+    return _branch_transform(who, solve, damping, projection, key)
 
 
 def branch_kfac(
     damping: ScalarOrSchedule = 1e-3,
     *,
     blocks: int = 4,
-    key: Any = None,
+    solver: DirectSolver = Cholesky(),
     projection: Optional[Projection] = None,
+    key: Optional[jax.Array] = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-factored block preconditioner as an optax transformation.
 
     ``update(grads, state, params=None, *, branches=None)`` returns
     ``P blockdiag(C + damping I)^{-1} P^T grads`` with ``blocks`` diagonal
-    blocks (see :mod:`fishr.branch`), or ``grads`` unchanged without branches.
-    Other arguments and the non-finite behaviour as :func:`branch_natgrad`.
+    blocks (see :func:`fishr.branch_kfac_solve`), or ``grads`` unchanged without
+    branches. ``solver`` is ``fishr.Cholesky()`` or ``fishr.Eigh()``; other arguments
+    and the non-finite behaviour as :func:`branch_natgrad`.
     """
-    _check_blocks(blocks)
+    who = "fishr.branch_kfac"
+    _check_blocks(blocks, who)
+    check_solver(solver, (Cholesky, Eigh), who, "for the diagonal blocks")
 
     def solve(updates, branches, matrix, damping_now):
-        x = branch_kfac_solve(updates, branches, matrix, damping=damping_now, blocks=blocks, axis_name=axis_name)
-        return x, ()
+        return branch_kfac_solve(updates, branches, matrix, damping=damping_now, blocks=blocks, solver=solver,
+                                 axis_name=axis_name)
 
-    return _branch_transform("branch_kfac", solve, tuple, BranchKFACState, damping, projection, key)
+    return _branch_transform(who, solve, damping, projection, key)
 
 
 class ClipParamsState(NamedTuple):
@@ -444,8 +435,7 @@ def clip_params(bound: float) -> optax.GradientTransformation:
     one rounding of ``params + (clipped - params)``). Put it last in the chain,
     after the learning rate.
     """
-    if not isinstance(bound, numbers.Real) or not bound >= 0:
-        raise ValueError(f"fishr.clip_params: `bound` must be a float >= 0, got {bound!r}.")
+    check_damping(bound, "fishr.clip_params", name="bound")
 
     def init_fn(params):
         del params

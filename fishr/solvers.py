@@ -1,0 +1,140 @@
+r"""Solver objects: how a damped system ``(A + damping I) x = b`` is solved, with their options.
+
+In the style of lineax: a solver is a small frozen (hashable, jit-static) object that
+holds exactly the options that apply to it, so an option that means nothing for a
+solve cannot be written, and every option is validated once, when the object is built.
+Every solve returns ``(x, fishr.SolveInfo)``.
+
+* :class:`CG`: conjugate gradient on an operator ``v -> A v`` (no matrix is formed).
+  Stops when ``||b - A x||_2 <= max(rtol ||b||_2, atol)`` or after ``max_steps``;
+  ``initial_guess`` is the right-hand side (vmcnet's choice), the previous solution
+  of a transform, or zero. The same tolerance semantics everywhere in fishr.
+* :class:`Cholesky`: a direct solve by the Cholesky factorisation of the damped
+  matrix (fails, with NaN, when it is not positive definite).
+* :class:`Eigh`: a direct solve by the eigendecomposition ``A = U diag(w) U^H``:
+  ``x = U diag(1 / (w + damping)) U^H b`` (NaN where ``w + damping <= 0``).
+
+Which methods take which solver: :func:`fishr.sr` takes :class:`CG` in
+``mode="lazy"``, :class:`CG`, :class:`Cholesky` or :class:`Eigh` in ``mode="dense"``
+(on the ``P x P`` matrix), :class:`Cholesky` or :class:`Eigh` in
+``mode="sample_space"`` (on the ``N x N`` kernel); :func:`fishr.branch_natgrad`
+takes :class:`CG`, :class:`Cholesky` or :class:`Eigh` (on the ``D x D`` covariance);
+:func:`fishr.kfac` takes :class:`Cholesky` or :class:`Eigh` (for the factor inverses).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Literal, Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fishr import linalg
+from fishr._validate import check_choice, check_int
+from fishr.linalg import SolveInfo, solve_info
+
+__all__ = ["CG", "Cholesky", "DirectSolver", "Eigh", "Solver"]
+
+InitialGuess = Literal["rhs", "previous", "zeros"]
+_INITIAL_GUESSES = ("rhs", "previous", "zeros")
+
+
+def _check_tolerance(value: Any, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value) or value < 0:
+        raise ValueError(f"fishr.CG: `{name}` must be a finite float >= 0, got {value!r}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class CG:
+    """Conjugate gradient (see the module docstring).
+
+    Attributes:
+      rtol: tolerance on ``||b - A x||_2`` relative to ``||b||_2`` (``>= 0``).
+      atol: absolute tolerance on ``||b - A x||_2`` (``>= 0``).
+      max_steps: iteration cap (``>= 1``); ``None`` is ``10 * size(b)``, as in
+        ``jax.scipy.sparse.linalg.cg``.
+      initial_guess: ``"rhs"`` (start from ``b``, vmcnet's choice), ``"previous"`` (the
+        transform's last solution; in a pure solve, the ``previous`` argument) or ``"zeros"``.
+
+    A solve that stops at ``max_steps`` above the tolerance reports
+    ``converged=False``; one whose result is worse than zero (divergence) or not
+    finite returns NaN (see :func:`fishr.linalg.cg`).
+    """
+
+    rtol: float = 1e-5
+    atol: float = 0.0
+    max_steps: Optional[int] = None
+    initial_guess: InitialGuess = "rhs"
+
+    def __post_init__(self):
+        _check_tolerance(self.rtol, "rtol")
+        _check_tolerance(self.atol, "atol")
+        check_int(self.max_steps, "fishr.CG", "max_steps", 1, allow_none=True)
+        check_choice(self.initial_guess, _INITIAL_GUESSES, "fishr.CG", "initial_guess")
+
+    def start(self, b: Any, previous: Optional[Any] = None) -> Optional[Any]:
+        """The initial guess for right-hand side ``b`` (``None`` means zeros)."""
+        if self.initial_guess == "rhs":
+            return b
+        if self.initial_guess == "previous":
+            if previous is None:
+                raise ValueError("fishr.CG: initial_guess='previous' needs the previous solution (`previous=`).")
+            return previous
+        return None
+
+    def solve(self, matvec: Callable[[Any], Any], b: Any, x0: Optional[Any] = None) -> tuple[Any, SolveInfo]:
+        """``A^{-1} b`` for the operator ``matvec = v -> A v`` (damping included), from ``x0``."""
+        return linalg.cg(matvec, b, x0, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
+
+
+class DirectSolver:
+    """A direct solve of a damped Hermitian PSD matrix (:class:`Cholesky`, :class:`Eigh`)."""
+
+    method: str = ""
+
+    def solve(self, a: jax.Array, b: jax.Array, damping: Any) -> tuple[jax.Array, SolveInfo]:
+        """``(a + damping I)^{-1} b`` for a Hermitian PSD ``a`` (``b`` of shape ``(n,)`` or ``(n, k)``)."""
+        x = self.apply_inverse(a, b, damping)
+        r = b - (a @ x + damping * x)
+        finite = jnp.all(jnp.isfinite(x))
+        return x, solve_info(jnp.linalg.norm(r), finite)
+
+    def inverse(self, a: jax.Array, damping: Any) -> jax.Array:
+        """The explicit ``(a + damping I)^{-1}`` (non-finite when the damped ``a`` is not PD)."""
+        return linalg.psd_inverse(a, damping, self.method)
+
+    def apply_inverse(self, a: jax.Array, b: jax.Array, damping: Any) -> jax.Array:
+        """``(a + damping I)^{-1} b`` without diagnostics; ``a`` and ``b`` may be batched alike."""
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class Cholesky(DirectSolver):
+    """Direct solve by a Cholesky factorisation of ``a + damping I`` (NaN if it is not positive definite)."""
+
+    method = "cholesky"
+
+    def apply_inverse(self, a, b, damping):
+        return linalg.cholesky_solve(a, b, damping)
+
+
+@dataclasses.dataclass(frozen=True)
+class Eigh(DirectSolver):
+    """Direct solve by ``a = U diag(w) U^H``: ``U diag(1 / (w + damping)) U^H b`` (NaN where ``w + damping <= 0``)."""
+
+    method = "eigh"
+
+    def apply_inverse(self, a, b, damping):
+        return linalg.eigh_solve(a, b, damping)
+
+
+Solver = Union[CG, Cholesky, Eigh]
+
+
+def check_solver(solver: Any, allowed: tuple, who: str, context: str) -> None:
+    """``solver`` must be an instance of one of ``allowed`` (a clear error naming ``context`` otherwise)."""
+    if not isinstance(solver, allowed):
+        names = ", ".join(f"fishr.{cls.__name__}()" for cls in allowed)
+        raise TypeError(f"{who}: `solver` must be one of {names} {context}; got {solver!r}.")
