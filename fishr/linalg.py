@@ -124,16 +124,19 @@ def cg(
     applied (capped by ``max_steps``): 1 reproduces loops that test only after an
     update, such as qmlhc's ``cg_solve`` (which thus never returns ``x0`` itself).
 
-    After the loop the residual is recomputed from ``x`` (one more ``matvec``).
-    In exact arithmetic every CG iterate on a positive-definite ``A`` has
-    ``||b - A x_k|| <= sqrt(cond(A)) ||b - A x0||``, and a condition number above
-    ``1 / eps`` (``eps`` the working precision's) makes ``A`` singular to that
-    precision. So a result with ``||b - A x|| > max(||b||, ||b - A x0||) / sqrt(eps)``
-    (CG diverged, e.g. on a singular ``A`` with ``b`` outside its range, where ``x``
-    grows without bound along the null space) or one that is not finite is unusable
-    and returned as NaN, so a caller's finiteness check rejects it. A truncated
-    solve (``max_steps`` reached above the tolerance, below that bound) is returned
-    with ``converged=False``.
+    Breakdown and divergence. A search direction ``p`` with no curvature left,
+    ``p.Ap <= eps * max_k(p_k.Ap_k / |p_k|^2) * |p|^2`` (``eps`` the working
+    precision's), lies in the null space of ``A`` to working precision; a step along
+    it would grow ``x`` without bound (the 1e33 "solutions" of a singular ``A`` with
+    ``b`` outside its range), so the iteration stops before it. After the loop the
+    residual is recomputed from ``x`` (one more ``matvec``). In exact arithmetic every
+    CG iterate on a positive-definite ``A`` has ``||b - A x_k|| <= sqrt(cond(A))
+    ||b - A x0||``, and ``cond(A) > 1 / eps`` makes ``A`` singular to working
+    precision. The result is unusable, and returned as NaN so that a caller's
+    finiteness check rejects it, when it is not finite, when CG broke down before
+    meeting its tolerance (no solution: ``b`` has a part in the null space), or when
+    ``||b - A x|| > max(||b||, ||b - A x0||) / sqrt(eps)``. A truncated solve
+    (``max_steps`` reached above the tolerance) is returned with ``converged=False``.
 
     Args:
       matvec: the linear operator ``v -> A v``.
@@ -163,27 +166,38 @@ def cg(
     threshold2 = jnp.maximum(rtol**2 * b_norm2, atol**2)
     floor = jnp.asarray(denominator_floor, dtype=gamma0.dtype)
 
+    eps = jnp.finfo(gamma0.dtype).eps
+
     def cond(carry):
-        _, _, _, gamma, k = carry
-        return ((gamma > threshold2) | (k < min_iterations)) & (k < max_steps)
+        _, _, _, gamma, k, _, broke = carry
+        return ((gamma > threshold2) | (k < min_iterations)) & (k < max_steps) & ~broke
 
     def body(carry):
-        x, r, p, gamma, k = carry
+        x, r, p, gamma, k, curvature_max, _ = carry
         ap = matvec(p)
-        alpha = gamma / jnp.maximum(tree_inner(p, ap), floor)
-        x = _axpy(alpha, p, x)
-        r = _axpy(-alpha, ap, r)
-        gamma_new = tree_inner(r, r)
+        pap, pp = tree_inner(p, ap), tree_inner(p, p)
+        curvature_max = jnp.maximum(curvature_max, pap / pp)
+        # breakdown: no curvature left along p (A singular to working precision there); stop before the step
+        broke = ~(pap > eps * curvature_max * pp)
+        alpha = gamma / jnp.maximum(pap, floor)
+        x_new = _axpy(alpha, p, x)
+        r_new = _axpy(-alpha, ap, r)
+        gamma_new = tree_inner(r_new, r_new)
         beta = gamma_new / jnp.maximum(gamma, floor)
-        p = _axpy(beta, p, r)
-        return x, r, p, gamma_new, k + 1
+        p_new = _axpy(beta, p, r_new)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(broke, o, n), new, old)
+        return (keep(x_new, x), keep(r_new, r), keep(p_new, p), jnp.where(broke, gamma, gamma_new),
+                k + (~broke).astype(k.dtype), curvature_max, broke)
 
-    x, _, _, gamma, k = lax.while_loop(cond, body, (x0, r0, r0, gamma0, jnp.int32(0)))
+    init = (x0, r0, r0, gamma0, jnp.int32(0), jnp.zeros((), gamma0.dtype), jnp.asarray(False))
+    x, _, _, gamma, k, _, broke = lax.while_loop(cond, body, init)
+    converged = gamma <= threshold2
     r = optax.tree.sub(b, matvec(x))
     r_norm2 = tree_inner(r, r)
-    usable = jnp.isfinite(r_norm2) & (r_norm2 * jnp.finfo(r_norm2.dtype).eps <= jnp.maximum(b_norm2, gamma0))
+    grown = r_norm2 * eps > jnp.maximum(b_norm2, gamma0)
+    usable = jnp.isfinite(r_norm2) & ~grown & ~(broke & ~converged)
     x = jax.tree.map(lambda v: jnp.where(usable, v, jnp.nan), x)
-    return x, solve_info(jnp.sqrt(r_norm2), usable & (gamma <= threshold2), k)
+    return x, solve_info(jnp.sqrt(r_norm2), usable & converged, k)
 
 
 def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
@@ -379,12 +393,13 @@ def mixed_precision_refine(matvec: Callable[[jax.Array], jax.Array], approx_solv
     return x, done & finite, k
 
 
-def eigh_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
+def eigh_solve(a: jax.Array, b: jax.Array, damping=0.0, return_eigenvalues: bool = False):
     """``(a + damping I)^{-1} b`` for Hermitian ``a`` by ``a = U diag(w) U^H``.
 
     ``x = U diag(1 / (w + damping)) U^H b``; NaN wherever ``w + damping <= 0`` enters
     (a matrix that is not positive definite after damping never gives a silently
     finite result). ``b`` may be ``(n,)`` or ``(n, k)``, ``a`` and ``b`` batched alike.
+    With ``return_eigenvalues`` returns ``(x, w)``.
     """
     w, u = jnp.linalg.eigh(a)
     w = w + damping
@@ -392,7 +407,8 @@ def eigh_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
     vector = b.ndim == a.ndim - 1
     rhs = b[..., None] if vector else b
     x = u @ (w_inv[..., :, None] * (jnp.swapaxes(u, -1, -2).conj() @ rhs))
-    return x[..., 0] if vector else x
+    x = x[..., 0] if vector else x
+    return (x, w - damping) if return_eigenvalues else x
 
 
 def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:

@@ -89,8 +89,32 @@ class CG:
         return linalg.cg(matvec, b, x0, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
 
 
+def _singular_undamped(damping: Any, smallest: jax.Array, largest: jax.Array, n: int) -> jax.Array:
+    """Whether an undamped (``damping == 0``) ``n x n`` matrix is singular to working precision.
+
+    ``smallest`` / ``largest`` are its smallest and largest eigenvalues (or squared Cholesky
+    pivots, per batch element). Below ``n * eps * largest`` (the rank tolerance of
+    ``numpy.linalg.matrix_rank``) the matrix is rank-deficient to working precision, the
+    system has no solution worth the name, and a direct solve would return a huge finite
+    vector (3e17 for a rank-deficient branch covariance before this check). With
+    ``damping > 0`` the damped matrix is the one asked for and is solved as it is.
+    """
+    eps = jnp.finfo(jnp.real(smallest).dtype).eps
+    return (jnp.asarray(damping) == 0) & ~(jnp.real(smallest) > n * eps * jnp.real(largest))
+
+
+def _nan_where(flag: jax.Array, x: jax.Array) -> jax.Array:
+    """``x`` with NaN in every batch element whose ``flag`` (one per leading batch index) is set."""
+    return jnp.where(flag.reshape(flag.shape + (1,) * (x.ndim - flag.ndim)), jnp.nan, x)
+
+
 class DirectSolver:
-    """A direct solve of a damped Hermitian PSD matrix (:class:`Cholesky`, :class:`Eigh`)."""
+    """A direct solve of a damped Hermitian PSD matrix (:class:`Cholesky`, :class:`Eigh`).
+
+    With ``damping == 0`` a matrix that is singular to working precision gives NaN
+    (there is no solution; see :func:`_singular_undamped`); a matrix that is not positive
+    definite after damping gives NaN too.
+    """
 
     method: str = ""
 
@@ -117,7 +141,10 @@ class Cholesky(DirectSolver):
     method = "cholesky"
 
     def apply_inverse(self, a, b, damping):
-        return linalg.cholesky_solve(a, b, damping)
+        factor = linalg.cholesky_factor(a, damping)
+        x = linalg.cholesky_factor_solve(factor, b)
+        pivots = jnp.abs(jnp.diagonal(factor, axis1=-2, axis2=-1)) ** 2
+        return _nan_where(_singular_undamped(damping, pivots.min(axis=-1), pivots.max(axis=-1), a.shape[-1]), x)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +154,8 @@ class Eigh(DirectSolver):
     method = "eigh"
 
     def apply_inverse(self, a, b, damping):
-        return linalg.eigh_solve(a, b, damping)
+        x, w = linalg.eigh_solve(a, b, damping, return_eigenvalues=True)
+        return _nan_where(_singular_undamped(damping, w.min(axis=-1), w.max(axis=-1), a.shape[-1]), x)
 
 
 Solver = Union[CG, Cholesky, Eigh]

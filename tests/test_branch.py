@@ -313,3 +313,25 @@ def test_transform_split_over_devices_equals_single_device(method):
                                in_specs=(PS(), PS("devices"), PS("devices")), out_specs=PS(), check_vma=False))(
         params, *bs)
     assert_close(flat(sm), single)
+
+
+@pytest.mark.parametrize("solver", [None, fishr.Cholesky(), fishr.Eigh()])
+def test_undamped_rank_deficient_covariance_gives_nan_and_keeps_state(solver):
+    """damping 0 with K <= D: C has rank K - 1 < D, there is no solution (a finite 4.4e15 before)."""
+    grad, g, b, p = make_problem(k=5, d=6)
+    kw = {} if solver is None else dict(solver=solver)
+    out, info = fishr.branch_natgrad_solve(grad, b, p, damping=0.0, **kw)
+    assert np.all(np.isnan(flat(out))) and not bool(info.converged)
+    tx = fishr.branch_natgrad(0.0, projection=p, **kw)
+    state = tx.init(grad)
+    upd, new_state = jax.jit(tx.update)(grad, state, branches=b)
+    assert np.all(np.isnan(flat(upd)))
+    for new, old in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(new, old)
+    if solver is not None:  # the block solve of the same rank-deficient blocks
+        out, info = fishr.branch_kfac_solve(grad, b, p, damping=0.0, blocks=1, solver=solver)
+        assert np.all(np.isnan(flat(out))) and not bool(info.converged)
+    # with more branches than dimensions the undamped solve is well posed
+    grad, g, b, p = make_problem(k=30, d=6)
+    out, info = fishr.branch_natgrad_solve(grad, b, p, damping=0.0, solver=fishr.Cholesky())
+    assert_close(flat(out), np_natgrad(g, b, p, 0.0, "cholesky"), 1e-8)

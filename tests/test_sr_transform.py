@@ -272,3 +272,10 @@ def test_non_finite_step_leaves_state_and_params_clean(problem, mode, where):
         # and the next good step is the one it would have been without the bad one
         upd2, _ = opt.update(grad, ostate, params, batch=x)
         np.testing.assert_allclose(flat(upd2), -0.1 * flat(good), rtol=1e-9)
+
+
+@pytest.mark.parametrize("solver", [fishr.Cholesky(), fishr.Eigh()])
+def test_undamped_singular_dense_direct_solve_is_nan(problem, solver):
+    params, x, grad = problem  # N = 16 < P: S is singular
+    out, info = fishr.sr_solve(mlp_log_psi, grad, params, x, damping=0.0, mode="dense", solver=solver)
+    assert np.all(np.isnan(flat(out))) and not bool(info.converged)
