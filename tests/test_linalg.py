@@ -71,109 +71,137 @@ def test_cholesky_factor_is_the_factor_of_conj_a_and_is_reusable(complex_):
         np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(40), b), rtol=1e-10)
 
 
-def _tiles(a, sizes):
-    edges = np.cumsum([0] + list(sizes))
-    return [[jnp.asarray(a[edges[i]:edges[i + 1], edges[j]:edges[j + 1]]) for j in range(i + 1)]
-            for i in range(len(sizes))]
+def _padded_tiles(a, ts):
+    """``a`` padded with identity rows to a multiple of ``ts``, as tiles; and its size."""
+    n = a.shape[0]
+    nb = -(-n // ts)
+    full = np.eye(nb * ts, dtype=a.dtype)
+    full[:n, :n] = a
+    return linalg.to_tiles(jnp.asarray(full), ts), n
 
 
 @pytest.mark.parametrize("complex_", [False, True])
-@pytest.mark.parametrize("sizes", [(45,), (7, 13, 10, 15)], ids=["one_tile", "uneven_tiles"])
-def test_tiled_cholesky_factor_and_solve(complex_, sizes):
-    n = sum(sizes)
+@pytest.mark.parametrize("n, ts", [(45, 48), (45, 16), (64, 8)], ids=["one_tile", "uneven_padded", "many_tiles"])
+def test_tiled_cholesky_and_solve(complex_, n, ts):
     a = _spd(n, complex_, seed=20)
-    factor = linalg.tiled_cholesky_factor(_tiles(a, sizes), 0.3)
-    # the factor's tiles are the blocks of the lower-triangular L with L L^H = a + 0.3 I
-    edges = np.cumsum([0] + list(sizes))
-    full = np.zeros((n, n), a.dtype)
-    for i, row in enumerate(factor):
-        for j, tile in enumerate(row):
-            full[edges[i]:edges[i + 1], edges[j]:edges[j + 1]] = np.asarray(tile)
-    np.testing.assert_array_equal(np.triu(full, 1), 0)
-    np.testing.assert_allclose(full @ full.conj().T, a + 0.3 * np.eye(n), atol=1e-12)
+    tiles, _ = _padded_tiles(a, ts)
+    factor = linalg.tiled_cholesky(tiles, 0.3)
+    full = np.asarray(linalg.from_tiles(factor.tiles))
+    np.testing.assert_array_equal(np.triu(full, 1), 0)  # lower triangular, tiles above the diagonal zero
+    np.testing.assert_allclose((full @ full.conj().T)[:n, :n], a + 0.3 * np.eye(n), atol=1e-12)
+    for k, inv in enumerate(np.asarray(factor.inv_diag)):
+        np.testing.assert_allclose(inv @ full[k * ts:(k + 1) * ts, k * ts:(k + 1) * ts], np.eye(ts), atol=1e-10)
     rng = np.random.default_rng(21)
     b = rng.normal(size=(n, 3)) + (1j * rng.normal(size=(n, 3)) if complex_ else 0)
+    padded = np.zeros((full.shape[0], 3), b.dtype)
+    padded[:n] = b
     expected = np.linalg.solve(a + 0.3 * np.eye(n), b)
-    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_factor_solve(factor, jnp.asarray(b))), expected,
+    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_solve(factor, jnp.asarray(padded)))[:n], expected,
                                rtol=1e-10)
-    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_factor_solve(factor, jnp.asarray(b[:, 0]))),
+    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_solve(factor, jnp.asarray(padded[:, 0])))[:n],
                                expected[:, 0], rtol=1e-10)
 
 
 @pytest.mark.parametrize("complex_", [False, True])
-def test_tiled_cholesky_reads_only_the_upper_triangle_of_diagonal_tiles(complex_):
-    sizes = (9, 11, 10)
+def test_lapack_factor_as_tiles_equals_the_tiled_factor(complex_):
+    """The LAPACK factor (of ``conj(A)``) converted to tiles is the tiled factor of ``A``, and
+    solves with the same routine."""
+    a = _spd(32, complex_, seed=22)
+    tiles = linalg.to_tiles(jnp.asarray(a), 8)
+    tiled = linalg.tiled_cholesky(tiles, 0.2)
+    converted = linalg.tiled_factor_from_cholesky(linalg.cholesky_factor(jnp.asarray(a), 0.2), 8)
+    np.testing.assert_allclose(np.asarray(converted.tiles), np.asarray(tiled.tiles), atol=1e-12)
+    np.testing.assert_allclose(np.asarray(converted.inv_diag), np.asarray(tiled.inv_diag), atol=1e-10)
+    b = jnp.asarray(np.random.default_rng(23).normal(size=(32, 2)))
+    np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_solve(converted, b)),
+                               np.linalg.solve(a + 0.2 * np.eye(32), np.asarray(b)), rtol=1e-10)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+def test_tiled_cholesky_reads_only_the_lower_tiles(complex_):
+    """Tiles above the diagonal and the strict upper triangle of diagonal tiles are never read."""
     a = _spd(30, complex_, seed=22)
-    tiles = _tiles(a, sizes)
+    tiles, _ = _padded_tiles(a, 10)
+    t = np.asarray(tiles).copy()
     for i in range(3):
-        d = np.asarray(tiles[i][i]).copy()
-        d[np.tril_indices(sizes[i], -1)] = np.nan
-        tiles[i][i] = jnp.asarray(d)
+        t[i, i][np.triu_indices(10, 1)] = np.nan
+        for j in range(i + 1, 3):
+            t[i, j] = np.nan
     b = np.random.default_rng(23).normal(size=30)
-    x = linalg.tiled_cholesky_factor_solve(linalg.tiled_cholesky_factor(tiles, 0.1), jnp.asarray(b))
+    x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(jnp.asarray(t), 0.1), jnp.asarray(b))
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(30), b), rtol=1e-10)
+    full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(t)))
+    np.testing.assert_allclose(full, a, atol=1e-14)
 
 
-def test_tiled_cholesky_not_positive_definite_gives_nan_everywhere():
+def test_tiled_cholesky_not_positive_definite_gives_nan():
     a = _spd(30, seed=24)
     a[12, 12] = -5.0  # in the second of three tiles
-    x = linalg.tiled_cholesky_factor_solve(linalg.tiled_cholesky_factor(_tiles(a, (10, 10, 10))), jnp.ones(30))
+    tiles, _ = _padded_tiles(a, 10)
+    x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(tiles), jnp.ones(30))
     assert np.isnan(np.asarray(x)).all()
 
 
-def test_tiled_cholesky_rejects_bad_input():
-    a = _spd(20, seed=25)
-    tiles = _tiles(a, (10, 10))
-    with pytest.raises(ValueError, match=r"`tiles\[1\]` must hold the 2 tiles"):
-        linalg.tiled_cholesky_factor([tiles[0], tiles[1][:1]])
-    factor = linalg.tiled_cholesky_factor(tiles)
-    with pytest.raises(ValueError, match="`b` must have 20 rows"):
-        linalg.tiled_cholesky_factor_solve(factor, jnp.ones(19))
+def test_tiled_program_size_does_not_grow_with_the_matrix():
+    """The loops have one compiled body: the lowered program of n = 512 and n = 4096 has the same ops."""
+    import jax
+
+    def ops(n):
+        ts = linalg.tile_size(n)
+        spec = jax.ShapeDtypeStruct((n // ts, n // ts, ts, ts), jnp.float32)
+        solve = lambda t, b: linalg.tiled_cholesky_solve(linalg.tiled_cholesky(t, 1.0), b)
+        text = jax.jit(solve).lower(spec, jax.ShapeDtypeStruct((n, 1), jnp.float32)).as_text()
+        return sum(1 for line in text.splitlines() if " = " in line)
+
+    assert linalg.tile_size(512) == linalg.tile_size(4096) == 256
+    assert ops(512) == ops(4096)
+
+
+def test_tile_size_rule():
+    assert linalg.tile_size(20) == 24 and linalg.tile_size(256) == 256
+    assert linalg.tile_size(257) == linalg.tile_size(6144) == 256 and linalg.tile_size(6145) == 512
+
+
+def test_lower_pair_enumerates_the_lower_triangle():
+    pairs = [tuple(int(v) for v in linalg.lower_pair(jnp.int32(p))) for p in range(2080)]  # 64 x 64 tiles
+    assert pairs == [(r, c) for r in range(64) for c in range(r + 1)]
 
 
 @pytest.mark.parametrize("complex_", [False, True])
 def test_tiled_inf_norm(complex_):
-    sizes = (9, 11, 10)
     a = _spd(30, complex_, seed=26)
-    tiles = _tiles(a, sizes)
-    d = np.asarray(tiles[1][1]).copy()
-    d[np.tril_indices(11, -1)] = np.nan  # only the upper triangle of a diagonal tile is read
-    tiles[1][1] = jnp.asarray(d)
-    np.testing.assert_allclose(float(linalg.tiled_inf_norm(tiles)), np.abs(a).sum(axis=1).max(), rtol=1e-13)
-
-
-def _float32_solver(a):
-    factor = linalg.cholesky_factor(jnp.asarray(a).astype(jnp.complex64 if np.iscomplexobj(a) else jnp.float32))
-    return lambda r: linalg.cholesky_factor_solve(factor, r.astype(factor.dtype))
+    tiles, _ = _padded_tiles(a, 10)
+    t = np.asarray(tiles).copy()
+    t[1, 1][np.triu_indices(10, 1)] = np.nan  # only the lower triangle of a diagonal tile is read
+    t[0, 2] = np.nan  # nor the tiles above the diagonal
+    np.testing.assert_allclose(float(linalg.tiled_inf_norm(jnp.asarray(t))), np.abs(a).sum(axis=1).max(), rtol=1e-13)
 
 
 @pytest.mark.parametrize("complex_", [False, True])
-def test_mixed_precision_refine_reaches_float64_accuracy(complex_):
+def test_preconditioned_cg_with_a_float32_factor_reaches_float64_accuracy(complex_):
+    """A float32 Cholesky factor as preconditioner: float64 accuracy at dsposv's backward-error test."""
     a = _spd(200, complex_, seed=27)
     rng = np.random.default_rng(28)
     b = rng.normal(size=200) + (1j * rng.normal(size=200) if complex_ else 0)
-    x, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, _float32_solver(a), jnp.asarray(b),
-                                                    np.abs(a).sum(axis=1).max())
+    factor = linalg.cholesky_factor(jnp.asarray(a).astype(jnp.complex64 if complex_ else jnp.float32))
+    precondition = lambda r: linalg.cholesky_factor_solve(factor, r.astype(factor.dtype)).astype(r.dtype)
+    x, info = linalg.cg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), precondition(jnp.asarray(b)), rtol=0.0,
+                        max_steps=30, preconditioner=precondition, backward_error=np.abs(a).sum(axis=1).max())
     expected = np.linalg.solve(a, b)
-    assert bool(converged) and 1 <= int(k) <= 10
-    assert x.dtype == b.dtype
+    assert bool(info.converged) and 1 <= int(info.iterations) <= 10
     assert np.linalg.norm(np.asarray(x) - expected) <= 1e-13 * np.linalg.norm(expected)
-    unrefined = np.asarray(_float32_solver(a)(jnp.asarray(b)))
+    unrefined = np.asarray(precondition(jnp.asarray(b)))
     assert np.linalg.norm(unrefined - expected) > 1e-9 * np.linalg.norm(expected)  # float32 alone is not enough
 
 
-def test_mixed_precision_refine_reports_failure():
+def test_cg_stops_on_stagnation():
     a = _spd(50, seed=29)
     b = jnp.ones(50)
-    norm = np.abs(a).sum(axis=1).max()
-    # a failed low-precision factor (NaN): stops at once, not converged
-    _, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, lambda r: r * jnp.nan, b, norm)
-    assert not bool(converged) and int(k) == 0
-    # an approximate inverse too rough to contract (2.5 A^-1: the error grows 1.5x a step)
-    inv = np.linalg.inv(a)
-    _, converged, k = linalg.mixed_precision_refine(lambda v: jnp.asarray(a) @ v, lambda r: 2.5 * jnp.asarray(inv) @ r,
-                                                    b, norm, maxiter=12)
-    assert not bool(converged) and int(k) == 12
+    # a float32-rounded operator: float64 CG cannot go below its rounding, and stops there
+    a32 = jnp.asarray(a, jnp.float32)
+    matvec = lambda v: (a32 @ v.astype(jnp.float32)).astype(jnp.float64)
+    _, info = linalg.cg(matvec, b, rtol=0.0, max_steps=500, stop_on_stagnation=True)
+    assert int(info.iterations) < 500 and not bool(info.converged)
 
 
 def test_cg_matches_solve_and_reports_diagnostics():
