@@ -50,13 +50,14 @@ def sr(
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 
-    ``update(grads, state, params, *, batch)`` returns
+    ``update(grads, state, params, *, batch, local_energies=None)`` returns
     ``x = (S + damping I)^{-1} (grads + damping * momentum * x_prev)`` (see
-    :func:`fishr.sr_solve` for ``S``, the modes and SPRING momentum). The sign and
-    the learning rate are left to the chain, as in optax::
+    :func:`fishr.sr_solve` for ``S``, the modes, SPRING momentum and the local
+    energies, which make the sample-space solve as accurate as a direct one). The sign
+    and the learning rate are left to the chain, as in optax::
 
         opt = optax.chain(fishr.sr(log_psi, damping=1e-3), optax.sgd(1e-2))
-        updates, state = opt.update(grads, state, params, batch=samples)
+        updates, state = opt.update(grads, state, params, batch=samples, local_energies=e_loc)
 
     Args:
       apply_fn: ``(params, batch) -> log psi`` of shape ``(n_local,)``.
@@ -91,14 +92,15 @@ def sr(
             info=solve_info(jnp.zeros((), residual_dtype), False),
         )
 
-    def update_fn(updates, state, params=None, *, batch=None, **extra_args):
+    def update_fn(updates, state, params=None, *, batch=None, local_energies=None, **extra_args):
         del extra_args
         if params is None:
             raise ValueError(f"{who}: `params` must be passed to update (S is evaluated at params).")
         if batch is None:
             raise ValueError(f"{who}: `batch=` must be passed to update (the Monte Carlo samples).")
         damping_now = damping_at(damping, state.count)
-        x, info = solve_with_config(config, apply_fn, updates, params, batch, damping_now, state.previous, who)
+        x, info = solve_with_config(config, apply_fn, updates, params, batch, damping_now, state.previous, who,
+                                    local_energies=local_energies)
         x = jax.tree.map(lambda xi, g: xi.astype(g.dtype), x, updates)
         new_state = SRState(
             count=optax.safe_increment(state.count),

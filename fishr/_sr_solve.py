@@ -74,7 +74,7 @@ from fishr._validate import (check_choice, check_damping, check_real, check_tree
                              local_batch_size, poison)
 from fishr.capture import discover_layers
 from fishr.distributed import AxisName
-from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian
+from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian, layers_pay_off
 from fishr.linalg import SolveInfo
 from fishr.scores import log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, check_solver
@@ -145,7 +145,8 @@ def _wants_layers(jacobian: str, apply_fn, params, batch) -> bool:
         return False
     if jacobian == "structured":
         return True
-    return bool(discover_layers(apply_fn, params, batch).layers)
+    plan = discover_layers(apply_fn, params, batch)
+    return bool(plan.layers) and layers_pay_off(plan, sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
 def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig, who: str, mean_fn=None):
@@ -189,11 +190,15 @@ def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig):
 
 
 def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
-                      previous: Optional[Any], who: str, mean_fn=None) -> tuple[Any, SolveInfo]:
+                      previous: Optional[Any], who: str, mean_fn=None,
+                      local_energies: Optional[jax.Array] = None) -> tuple[Any, SolveInfo]:
     """:func:`sr_solve` for validated options (the transform's entry point)."""
     check_tree_matches_params(grads, params, who)
     _check_holomorphic(params, config.holomorphic, who)
     n_local = local_batch_size(batch, who)
+    if local_energies is not None and jnp.shape(local_energies) != (n_local,):
+        raise ValueError(f"{who}: `local_energies` must hold one value per sample of `batch`, shape ({n_local},); "
+                         f"got shape {jnp.shape(local_energies)}.")
     if mean_fn is not None and config.jacobian == "structured":
         raise ValueError(f"{who}: `mean_fn` needs jacobian='generic' or 'auto' (the structured Jacobian centres "
                          "itself).")
@@ -223,7 +228,11 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     else:
         structured = mean_fn is None and _wants_layers(config.jacobian, apply_fn, params, batch)
         jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
-        x, info = solve_sample_space(jac, b, damping, config.solver)
+        momentum_term = None
+        if local_energies is not None and config.momentum > 0.0:
+            momentum_term = optax.tree.scale(config.momentum, previous)
+        x, info = solve_sample_space(jac, b, damping, config.solver, local_energies, config.axis_name,
+                                     config.holomorphic, momentum_term)
     return poison(x, ok), info
 
 
@@ -242,6 +251,7 @@ def sr_solve(
     jacobian: JacobianKind = "auto",
     axis_name: AxisName = None,
     mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
+    local_energies: Optional[jax.Array] = None,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 
@@ -265,8 +275,10 @@ def sr_solve(
         ``"structured"`` from the statistics of the Flax Dense/DenseGeneral layers that
         :mod:`fishr.capture` finds in ``apply_fn`` (exact; see :mod:`fishr.jacobian`),
         ``"generic"`` (``jax.linearize`` for lazy, explicit rows for sample_space), or
-        ``"auto"``: structured for sample_space when at least one layer is captured,
-        generic otherwise.
+        ``"auto"``: structured for sample_space when the captured layers make the
+        kernel at least twice cheaper than the generic one
+        (:func:`fishr.jacobian.layers_pay_off`: Dense networks, not transformers whose
+        layers all see many positions), generic otherwise.
       axis_name: mapped axis (or axes) the samples are split over; ``None`` for one device.
       mean_fn: the centring mean ``u -> mean_i u_i`` over axis 0 of the score rows
         (``(n_local, C)`` or ``(n_local, C, P)``), including any reduction over devices;
@@ -274,6 +286,15 @@ def sr_solve(
         shape ``u.shape[1:]`` (checked at trace time). For adapters whose users supply
         their own mean (vmcnet's ``mean_grad_fn``); generic Jacobians only
         (``jacobian="structured"`` is refused, ``"auto"`` picks generic).
+      local_energies: the local energies ``E_loc(x_i)`` of the local samples, shape
+        ``(n_local,)`` (real or complex), whose centred values give the sample-space
+        coefficients of the VMC force (:func:`fishr._sample_space.energy_coefficients`):
+        ``mode="sample_space"`` then forms ``x = Obar^H (K + N damping)^{-1} (N c)`` with no
+        division by the damping, the recommended VMC call. It solves for the force
+        the energies define (and the momentum term), not for ``grads``:
+        ``info.residual_norm`` is ``||grads - (S + damping) x||``, so a gradient that
+        is not that force (a regulariser added) shows there. The lazy and dense modes
+        solve from ``grads`` alone and ignore them.
 
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
@@ -282,4 +303,5 @@ def sr_solve(
     who = "fishr.sr_solve"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name)
-    return solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn)
+    return solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
+                             local_energies)

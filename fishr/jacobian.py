@@ -11,8 +11,10 @@ and imaginary parts of a complex ``log psi`` of real parameters).
   equivalently ``O^H (u - mean_i u_i)``, so centring costs nothing extra;
 
 and the two that hold the statistics of the whole batch also offer
-``gram() = Obar Obar^H`` (``(n C) x (n C)``), ``gram_tiles()`` (its tiles on and
-below the diagonal, for :func:`fishr.linalg.tiled_cholesky_factor`) and ``gather()``.
+``kernel_tiles()`` (the tiles of ``Obar Obar^H``, ``(n C) x (n C)``, on and below the
+diagonal, for :func:`fishr.linalg.tiled_cholesky`), ``gram()`` (the whole kernel) and
+``gather()``. The tiles are computed in a ``lax.fori_loop`` over tile pairs, so the
+compiled program does not grow with ``n``.
 
 :class:`LinearizedJacobian`
     ``jax.linearize`` of the batched scores and its transpose (no Jacobian is
@@ -31,11 +33,14 @@ below the diagonal, for :func:`fishr.linalg.tiled_cholesky_factor`) and ``gather
 
     i.e. per layer two Gram matrices and a Hadamard product, never the
     ``n x P`` Jacobian. Parameters in no captured layer keep explicit rows
-    (:class:`DenseJacobian` restricted to them). Centring of the kernel is
-    ``H K H`` with ``H = I - 1 1^T / n`` acting on the sample index, applied
-    through the row means of ``K`` (see :func:`_centre_block`).
+    (:class:`DenseJacobian` restricted to them), which are centred before their Gram
+    matrix is formed. The layers' kernel is centred as ``H K H`` with
+    ``H = I - 1 1^T / n`` acting on the sample index, applied through the row means
+    of ``K`` (see :func:`_centre_block`); that subtraction cancels digits when the
+    mean score is large next to its spread, so the kernel serves as the
+    preconditioner of a solve whose products are exact (:mod:`fishr._sample_space`).
 
-    Per layer, :meth:`LayerJacobian.gram` picks the cheaper of the structured
+    Per layer, :meth:`LayerJacobian.kernel_tiles` takes the cheaper of the structured
     kernel, ``n^2 T^2 (k + C^2 m)`` multiply-adds, and the generic one through
     the per-sample gradients ``G`` (``n C T k m`` to form them plus
     ``(n C)^2 k m``), with ``k = d_in (+1)``, ``m = d_out``, ``T`` positions;
@@ -49,12 +54,14 @@ from typing import Any, Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
+import numpy as np
 
-from fishr import distributed
-from fishr.distributed import AxisName
+from fishr import distributed, linalg
 from fishr.capture import LayerPlan, augment_bias, linearize_layers
+from fishr.distributed import AxisName
 
-__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "layer_kernel_is_structured"]
+__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "kernel_from_tiles", "layer_kernel_is_structured",
+           "layers_pay_off", "tiled_kernel"]
 
 
 def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
@@ -92,55 +99,48 @@ def _single(dtype) -> Any:
     return jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
 
 
-def _sample_ranges(n: int, c: int, max_ranges: Optional[int] = None) -> list:
-    """Ranges of the sample index that the kernel is computed (and factored) in.
+def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[jax.Array, jax.Array],
+                 jax.Array]], ts: Optional[int] = None) -> jax.Array:
+    """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
-    ``round(n C / 256)`` near-equal ranges (at least one, at most ``max_ranges``),
-    so that a tile of the kernel has about 256 rows (more when capped).
-
-    * The tiles of :func:`fishr.linalg.tiled_cholesky_factor` (no cap): 256-row
-      tiles ran the float32 factorisation at ``n = 4096`` in 294 ms, 512-row
-      ones in 343 ms (LAPACK on the whole matrix: 420 to 540 ms).
-    * The kernel assembled above the diagonal for LAPACK (cap 8): a tile of every
-      layer's two Gram matrices stays in cache for their Hadamard product, and
-      about half the products are saved. On the 2-core CPU of
-      ``benchmarks/structured_sr.py`` (MLP 16-64-64-1) the float64 solve went
-      from 53 to 25 ms at ``n = 1024`` and from 1287 to 966 ms at ``n = 4096``
-      against the kernel computed whole; at ``n = 4096``, 16 ranges instead of
-      8 cost another 6%.
+    ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
+    samples (once, outside the loop) and returns ``block(i0, j0)``, the kernel's
+    ``(m C) x (m C)`` block for samples ``i0 .. i0 + m`` and ``j0 .. j0 + m`` (dynamic
+    starts). The blocks are filled in one ``lax.fori_loop`` over the ``nb (nb + 1) / 2``
+    tile pairs: a compiled program of one block's size whatever ``n``. The padded rows
+    get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
+    the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
+    (rounded up to a multiple of ``C``).
     """
-    blocks = max(1, round(n * c / 256))
-    if max_ranges is not None:
-        blocks = min(blocks, max_ranges)
-    edges = [round(b * n / blocks) for b in range(blocks + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    rows = n * c
+    if ts is None:
+        ts = linalg.tile_size(rows)
+    ts = -(-ts // c) * c
+    m = ts // c
+    nb = -(-rows // ts)
+    block = make_block(m, nb * m)
+    tiles = jnp.zeros((nb, nb, ts, ts), dtype)
+
+    def fill(p, tiles):
+        i, j = linalg.lower_pair(p)
+        return tiles.at[i, j].set(block(i * m, j * m).astype(dtype))
+
+    tiles = jax.lax.fori_loop(0, nb * (nb + 1) // 2, fill, tiles)
+    pad = np.arange(nb * ts) >= rows  # static: the padded rows
+    if pad.any():
+        tiles = tiles + jnp.asarray(linalg.to_tiles(np.diag(pad.astype(float)), ts), dtype)
+    return tiles
 
 
-def _assemble_kernel(n: int, c: int, upper_only: bool, block: Callable[[int, int, int, int], jax.Array]) -> jax.Array:
-    """The ``(n C) x (n C)`` kernel from ``block(i0, i1, j0, j1)``, its rows for samples
-    ``i0:i1`` and columns for samples ``j0:j1``: computed whole, or with ``upper_only``
-    over the tiles of :func:`_sample_ranges` on and above the diagonal, with zeros below
-    (for :func:`fishr.linalg.cholesky_factor`, which reads only the upper triangle)."""
-    ranges = _sample_ranges(n, c, 8 if upper_only else 1)
-    rows = []
-    for b, (i0, i1) in enumerate(ranges):
-        row = [block(i0, i1, j0, j1) for j0, j1 in ranges[b:]]
-        if i0:
-            row.insert(0, jnp.zeros(((i1 - i0) * c, i0 * c), row[0].dtype))
-        rows.append(jnp.concatenate(row, axis=1) if len(row) > 1 else row[0])
-    return jnp.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+def _slicer(x: jax.Array, n_pad: int, m: int) -> Callable[[jax.Array], jax.Array]:
+    """``i0 -> x_padded[i0 : i0 + m]`` for ``x`` padded with zero rows to ``n_pad`` (padded once)."""
+    padded = jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
+    return lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0, m, axis=0)
 
 
-def _kernel_tiles(n: int, c: int, block: Callable[[int, int, int, int], jax.Array]) -> tuple:
-    """The tiles on and below the diagonal of the ``(n C) x (n C)`` kernel.
-
-    ``block(i0, i1, j0, j1)`` is the kernel's block for the rows of samples ``i0:i1``
-    and the columns of samples ``j0:j1``; tile ``[i][j]`` (``j <= i``) is that block
-    for ranges ``i`` and ``j`` of :func:`_sample_ranges`, the layout of
-    :func:`fishr.linalg.tiled_cholesky_factor`.
-    """
-    ranges = _sample_ranges(n, c)
-    return tuple(tuple(block(i0, i1, j0, j1) for j0, j1 in ranges[: b + 1]) for b, (i0, i1) in enumerate(ranges))
+def kernel_from_tiles(tiles: jax.Array, rows: int) -> jax.Array:
+    """The whole ``rows x rows`` Hermitian kernel from its lower tiles (padding removed)."""
+    return linalg.hermitian_from_lower_tiles(tiles)[:rows, :rows]
 
 
 # --------------------------------------------------------------------------- linearised
@@ -240,18 +240,20 @@ class DenseJacobian(NamedTuple):
     def rmatvec(self, u: jax.Array) -> Any:
         return self.unravel(self.rmatvec_flat(u))
 
-    def gram(self, upper_only: bool = False) -> jax.Array:
-        """``Obar Obar^H``; ``upper_only`` as in :meth:`LayerJacobian.gram`."""
+    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+        """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`)."""
         n, c = self.rows.shape[:2]
-        return _assemble_kernel(n, c, upper_only, self._block)
 
-    def _block(self, i0: int, i1: int, j0: int, j1: int) -> jax.Array:
-        return _rows_gram(self.rows[i0:i1], self.rows[j0:j1])
+        def make_block(m, n_pad):
+            take = _slicer(self.rows, n_pad, m)
+            return lambda i0, j0: _rows_gram(take(i0), take(j0))
 
-    def gram_tiles(self) -> tuple:
-        """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`_kernel_tiles`)."""
+        return tiled_kernel(n, c, self.rows.dtype, make_block, ts)
+
+    def gram(self) -> jax.Array:
+        """``Obar Obar^H``, ``(n C) x (n C)``."""
         n, c = self.rows.shape[:2]
-        return _kernel_tiles(n, c, self._block)
+        return kernel_from_tiles(self.kernel_tiles(), n * c)
 
     def single_precision(self) -> "DenseJacobian":
         """The same rows rounded to single precision (for a preconditioning factor)."""
@@ -264,11 +266,55 @@ class DenseJacobian(NamedTuple):
 # --------------------------------------------------------------------------- captured layers
 
 
+def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: Optional[jax.Array], yj: Optional[jax.Array],
+                           c: int) -> jax.Array:
+    """One layer's ``(O O^H)[ic, jc']`` for two sample ranges, shape ``(m_i, C, m_j, C)``.
+
+    ``"gram-hadamard"`` (``T = 1``): ``(a_i . conj a_j)(d_ic . conj d_jc')``;
+    ``"positions"``: ``sum_{t,s} (a_it . conj a_js)(d_ict . conj d_jc's)``;
+    ``"gradients"``: the per-sample gradient rows ``G_i G_j^H``.
+    """
+    mi, mj = xi.shape[0], xj.shape[0]
+    if kind == "gram-hadamard":
+        ka = xi @ xj.conj().T
+        return ka[:, None, :, None] * _rows_gram(yi, yj).reshape(mi, c, mj, c)
+    if kind == "positions":
+        ka = jnp.einsum("itk,jsk->itjs", xi, xj.conj())
+        kd = jnp.einsum("ictm,jesm->icjets", yi, yj.conj())
+        return jnp.einsum("itjs,icjets->icje", ka, kd)
+    return _rows_gram(xi, xj).reshape(mi, c, mj, c)
+
+
 def layer_kernel_is_structured(n: int, c: int, positions: int, k: int, m: int) -> bool:
     """Whether the Gram-Hadamard kernel of one layer is cheaper than the generic ``G G^H``."""
     structured = n * n * positions * positions * (k + c * c * m)
     generic = n * c * positions * k * m + (n * c) ** 2 * k * m
     return structured <= generic
+
+
+def layers_pay_off(plan: LayerPlan, num_params: int, c: int = 1) -> bool:
+    """Whether the captured layers make the sample-space kernel at least twice cheaper than ``G G^H``.
+
+    The kernel of :class:`LayerJacobian` costs, per layer, the cheaper form of
+    :func:`layer_kernel_is_structured` and ``(n C)^2 P_rest`` for the uncovered
+    parameters; the generic kernel costs ``(n C)^2 P``. Both scale as ``n^2``, so the
+    rule does not depend on ``n``. A model whose layers all see many positions (a
+    transformer over patches: every layer would take the per-sample-gradient form) or
+    that the capture barely covers gains nothing from the layer statistics and pays
+    their overheads (row means, one small product per layer per tile), so
+    ``jacobian="auto"`` then takes the generic Jacobian.
+    """
+    n = 1  # every term is proportional to n^2
+    covered = 0
+    structured = 0
+    for layer in plan.layers:
+        k, m, t = layer.d_in + int(layer.has_bias), layer.d_out, layer.positions
+        covered += k * m
+        as_gradients = (n * c) ** 2 * k * m
+        as_layer = n * n * t * t * (k + c * c * m)
+        structured += min(as_layer, as_gradients)
+    structured += (n * c) ** 2 * max(num_params - covered, 0)
+    return 2 * structured <= (n * c) ** 2 * num_params
 
 
 class LayerJacobian(NamedTuple):
@@ -371,37 +417,49 @@ class LayerJacobian(NamedTuple):
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def gram(self, upper_only: bool = False) -> jax.Array:
-        """Centred kernel ``Obar Obar^H``, ``(n C) x (n C)``, per layer the cheaper of two exact forms.
+    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+        """The tiles of the centred kernel ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
-        ``upper_only=True`` computes only the tiles on and above the diagonal
-        (:func:`_sample_ranges`) and leaves zeros below: for
-        :func:`fishr.linalg.cholesky_factor`, which reads only the upper triangle.
+        Per layer the cheaper exact form (:meth:`_kernel_factors`); the layers' part is
+        centred through its row means (:func:`_centre_block`), the uncovered
+        parameters' rows are centred before their Gram matrix. Local batch only (call
+        after :meth:`gather` when the batch is split over devices).
         """
         n, c = self.rest.shape[:2]
-        return _assemble_kernel(n, c, upper_only, self._centred_block_fn())
-
-    def gram_tiles(self) -> tuple:
-        """The tiles of the centred kernel on and below the diagonal (:func:`_kernel_tiles`),
-        for :func:`fishr.linalg.tiled_cholesky_factor`; nothing above them is computed."""
-        n, c = self.rest.shape[:2]
-        return _kernel_tiles(n, c, self._centred_block_fn())
-
-    def _centred_block_fn(self) -> Callable[[int, int, int, int], jax.Array]:
-        """``(i0, i1, j0, j1) ->`` the centred kernel's block for samples ``i0:i1`` x ``j0:j1``."""
-        c = self.rest.shape[1]
-        r = self._row_means()
-        s = r.mean(axis=0)
+        dtype = jnp.result_type(self.rest, *self.a, *self.d)
         factors = self._kernel_factors()
+        r = self._layer_row_means()
+        s = r.mean(axis=0)
+        rest = self.rest - self.rest.mean(axis=0, keepdims=True)
 
-        def block(i0, i1, j0, j1):
-            k4 = self._uncentred_block(factors, slice(i0, i1), slice(j0, j1))
-            return _centre_block(k4, r[i0:i1], r[j0:j1], s).reshape((i1 - i0) * c, (j1 - j0) * c)
+        def make_block(m, n_pad):
+            take = [(kind, _slicer(x, n_pad, m), None if y is None else _slicer(y, n_pad, m)) for kind, x, y in factors]
+            take_rest, take_r = _slicer(rest, n_pad, m), _slicer(r, n_pad, m)
+            take_valid = _slicer(jnp.ones((n,), dtype), n_pad, m)
 
-        return block
+            def block(i0, j0):
+                out = jnp.zeros((m, c, m, c), dtype)
+                for kind, tx, ty in take:
+                    out = out + _uncentred_layer_block(kind, tx(i0), tx(j0), None if ty is None else ty(i0),
+                                                       None if ty is None else ty(j0), c)
+                if factors:
+                    valid = take_valid(i0)[:, None, None, None] * take_valid(j0)[None, None, :, None]
+                    out = _centre_block(out, take_r(i0), take_r(j0), s) * valid
+                if rest.shape[-1]:
+                    out = out + _rows_gram(take_rest(i0), take_rest(j0)).reshape(m, c, m, c)
+                return out.reshape(m * c, m * c)
+
+            return block
+
+        return tiled_kernel(n, c, dtype, make_block, ts)
+
+    def gram(self) -> jax.Array:
+        """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""
+        n, c = self.rest.shape[:2]
+        return kernel_from_tiles(self.kernel_tiles(), n * c)
 
     def _kernel_factors(self) -> list:
-        """Per layer, what its kernel blocks are products of (see :meth:`_uncentred_block`)."""
+        """Per layer, what its kernel blocks are products of (see :func:`_uncentred_layer_block`)."""
         n, c = self.rest.shape[:2]
         factors = []
         for a, d in zip(self.a, self.d):
@@ -415,39 +473,20 @@ class LayerJacobian(NamedTuple):
                 factors.append(("gradients", jnp.einsum("ntk,nctm->nckm", a, d).reshape(n, c, -1), None))
         return factors
 
-    def _uncentred_block(self, factors: list, i: slice, j: slice) -> jax.Array:
-        """``(O O^H)[ic, jc']`` for samples ``i`` x samples ``j``, shape ``(|i|, C, |j|, C)``."""
-        c = self.rest.shape[1]
-        ni, nj = self.rest[i].shape[0], self.rest[j].shape[0]
-        out = _rows_gram(self.rest[i], self.rest[j]).reshape(ni, c, nj, c) if self.rest.shape[-1] else None
-        for kind, x, y in factors:
-            if kind == "gram-hadamard":
-                ka = x[i] @ x[j].conj().T
-                kd = _rows_gram(y[i], y[j]).reshape(ni, c, nj, c)
-                block = ka[:, None, :, None] * kd
-            elif kind == "positions":
-                ka = jnp.einsum("itk,jsk->itjs", x[i], x[j].conj())
-                kd = jnp.einsum("ictm,jesm->icjets", y[i], y[j].conj())
-                block = jnp.einsum("itjs,icjets->icje", ka, kd)
-            else:
-                block = _rows_gram(x[i], x[j]).reshape(ni, c, nj, c)
-            out = block if out is None else out + block
-        if out is None:
-            out = jnp.zeros((ni, c, nj, c), self.rest.dtype)
-        return out
+    def _layer_row_means(self) -> jax.Array:
+        """``r[i, c, c'] = O_ic . conj(mean_j O_jc')`` over the captured layers' parameters, ``(n, C, C)``.
 
-    def _row_means(self) -> jax.Array:
-        """``r[i, c, c'] = O_ic . conj(mean_j O_jc')``, the row means of ``O O^H``, ``(n, C, C)``.
-
-        ``O^H (e_c' / n)`` is ``conj(mean_j O_jc')`` as a parameter pytree; one
-        uncentred ``matvec`` of it gives column ``c'``. Local batch only (call
-        after :meth:`gather` when the batch is split over devices).
+        Per layer the mean per-sample gradient ``M_c' = mean_j sum_t a_jt^T d_jc't``
+        (``k x m``), then ``r[i, c, c'] = sum_t a_it conj(M_c') d_ict^T``: the row means of
+        the layers' uncentred kernel.
         """
         n, c = self.rest.shape[:2]
         dtype = jnp.result_type(self.rest, *self.a, *self.d)
-        columns = [self._uncentred_matvec(self._uncentred_rmatvec(jnp.zeros((n, c), dtype).at[:, comp].set(1.0 / n)))
-                   for comp in range(c)]
-        return jnp.stack(columns, axis=-1)
+        r = jnp.zeros((n, c, c), dtype)
+        for a, d in zip(self.a, self.d):
+            mean = jnp.einsum("jtk,jctm->ckm", a, d) / n
+            r = r + jnp.einsum("itk,ekm,ictm->ice", a, mean.conj(), d)
+        return r
 
     def single_precision(self) -> "LayerJacobian":
         """The same statistics rounded to single precision (for a preconditioning factor)."""

@@ -91,93 +91,63 @@ def test_layer_products_and_kernel_equal_explicit_rows(name):
 
 
 @pytest.mark.parametrize("name", ["mlp", "per_position", "complex_out"])
-def test_kernel_tiles_and_upper_kernel(name):
-    """``gram_tiles()`` and ``gram(upper_only=True)`` against the full kernel.
-
-    n = 650 samples make uneven sample ranges (three of 217, 216, 217 for one
-    component); the tiles on and below the diagonal, and the upper triangle that
-    the LAPACK path reads (zeros below its tiles), equal the full kernel's.
-    """
+def test_kernel_tiles_equal_the_full_kernel(name):
+    """``kernel_tiles()`` against the kernel of the explicit rows: n = 650 samples in tiles
+    of 256 rows (uneven: padded to 768 or 1536 rows, the pad rows an identity block)."""
     n = 650
     log_psi, params, x, grad, holo = _case(name, n=n)
     layer = _jacobian(True, log_psi, params, x, holo)
     dense = _jacobian(False, log_psi, params, x, holo)
-    full = np.asarray(dense.gram())
-    c = full.shape[0] // n
+    rows = dense.rows.shape[0] * dense.rows.shape[1]
+    ob = np.asarray(dense.flat_rows)
+    full = ob @ ob.conj().T
     tol = dict(rtol=1e-10, atol=1e-10 * np.abs(full).max())
-    ranges = jac_mod._sample_ranges(n, c)
-    assert len(ranges) == round(n * c / 256) and sum(j - i for i, j in ranges) == n
-    if c == 1:
-        assert [j - i for i, j in ranges] == [217, 216, 217]
     for jac in (layer, dense):
-        tiles = jac.gram_tiles()
-        assert [len(row) for row in tiles] == list(range(1, len(ranges) + 1))
-        for a, (i0, i1) in enumerate(ranges):
-            for b, (j0, j1) in enumerate(ranges[: a + 1]):
-                np.testing.assert_allclose(tiles[a][b], full[i0 * c:i1 * c, j0 * c:j1 * c], **tol)
-    upper_ranges = jac_mod._sample_ranges(n, c, 8)
-    below = np.zeros(full.shape, bool)  # strictly below the diagonal tiles
-    for i0, i1 in upper_ranges:
-        below[i0 * c:i1 * c, :i0 * c] = True
-    for jac in (layer, dense):
-        upper = np.asarray(jac.gram(upper_only=True))
-        np.testing.assert_array_equal(upper[below], 0)
-        np.testing.assert_allclose(upper[~below], full[~below], **tol)
-
-
-def test_sample_ranges_rule():
-    assert jac_mod._sample_ranges(100, 1) == [(0, 100)]
-    assert len(jac_mod._sample_ranges(4096, 1)) == 16 and len(jac_mod._sample_ranges(4096, 1, 8)) == 8
-    assert len(jac_mod._sample_ranges(4096, 2)) == 32 and len(jac_mod._sample_ranges(4096, 1, 1)) == 1
+        tiles = np.asarray(jac.kernel_tiles())
+        nb, _, ts, _ = tiles.shape
+        assert ts == 256 and nb == -(-rows // 256)
+        padded = np.eye(nb * ts, dtype=full.dtype)
+        padded[:rows, :rows] = full
+        for i in range(nb):
+            for j in range(i + 1):
+                np.testing.assert_allclose(tiles[i, j], padded[i * ts:(i + 1) * ts, j * ts:(j + 1) * ts], **tol)
+            for j in range(i + 1, nb):
+                np.testing.assert_array_equal(tiles[i, j], 0)
+        np.testing.assert_allclose(np.asarray(jac.gram()), full, **tol)
 
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
 @pytest.mark.parametrize("jacobian", ["structured", "generic"])
 def test_kernel_factorisations_agree(monkeypatch, name, jacobian):
-    """The sample-space solve by tiles (the CPU's single-precision path), by a float32
-    tiled factor refined in float64 (the CPU's double-precision path) and by LAPACK on
-    the assembled kernel (accelerators) give the same update to 1e-10 in float64."""
+    """The sample-space solve by the tiled loop (the CPU's path; a float32 factor refined by
+    preconditioned CG in float64) and by LAPACK on the assembled float64 kernel (accelerators)
+    give the same update to 1e-10 (uneven tiles: 650 samples)."""
     log_psi, params, x, grad, holo = _case(name, n=650)
     out = {}
-    for kind in ("tiled", "mixed", "lapack"):
-        monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda single_precision, kind=kind: kind)
+    for kind in ("tiled", "lapack"):
+        monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda kind=kind: kind)
         out[kind], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
                                          holomorphic=holo, jacobian=jacobian)
         assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
+        assert bool(info.converged) and int(info.fallback) == 0
     assert rel_err(flat(out["tiled"]), flat(out["lapack"])) <= 1e-10
-    assert rel_err(flat(out["mixed"]), flat(out["lapack"])) <= 1e-12  # refined to float64's own accuracy
 
 
-def test_mixed_precision_falls_back_to_the_float64_factor(monkeypatch):
+def test_single_precision_factor_falls_back_to_the_float64_factor():
     """At damping 1e-7 the float32 factorisation of the rank-deficient kernel (N = 650 > P = 121)
-    breaks down; the refinement stops unconverged and the float64 LAPACK solve runs instead.
-    (The two float64 solves are compiled apart and round differently: cond ~ 1e8 here.)"""
+    breaks down (or refines too slowly); the float64 kernel is factored instead (fallback 1,
+    or 2 where its shift had to be raised too), and the update is finite and accurate."""
     log_psi, params, x, grad, holo = _case("mlp", n=650)
-    seen = []
-    real_refine = sample_space_mod.mixed_precision_refine
-
-    def spy(*args, **kwargs):
-        x_, converged, k = real_refine(*args, **kwargs)
-        jax.debug.callback(lambda c: seen.append(bool(c)), converged)
-        return x_, converged, k
-
-    monkeypatch.setattr(sample_space_mod, "mixed_precision_refine", spy)
-    out, info = {}, {}
-    for kind in ("mixed", "lapack"):
-        monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda single_precision, kind=kind: kind)
-        out[kind], info[kind] = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
-    assert seen == [False]
-    assert int(info["mixed"].fallback) == 1 and int(info["lapack"].fallback) == 0
-    assert np.isfinite(flat(out["lapack"])).all()
-    assert rel_err(flat(out["mixed"]), flat(out["lapack"])) <= 1e-9
+    out, info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
+    assert int(info.fallback) in (1, 2) and np.isfinite(flat(out)).all()
+    o = np.asarray(_jacobian(False, log_psi, params, x, holo).flat_rows)
+    ref = np.linalg.solve(o.T @ o / 650 + 1e-7 * np.eye(o.shape[1]), flat(grad))
+    assert rel_err(flat(out), ref) <= 1e-6
 
 
 def test_kernel_factorisation_rule():
     rule = sample_space_mod.kernel_factorisation
-    if jax.default_backend() == "cpu":
-        assert rule(True) == "tiled" and rule(False) == "mixed"
-    else:
-        assert rule(True) == rule(False) == "lapack"
+    assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
 
 
 @pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
