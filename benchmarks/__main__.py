@@ -10,7 +10,10 @@ Sections (each prints progress and a Markdown table):
    (:mod:`benchmarks.vmc`);
 3. ``hydrogen``: the continuum workload, fishr SR vs Adam (:mod:`benchmarks.continuum`);
 4. ``structured_sr``: exact SR, structured vs generic vs NetKet (:mod:`benchmarks.structured_sr`);
-5. ``kfac``: fishr.kfac vs kfac_jax.Optimizer vs optax.adam (:mod:`benchmarks.kfac`).
+5. ``kfac``: fishr.kfac vs kfac_jax.Optimizer vs optax.adam (:mod:`benchmarks.kfac`);
+6. ``sr_accuracy``: sample-space SR error against an exact float64 reference and first/warm
+   call times, fishr vs NetKet's ``srt``, on a vision transformer, an MLP and an RBM, in
+   float64 and float32 (:mod:`benchmarks.sr_accuracy`; runs last: it enables float64).
 
 Writes ``summary.md`` (all tables), ``summary.json`` (raw numbers) and the PNG plots
 ``sr_timing.png``, ``vmc_energy.png``, ``hydrogen_energy.png`` to ``--out``.
@@ -27,7 +30,7 @@ import platform
 import sys
 import time
 
-SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac")
+SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac", "sr_accuracy")
 
 
 def machine() -> str:
@@ -54,7 +57,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only
     import jax  # after benchmarks/__init__ pinned OpenBLAS to one thread
 
-    from benchmarks import continuum, sr_timing, structured_sr, vmc
+    from benchmarks import continuum, sr_accuracy, sr_timing, structured_sr, vmc
 
     try:
         from benchmarks import kfac
@@ -112,6 +115,13 @@ def main(argv=None) -> int:
             result = kfac.run(quick=args.quick)
             return result, "```\n" + kfac.format_table(result) + "\n```"
         section("kfac", "K-FAC: teacher-MLP regression", do)
+    if "sr_accuracy" in sections:
+        def do():
+            rows = sr_accuracy.run(quick=args.quick)
+            return rows, (f"damping {sr_accuracy.DAMPING}; error = max|x - x_ref| / max|x_ref| against an exact "
+                          "float64 eigendecomposition; times in s (first call) and ms (warm, median and min-max)\n\n"
+                          + sr_accuracy.markdown(rows))
+        section("sr_accuracy", "Sample-space SR accuracy, fishr vs NetKet srt", do)
 
     report["seconds"] = time.time() - t_start
     text = "\n\n".join(tables) + f"\n\n(total {report['seconds']:.0f} s)\n"

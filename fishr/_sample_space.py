@@ -31,25 +31,25 @@ whose products ``Obar (Obar^H y)`` are exact (the Jacobian's own ``matvec`` /
 close to ``K``: its rounding (single precision for double-precision input on the CPU,
 for speed; the centring of the layers' kernel through its row means, which cancels
 digits when the mean score is large next to its spread) costs CG iterations, not
-accuracy. CG reports convergence when the backward error of a direct solve in the
-working precision (LAPACK ``dsposv``'s test) is met. With a factor in the working
-precision it stops there (its first step is the direct solve, optimally scaled). With
-a single-precision factor of double-precision input it iterates on until its residual
-stops halving (the rounding floor of the products): the backward-error test alone
+accuracy. With a factor in the working precision (single-precision input; any input
+on accelerators) the factor's solve is used directly, a direct solve as NetKet's
+``srt`` (``converged`` reports LAPACK ``dsposv``'s backward-error test on its
+residual). With a single-precision factor of double-precision input CG iterates on
+until its residual stops halving (the rounding floor of the products): that test alone
 allows forward errors of ``cond(K) eps``, and stopping at it left 100x the error of
 a direct solve on a transformer (7.5e-11 against NetKet ``srt``'s 6.5e-13; 7.6e-13
 when iterated, 11 steps).
 
-Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN): the attempts
-below run in order until one gives a finite factor and a converged solve.
+Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). The common path
+is one factor and one CG (0). If that factor is not finite (a non-positive pivot) or
+its CG does not converge, a fallback runs under ``lax.cond`` (only then), with LAPACK
+on the assembled kernel:
 
-0. the kernel in the factor precision (single precision on the CPU; the input's on
-   accelerators), shifted by ``N damping``;
-1. for double-precision input on the CPU, the kernel in double precision, factored by
-   LAPACK (a non-positive single-precision pivot, or a factor too rough to converge);
-2. the shift of the *preconditioner* raised by ``10^j eps_f ||K||_inf`` (``j = 0, 2, 4``;
-   ``eps_f`` the factor precision's unit roundoff), which makes a numerically
-   indefinite kernel positive definite; the solve is still of ``K + N damping``.
+1. for double-precision input on the CPU, the kernel in double precision;
+2. the shift of the *preconditioner* raised by ``10^j eps_f ||K||`` (``j = 0, 2, 4``;
+   ``eps_f`` the factor precision's unit roundoff) until the factor is finite, which
+   makes a numerically indefinite kernel positive definite; the solve is still of
+   ``K + N damping`` (for double-precision input, after 1 needed it too).
 
 If none converges the update is NaN (the transform then keeps its state).
 With several devices the statistics of all samples are gathered (:meth:`gather`)
@@ -67,9 +67,9 @@ import optax
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.linalg import (SolveInfo, cg, cholesky_factor, cholesky_factor_solve, eigh_solve,
-                          hermitian_from_lower_tiles, solve_info, tiled_cholesky, tiled_cholesky_solve,
-                          tiled_factor_from_cholesky, tiled_inf_norm, tree_inner)
+from fishr.linalg import (SolveInfo, TiledFactor, cg, cholesky_factor, eigh_solve, hermitian_from_lower_tiles,
+                          solve_info, tiled_cholesky, tiled_cholesky_solve, tiled_factor_from_cholesky,
+                          psd_inf_norm_bound, tree_inner)
 from fishr.solvers import Eigh
 
 __all__ = ["energy_coefficients", "kernel_factorisation", "solve_sample_space"]
@@ -117,33 +117,37 @@ def _rows(jac) -> tuple[int, int]:
     return stats.shape[0], stats.shape[1]
 
 
-def _factor(tiles: jax.Array, shift: Any, kind: str):
-    """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded), and whether it is finite."""
+def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[TiledFactor, jax.Array]:
+    """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded), and whether it is finite.
+
+    ``kind="tiled"``: :func:`fishr.linalg.tiled_cholesky`; ``"lapack"``: the backend's
+    Cholesky of the assembled matrix, converted to tiles, so that both are applied by
+    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only: XLA's CPU
+    triangular solve on the whole factor is 10x slower).
+    """
     if kind == "lapack":
-        factor = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
-        return factor, jnp.all(jnp.isfinite(factor))
-    factor = tiled_cholesky(tiles, shift)
+        factor = tiled_factor_from_cholesky(cholesky_factor(hermitian_from_lower_tiles(tiles), shift),
+                                            tiles.shape[2])
+    else:
+        factor = tiled_cholesky(tiles, shift)
     return factor, jnp.all(jnp.isfinite(factor.tiles))
 
 
-def _apply_factor(factor, u: jax.Array, kind: str, rows: int) -> jax.Array:
+def _apply_factor(factor: TiledFactor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
-    n_pad = factor.shape[0] if kind == "lapack" else factor.tiles.shape[0] * factor.tiles.shape[2]
-    dtype = factor.dtype if kind == "lapack" else factor.tiles.dtype
-    flat = jnp.pad(u.reshape(rows, -1).astype(dtype), ((0, n_pad - rows), (0, 0)))
-    x = cholesky_factor_solve(factor, flat) if kind == "lapack" else tiled_cholesky_solve(factor, flat)
-    return x[:rows].reshape(u.shape).astype(u.dtype)
+    n_pad = factor.tiles.shape[0] * factor.tiles.shape[2]
+    flat = jnp.pad(u.reshape(rows, -1).astype(factor.tiles.dtype), ((0, n_pad - rows), (0, 0)))
+    return tiled_cholesky_solve(factor, flat)[:rows].reshape(u.shape).astype(u.dtype)
 
 
-def _ladder_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, kind: str):
-    """The first finite factor of ``A + (shift + raise_by[j]) I``, ``j = 0, 1, ...`` (a ``while_loop``).
+def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, start: int):
+    """The first finite LAPACK factor of ``A + (shift + raise_by[j]) I``, ``j = start, start + 1, ...``.
 
-    Returns ``(factor, j)``; ``j == len(raise_by)`` when none was finite (the factor is then NaN).
-    The factorisation appears once in the program (the loop's body), which halves the
-    compile time of this step against a first attempt outside the loop.
+    A ``while_loop`` on the assembled matrix (a rare path: LAPACK compiles in a fraction
+    of the tiled loop's time). Returns ``(factor, j)``; ``j == len(raise_by)`` when none
+    was finite (the factor is then NaN).
     """
-    shapes = jax.eval_shape(lambda t: _factor(t, shift, kind)[0], tiles)
-    empty = jax.tree.map(lambda sd: jnp.full(sd.shape, jnp.nan, sd.dtype), shapes)
+    factor, ok = _factor(tiles, shift + raise_by[start], "lapack")
 
     def cond(carry):
         _, ok, j = carry
@@ -151,18 +155,19 @@ def _ladder_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, kind: str)
 
     def body(carry):
         _, _, j = carry
-        factor, ok = _factor(tiles, shift + raise_by[j + 1], kind)
+        factor, ok = _factor(tiles, shift + raise_by[j + 1], "lapack")
         return factor, ok, j + 1
 
-    factor, ok, j = lax.while_loop(cond, body, (empty, jnp.asarray(False), jnp.int32(-1)))
+    factor, ok, j = lax.while_loop(cond, body, (factor, ok, jnp.int32(start)))
     return factor, jnp.where(ok, j, raise_by.shape[0])
 
 
-def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, SolveInfo, Callable]:
+def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, SolveInfo, Callable, jax.Array]:
     """``y = (K + shift I)^{-1} rhs`` for ``rhs`` ``(N, C)`` or ``(N, C, R)`` (see the module docstring).
 
-    Returns ``(y, info, approx)``: ``approx(u)`` applies the factor that was used (no CG),
-    for a correction step.
+    Returns ``(y, info, approx, approx_ok)``: ``approx(u)`` applies the first factor (no CG),
+    for a correction step, usable where ``approx_ok`` (it was finite and its solve
+    converged; otherwise a fallback ran).
     """
     n, c = _rows(jac)
     rows = n * c
@@ -179,46 +184,53 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, So
         direct = lambda u: eigh_solve(kernel, u.reshape(rows, -1), shift).reshape(u.shape)
         y = direct(rhs)
         r = rhs - operator(y)
-        return y, solve_info(jnp.sqrt(tree_inner(r, r)), jnp.all(jnp.isfinite(y))), direct
+        return y, solve_info(jnp.sqrt(tree_inner(r, r)), jnp.all(jnp.isfinite(y))), direct, jnp.asarray(True)
 
     kind = kernel_factorisation()
     single = kind == "tiled" and not _single_precision(rhs)  # double input on the CPU: factor in single
     tiles = (jac.single_precision() if single else jac).kernel_tiles()
-    k_norm = tiled_inf_norm(tiles).astype(real)
+    k_norm = psd_inf_norm_bound(tiles, rows).astype(real)  # for the tests and the ladder: a bound suffices
     a_norm = k_norm + shift
 
-    def ladder(tiles, kind):
-        eps = jnp.finfo(tiles.dtype).eps / 2
-        raise_by = jnp.asarray([0.0, 1.0, 1e2, 1e4], real) * eps * k_norm
-        return _ladder_factor(tiles, shift, raise_by, kind)
+    def raise_by(dtype):
+        eps = jnp.finfo(dtype).eps / 2  # the unit roundoff of the factor's precision
+        return jnp.asarray([0.0, 1.0, 1e2, 1e4], real) * eps * k_norm
 
-    def pcg(factor, u, kind):
-        precondition = lambda r: _apply_factor(factor, r, kind, rows)
+    def pcg(factor, u):
+        precondition = lambda r: _apply_factor(factor, r, rows)
         return cg(operator, u, None, rtol=0.0, atol=0.0, max_steps=MAX_STEPS,
                   preconditioner=precondition, backward_error=a_norm, stop_on_stagnation=True,
                   to_rounding_floor=single)
 
-    factor, steps_up = ladder(tiles, kind)
-    y, info = pcg(factor, rhs, kind)
-    fallback = jnp.where(steps_up > 0, 2, 0)
-    if not single:
-        return y, info._replace(fallback=fallback.astype(jnp.int32)), lambda u: _apply_factor(factor, u, kind, rows)
+    # the common path: one factor, then for a factor in the working precision the direct solve
+    # (as accurate as NetKet's srt: no CG step), for a single-precision factor of double-precision
+    # input CG to the floor; the rare fallback runs under lax.cond and returns vectors only
+    factor, finite = _factor(tiles, shift, kind)
+    if single:
+        y, info = pcg(factor, rhs)
+        good = finite & info.converged
+    else:
+        y = _apply_factor(factor, rhs, rows)
+        good = finite & jnp.all(jnp.isfinite(y))
+        r = rhs - operator(y)
+        bound = a_norm * jnp.finfo(real).eps * jnp.sqrt(jnp.asarray(rows, real))
+        info = solve_info(jnp.sqrt(tree_inner(r, r)), good & (jnp.max(jnp.abs(r)) <= jnp.max(jnp.abs(y)) * bound))
 
-    # double-precision input, single-precision factor: if that needed a raised shift or did not
-    # converge, factor the double-precision kernel instead (computed only then: lax.cond), with
-    # LAPACK on the assembled kernel (a rare path: it compiles in a fraction of the tiled loop)
-    def high(_):
-        factor_hi, up_hi = ladder(jac.kernel_tiles(), "lapack")
-        factor_hi = tiled_factor_from_cholesky(factor_hi, tiles.shape[2])
-        y_hi, info_hi = pcg(factor_hi, rhs, kind)
-        return y_hi, info_hi._replace(fallback=jnp.where(up_hi > 0, 2, 1).astype(jnp.int32)), factor_hi
+    def fallback(_):
+        if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
+            f, j = _raised_shift_factor(jac.kernel_tiles(), shift, raise_by(work), 0)
+            code = jnp.where(j > 0, 2, 1)
+        else:  # 2: the same kernel, factored with a raised shift
+            f, j = _raised_shift_factor(tiles, shift, raise_by(tiles.dtype), 1)
+            code = jnp.asarray(2)
+        y_f, info_f = pcg(f, rhs)
+        return y_f, info_f._replace(fallback=code.astype(jnp.int32))
 
-    def low(_):
-        return y, info._replace(fallback=fallback.astype(jnp.int32)), jax.tree.map(lambda t: t.astype(work), factor)
+    def first(_):
+        return y, info._replace(fallback=jnp.asarray(0, jnp.int32))
 
-    redo = (steps_up > 0) | ~info.converged
-    y, info, used = lax.cond(redo, high, low, None)
-    return y, info, lambda u: _apply_factor(used, u, kind, rows)
+    y, info = lax.cond(good, first, fallback, None)
+    return y, info, lambda u: _apply_factor(factor, u, rows), good
 
 
 def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: AxisName = None,
@@ -248,19 +260,20 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
 
     if local_energies is None:
         u = jac.matvec(b)
-        y, info, approx = kernel_solve(jac, shift, solver, u)
+        y, info, approx, approx_ok = kernel_solve(jac, shift, solver, u)
         x = optax.tree.scale(1.0 / damping, optax.tree.sub(b, jac.rmatvec(y)))
-        r = residual(x)  # one step of refinement in parameter space, with the factor alone
-        x = optax.tree.add(x, optax.tree.scale(1.0 / damping, optax.tree.sub(r, jac.rmatvec(approx(jac.matvec(r))))))
+        r = residual(x)  # one step of refinement in parameter space, with the first factor alone
+        step = optax.tree.scale(1.0 / damping, optax.tree.sub(r, jac.rmatvec(approx(jac.matvec(r)))))
+        x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
     else:
         coeffs = energy_coefficients(local_energies, c, holomorphic, n, axis_name).astype(
             jnp.result_type(jac.matvec(b)))
         if momentum_term is None:
-            y, info, _ = kernel_solve(jac, shift, solver, n * coeffs)
+            y, info, _, _ = kernel_solve(jac, shift, solver, n * coeffs)
             x = jac.rmatvec(y)
         else:  # (S + damping)^{-1} damping v = v - Obar^H (K + N damping)^{-1} Obar v: no division either
             rhs = jnp.stack([n * coeffs, jac.matvec(momentum_term)], axis=-1)
-            y, info, _ = kernel_solve(jac, shift, solver, rhs)
+            y, info, _, _ = kernel_solve(jac, shift, solver, rhs)
             x = optax.tree.add(jac.rmatvec(y[..., 0]), optax.tree.sub(momentum_term, jac.rmatvec(y[..., 1])))
     r = residual(x)
     return x, info._replace(residual_norm=jnp.sqrt(tree_inner(r, r)))

@@ -26,7 +26,8 @@ class SRState(NamedTuple):
       previous: the last finite solution ``x`` (zeros before the first step); used
         by momentum and by ``CG(initial_guess="previous")``.
       mode: the mode that ran, as an index into ``fishr.SR_MODES``
-        (``("lazy", "dense", "sample_space")``).
+        (``("lazy", "dense", "sample_space")``); -1 before the first step of
+        ``mode="auto"`` (which picks one when it sees the batch).
       info: :class:`fishr.SolveInfo` of the last accepted solve (iterations, residual,
         convergence, fallback).
     """
@@ -41,7 +42,7 @@ def sr(
     apply_fn: ApplyFn,
     damping: ScalarOrSchedule = 1e-3,
     *,
-    mode: Mode = "lazy",
+    mode: Mode = "auto",
     solver: Optional[Any] = None,
     momentum: float = 0.0,
     holomorphic: bool = False,
@@ -63,10 +64,11 @@ def sr(
       apply_fn: ``(params, batch) -> log psi`` of shape ``(n_local,)``.
       damping: float ``>= 0`` (``> 0`` for sample_space) or an ``optax.Schedule`` of the
         accepted-step count.
-      mode: ``"lazy"`` (default), ``"dense"`` or ``"sample_space"``.
+      mode: ``"auto"`` (default; see :func:`fishr.sr_solve`), ``"lazy"``, ``"dense"`` or
+        ``"sample_space"``.
       solver: a solver object the mode accepts (:mod:`fishr.solvers`): ``fishr.CG(...)``
         (lazy, dense), ``fishr.Cholesky()`` or ``fishr.Eigh()`` (dense, sample_space);
-        ``None`` for the mode's default.
+        ``None`` for the mode's default (with ``mode="auto"``: a CG runs lazy; see :func:`fishr.sr_solve`).
       momentum: SPRING momentum in ``[0, 1)``.
       holomorphic: complex parameters with a holomorphic ``log psi``.
       jacobian: ``"auto"``, ``"structured"`` or ``"generic"`` (see :func:`fishr.sr_solve`).
@@ -88,7 +90,7 @@ def sr(
         return SRState(
             count=jnp.zeros((), jnp.int32),
             previous=optax.tree.zeros_like(params),
-            mode=jnp.asarray(MODES.index(config.mode), jnp.int32),
+            mode=jnp.asarray(MODES.index(config.mode) if config.mode in MODES else -1, jnp.int32),
             info=solve_info(jnp.zeros((), residual_dtype), False),
         )
 
@@ -99,13 +101,13 @@ def sr(
         if batch is None:
             raise ValueError(f"{who}: `batch=` must be passed to update (the Monte Carlo samples).")
         damping_now = damping_at(damping, state.count)
-        x, info = solve_with_config(config, apply_fn, updates, params, batch, damping_now, state.previous, who,
-                                    local_energies=local_energies)
+        x, info, ran = solve_with_config(config, apply_fn, updates, params, batch, damping_now, state.previous, who,
+                                         local_energies=local_energies)
         x = jax.tree.map(lambda xi, g: xi.astype(g.dtype), x, updates)
         new_state = SRState(
             count=optax.safe_increment(state.count),
             previous=x,
-            mode=state.mode,
+            mode=jnp.asarray(MODES.index(ran), jnp.int32),
             info=jax.tree.map(lambda new, old: new.astype(old.dtype), info, state.info),
         )
         new_state = optax.tree.where(tree_all_finite(x), new_state, state)

@@ -35,6 +35,11 @@ Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
     The Woodbury identity on the ``N x N`` kernel ``Obar Obar^H``
     (:mod:`fishr._sample_space`). Solver: :class:`fishr.Cholesky` (default) or
     :class:`fishr.Eigh`. Needs ``damping > 0``.
+``"auto"`` (default)
+    One of the three, chosen at trace time from ``N`` (global), ``P``, the number of
+    score components and the captured layers (:func:`auto_mode`): the exact solve
+    (dense Cholesky or sample_space) of least arithmetic, lazy only where neither
+    matrix fits in memory.
 
 Momentum (SPRING, Goldshlager, Abrahamsen & Lin 2024)
 ----------------------------------------------------
@@ -74,18 +79,21 @@ from fishr._validate import (check_choice, check_damping, check_real, check_tree
                              local_batch_size, poison)
 from fishr.capture import discover_layers
 from fishr.distributed import AxisName
-from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian, layers_pay_off
+from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian, kernel_cost_per_pair, layers_pay_off
 from fishr.linalg import SolveInfo
 from fishr.scores import log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, check_solver
 
-__all__ = ["JACOBIANS", "MODES", "SRConfig", "sr_config", "sr_solve"]
+__all__ = ["JACOBIANS", "MODES", "MODE_CHOICES", "SRConfig", "auto_mode", "sr_config", "sr_solve"]
 
-Mode = Literal["lazy", "dense", "sample_space"]
+Mode = Literal["auto", "lazy", "dense", "sample_space"]
 JacobianKind = Literal["auto", "structured", "generic"]
 ApplyFn = Callable[[Any, Any], jax.Array]
 
-MODES = ("lazy", "dense", "sample_space")
+MODES = ("lazy", "dense", "sample_space")  # what runs; mode="auto" picks one of them (auto_mode)
+MODE_CHOICES = ("auto",) + MODES
+AUTO_MAX_DENSE_P = 16_384  # mode="auto" forms the P x P matrix only up to here (1 GiB in float32)
+AUTO_MAX_SAMPLE_SPACE_N = 32_768  # ... and the N x N kernel only up to here (4 GiB in float32)
 JACOBIANS = ("auto", "structured", "generic")
 _SOLVERS = {"lazy": (CG,), "dense": (CG, Cholesky, Eigh), "sample_space": (Cholesky, Eigh)}
 _DEFAULT_SOLVERS = {"lazy": CG(), "dense": CG(), "sample_space": Cholesky()}
@@ -101,16 +109,21 @@ class SRConfig:
     momentum: float
     holomorphic: bool
     axis_name: AxisName
+    sample_space_ok: bool = True  # for mode="auto": False when the damping is a concrete 0
 
 
 def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, momentum: Any, holomorphic: Any,
               axis_name: AxisName) -> SRConfig:
     """Validate SR's options (naming ``who`` in every error) and fill in the mode's default solver."""
-    check_choice(mode, MODES, who, "mode")
+    check_choice(mode, MODE_CHOICES, who, "mode")
     check_damping(damping, who, positive=mode == "sample_space")
-    if solver is None:
-        solver = _DEFAULT_SOLVERS[mode]
-    check_solver(solver, _SOLVERS[mode], who, f"in mode={mode!r}")
+    if mode == "auto":
+        if solver is not None:
+            check_solver(solver, (CG, Cholesky, Eigh), who, "in mode='auto'")
+    else:
+        if solver is None:
+            solver = _DEFAULT_SOLVERS[mode]
+        check_solver(solver, _SOLVERS[mode], who, f"in mode={mode!r}")
     check_choice(jacobian, JACOBIANS, who, "jacobian")
     if jacobian == "structured" and mode == "dense":
         raise ValueError(
@@ -120,7 +133,57 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     check_real(momentum, who, "momentum", 0.0, 1.0, high_open=True)
     if not isinstance(holomorphic, bool):
         raise ValueError(f"{who}: `holomorphic` must be True or False, got {holomorphic!r}.")
-    return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name)
+    zero_damping = isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping == 0
+    return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name, not zero_damping)
+
+
+def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
+              sample_space_ok: bool = True) -> str:
+    """The mode ``mode="auto"`` runs: the exact solve of least arithmetic whose matrix fits.
+
+    With ``R = C N`` score rows (``C = 2`` for a complex ``log psi`` of real parameters):
+    ``"dense"`` (Cholesky of the ``P x P`` matrix ``S``) costs ``R P^2`` to form ``S`` and
+    ``P^3 / 3`` to factor it; ``"sample_space"`` costs ``N^2 k`` to form the kernel
+    (``k`` = :func:`fishr.jacobian.kernel_cost_per_pair`, which counts the captured
+    layers' cheaper forms) and ``R^3 / 3`` to factor it. The cheaper one runs, where
+    its matrix fits (``P <= AUTO_MAX_DENSE_P``, ``N <= AUTO_MAX_SAMPLE_SPACE_N``);
+    ``"lazy"`` (CG, nothing formed) only when neither does. ``sample_space_ok=False``
+    (a damping of 0) excludes the sample-space solve. ``N`` is the global batch.
+    """
+    rows = components * n
+    dense = rows * num_params**2 + num_params**3 / 3
+    sample = n * n * kernel_per_pair + rows**3 / 3
+    fits_dense = num_params <= AUTO_MAX_DENSE_P
+    fits_sample = sample_space_ok and n <= AUTO_MAX_SAMPLE_SPACE_N
+    if fits_sample and (sample <= dense or not fits_dense):
+        return "sample_space"
+    return "dense" if fits_dense else "lazy"
+
+
+def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_fn) -> SRConfig:
+    """``config`` with ``mode="auto"`` replaced by :func:`auto_mode`'s choice and its default solver."""
+    if config.mode != "auto":
+        return config
+    num_params = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
+    out = jax.eval_shape(lambda p: apply_fn(p, batch), params)
+    components = 2 if (jnp.issubdtype(out.dtype, jnp.complexfloating) and not config.holomorphic) else 1
+    plan = None
+    if mean_fn is None and config.jacobian != "generic":
+        plan = discover_layers(apply_fn, params, batch)
+        if config.jacobian == "auto" and not layers_pay_off(plan, num_params, components):
+            plan = None
+    if isinstance(config.solver, CG):  # an iterative solve was asked for: nothing is formed
+        return dataclasses.replace(config, mode="lazy")
+    n = distributed.batch_size(n_local, config.axis_name)
+    mode = auto_mode(n, num_params, kernel_cost_per_pair(plan, num_params, components), components,
+                     config.sample_space_ok)
+    if mode == "dense" and config.jacobian == "structured":
+        mode = "sample_space" if config.sample_space_ok else "lazy"
+    solver = config.solver if config.solver is not None else (Cholesky() if mode == "dense" else
+                                                              _DEFAULT_SOLVERS[mode])
+    if mode == "lazy":
+        solver = CG()
+    return dataclasses.replace(config, mode=mode, solver=solver)
 
 
 def _check_holomorphic(params: Any, holomorphic: bool, who: str) -> None:
@@ -191,8 +254,8 @@ def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig):
 
 def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
                       previous: Optional[Any], who: str, mean_fn=None,
-                      local_energies: Optional[jax.Array] = None) -> tuple[Any, SolveInfo]:
-    """:func:`sr_solve` for validated options (the transform's entry point)."""
+                      local_energies: Optional[jax.Array] = None) -> tuple[Any, SolveInfo, str]:
+    """:func:`sr_solve` for validated options (the transform's entry point); also returns the mode that ran."""
     check_tree_matches_params(grads, params, who)
     _check_holomorphic(params, config.holomorphic, who)
     n_local = local_batch_size(batch, who)
@@ -207,6 +270,7 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     if config.momentum > 0.0 and previous is None:
         raise ValueError(f"{who}: `momentum` > 0 needs `previous`, the last solution.")
 
+    config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn)
     ok = damping_ok(damping)
     damping = jnp.where(ok, damping, jnp.nan)  # a traced bad damping gives NaN, never an anti-damped solve
     b = grads
@@ -233,7 +297,7 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
             momentum_term = optax.tree.scale(config.momentum, previous)
         x, info = solve_sample_space(jac, b, damping, config.solver, local_energies, config.axis_name,
                                      config.holomorphic, momentum_term)
-    return poison(x, ok), info
+    return poison(x, ok), info, config.mode
 
 
 def sr_solve(
@@ -243,7 +307,7 @@ def sr_solve(
     batch: Any,
     *,
     damping: Any = 1e-3,
-    mode: Mode = "lazy",
+    mode: Mode = "auto",
     solver: Optional[Any] = None,
     momentum: float = 0.0,
     previous: Optional[Any] = None,
@@ -264,9 +328,15 @@ def sr_solve(
       params: parameters at which ``S`` is evaluated.
       batch: the local samples (array or pytree with a common leading batch axis).
       damping: ``damping >= 0`` (``> 0`` for ``"sample_space"``), a float or a scalar array.
-      mode: ``"lazy"``, ``"dense"`` or ``"sample_space"``.
+      mode: ``"auto"`` (default: the cheaper exact solve, dense Cholesky or
+        sample_space, by :func:`auto_mode`'s documented rule; lazy only where neither
+        matrix fits), ``"lazy"``, ``"dense"`` or ``"sample_space"``. :func:`fishr.sr`'s
+        state records which ran.
       solver: a solver object (:mod:`fishr.solvers`) the mode accepts; ``None`` is the
-        mode's default: ``fishr.CG()`` for lazy and dense, ``fishr.Cholesky()`` for sample_space.
+        mode's default: ``fishr.CG()`` for lazy and dense, ``fishr.Cholesky()`` for
+        sample_space (and for dense when ``"auto"`` picked it). With ``"auto"``, a
+        ``fishr.CG`` runs lazy (the iterative solve it asks for), ``fishr.Cholesky`` or
+        ``fishr.Eigh`` the dense or sample-space solve the rule picks, with that solver.
       momentum: SPRING momentum ``mu`` in ``[0, 1)``; needs ``previous`` when > 0.
       previous: the previous solution ``x_{k-1}`` (pytree like ``params``), for momentum
         and for ``CG(initial_guess="previous")``.
@@ -303,5 +373,6 @@ def sr_solve(
     who = "fishr.sr_solve"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name)
-    return solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
-                             local_energies)
+    x, info, _ = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
+                                   local_energies)
+    return x, info

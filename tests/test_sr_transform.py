@@ -176,7 +176,7 @@ def test_cg_options_are_validated():
 
 
 def test_unknown_mode_and_solver():
-    with pytest.raises(ValueError, match="`mode` must be one of 'lazy', 'dense', 'sample_space'; got 'exact'"):
+    with pytest.raises(ValueError, match="`mode` must be one of 'auto', 'lazy', 'dense', 'sample_space'; got 'exact'"):
         fishr.sr(mlp_log_psi, mode="exact")
     with pytest.raises(TypeError, match=r"`solver` must be one of fishr.CG\(\) in mode='lazy'"):
         fishr.sr(mlp_log_psi, mode="lazy", solver=fishr.Cholesky())
