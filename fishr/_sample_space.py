@@ -23,9 +23,10 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   by about ``||g|| / (damping ||x||)``: measured on the attention + LayerNorm model of
   ``tests/test_sr_accuracy.py``, see the README for the numbers.
 
-The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`, a loop of fixed
-program size), factored by :func:`fishr.linalg.tiled_cholesky` (also loops) and used
-as the *preconditioner* of a conjugate-gradient solve of ``(K + N damping) y = u``
+The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; unrolled up to 8
+tile rows, a loop of fixed program size beyond), factored by
+:func:`fishr.linalg.tiled_cholesky` (likewise) and used as the *preconditioner* of a
+conjugate-gradient solve of ``(K + N damping) y = u``
 whose products ``Obar (Obar^H y)`` are exact (the Jacobian's own ``matvec`` /
 ``rmatvec``, which centre on the sample vector). So the computed kernel need only be
 close to ``K``: its rounding (single precision for double-precision input on the CPU,
@@ -44,9 +45,9 @@ a direct solve on a transformer (7.5e-11 against NetKet ``srt``'s 6.5e-13; 7.6e-
 when iterated, 11 steps).
 
 Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). The common path
-is one factor and one CG (0). If that factor is not finite (a non-positive pivot) or
-its CG does not converge, a fallback runs under ``lax.cond`` (only then), with LAPACK
-on the assembled kernel:
+is one factor and its direct solve or CG (0). If that factor is not finite (a
+non-positive pivot) or its CG does not converge, a fallback runs under ``lax.cond``
+(only then), with LAPACK on the assembled kernel and CG to the rounding floor:
 
 1. for double-precision input on the CPU, the kernel in double precision;
 2. the shift of the *preconditioner* raised by ``10^j eps_f ||K||`` (``j = 0, 2, 4``;
@@ -71,8 +72,8 @@ import optax
 from fishr import distributed
 from fishr.distributed import AxisName
 from fishr.linalg import (SolveInfo, TiledFactor, cg, cholesky_factor, eigh_solve, hermitian_from_lower_tiles,
-                          solve_info, tiled_cholesky, tiled_cholesky_solve, tiled_factor_from_cholesky,
-                          psd_inf_norm_bound, tree_inner)
+                          meets_backward_error, psd_inf_norm_bound, solve_info, tiled_cholesky,
+                          tiled_cholesky_solve, tiled_factor_from_cholesky, tree_inner)
 from fishr.solvers import Eigh
 
 __all__ = ["energy_coefficients", "kernel_factorisation", "solve_sample_space"]
@@ -219,8 +220,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, So
         y = _apply_factor(factor, rhs, rows)
         good = finite & jnp.all(jnp.isfinite(y))
         r = rhs - operator(y)
-        bound = a_norm * jnp.finfo(real).eps * jnp.sqrt(jnp.asarray(rows, real))
-        info = solve_info(jnp.sqrt(tree_inner(r, r)), good & (jnp.max(jnp.abs(r)) <= jnp.max(jnp.abs(y)) * bound))
+        info = solve_info(jnp.sqrt(tree_inner(r, r)), good & meets_backward_error(r, y, a_norm, rows))
 
     def fallback(_):
         if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
@@ -273,7 +273,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
         x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
     else:
         coeffs = energy_coefficients(local_energies, c, holomorphic, n, axis_name).astype(
-            jnp.result_type(jac.matvec(b)))
+            jax.eval_shape(jac.matvec, b).dtype)
         if momentum_term is None:
             y, info, _, _ = kernel_solve(jac, shift, solver, n * coeffs)
             x = jac.rmatvec(y)

@@ -164,6 +164,8 @@ def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_
     """``config`` with ``mode="auto"`` replaced by :func:`auto_mode`'s choice and its default solver."""
     if config.mode != "auto":
         return config
+    if isinstance(config.solver, CG):  # an iterative solve was asked for: nothing is formed
+        return dataclasses.replace(config, mode="lazy")
     num_params = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
     out = jax.eval_shape(lambda p: apply_fn(p, batch), params)
     components = 2 if (jnp.issubdtype(out.dtype, jnp.complexfloating) and not config.holomorphic) else 1
@@ -172,8 +174,6 @@ def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_
         plan = discover_layers(apply_fn, params, batch)
         if config.jacobian == "auto" and not layers_pay_off(plan, num_params, components):
             plan = None
-    if isinstance(config.solver, CG):  # an iterative solve was asked for: nothing is formed
-        return dataclasses.replace(config, mode="lazy")
     n = distributed.batch_size(n_local, config.axis_name)
     mode = auto_mode(n, num_params, kernel_cost_per_pair(plan, num_params, components), components,
                      config.sample_space_ok)

@@ -36,6 +36,7 @@ __all__ = [
     "SolveInfo",
     "solve_info",
     "cg",
+    "meets_backward_error",
     "tree_inner",
     "cholesky_factor",
     "cholesky_factor_solve",
@@ -108,6 +109,18 @@ def _tree_size(tree: Any) -> int:
 
 def _max_abs(tree: Any) -> jax.Array:
     return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def meets_backward_error(r: Any, x: Any, a_norm: Any, size: int) -> jax.Array:
+    """LAPACK ``dsposv``'s test: ``||r||_inf <= ||x||_inf ||A||_inf eps sqrt(size)``.
+
+    ``r = b - A x`` for a system of ``size`` unknowns; ``eps`` is the working precision's
+    (of ``r``'s leaves, promoted). True when ``x`` has the backward error of a direct solve
+    in that precision.
+    """
+    real = jnp.finfo(jnp.result_type(*jax.tree.leaves(r))).dtype
+    bound = jnp.asarray(a_norm, real) * jnp.finfo(real).eps * jnp.sqrt(jnp.asarray(size, real))
+    return _max_abs(r) <= _max_abs(x) * bound
 
 
 def cg(
@@ -202,13 +215,11 @@ def cg(
     threshold2 = jnp.maximum(rtol**2 * b_norm2, atol**2)
     floor = jnp.asarray(denominator_floor, dtype=rr0.dtype)
     eps = jnp.finfo(rr0.dtype).eps
-    if backward_error is not None:
-        bound = jnp.asarray(backward_error, rr0.dtype) * eps * jnp.sqrt(jnp.asarray(_tree_size(b), rr0.dtype))
 
     def met(x, r, rr):
         done = rr <= threshold2
         if backward_error is not None:
-            done = done | (_max_abs(r) <= _max_abs(x) * bound)
+            done = done | meets_backward_error(r, x, backward_error, _tree_size(b))
         return done
 
     def cond(carry):

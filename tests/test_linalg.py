@@ -205,6 +205,19 @@ def test_preconditioned_cg_with_a_float32_factor_reaches_float64_accuracy(comple
     assert np.linalg.norm(unrefined - expected) > 1e-9 * np.linalg.norm(expected)  # float32 alone is not enough
 
 
+def test_meets_backward_error_is_the_dsposv_test():
+    a = _spd(20, seed=25)
+    b = np.random.default_rng(26).normal(size=20)
+    x = np.linalg.solve(a, b)
+    a_norm = np.abs(a).sum(axis=1).max()
+    r = b - a @ x
+    bound = a_norm * np.finfo(np.float64).eps * np.sqrt(20)
+    assert np.abs(r).max() <= np.abs(x).max() * bound
+    assert bool(linalg.meets_backward_error(jnp.asarray(r), jnp.asarray(x), a_norm, 20))
+    r_big = r + 10 * np.abs(x).max() * bound
+    assert not bool(linalg.meets_backward_error(jnp.asarray(r_big), jnp.asarray(x), a_norm, 20))
+
+
 def test_cg_stops_on_stagnation():
     a = _spd(50, seed=29)
     b = jnp.ones(50)
