@@ -79,8 +79,13 @@ def energy_gradient(log_psi_apply, params, samples, e_loc):
     return jnp.real(e_mean), jax.tree.map(jnp.real, grad)
 
 
-def train(system, model, make_opt, n_samples: int, steps: int, seed: int = 0, sweeps: int = 2, progress=None):
-    """Run VMC with an optax transform; returns (energies per step, seconds per step, final parameters)."""
+def train(system, model, make_opt, n_samples: int, steps: int, seed: int = 0, sweeps: int = 2, progress=None,
+          pass_energies: bool = False):
+    """Run VMC with an optax transform; returns (energies per step, seconds per step, final parameters).
+
+    ``pass_energies``: also pass ``local_energies=`` to ``update`` (the recommended SR call, and what
+    an energy-dependent :func:`fishr.trust_region` bound reads).
+    """
     key = jax.random.PRNGKey(seed)
     k_init, k_s, key = jax.random.split(key, 3)
     s = system.init_samples(k_s, n_samples)
@@ -93,7 +98,8 @@ def train(system, model, make_opt, n_samples: int, steps: int, seed: int = 0, sw
         s, _ = system.sample(model.apply, params, s, key, sweeps)
         e_loc = system.local_energies(model.apply, params, s)
         e_mean, grad = energy_gradient(model.apply, params, s, e_loc)
-        updates, opt_state = opt.update(grad, opt_state, params, batch=s)
+        extra = {"local_energies": e_loc} if pass_energies else {}
+        updates, opt_state = opt.update(grad, opt_state, params, batch=s, **extra)
         return optax.apply_updates(params, updates), opt_state, s, e_mean
 
     s, _ = jax.jit(lambda p, s, k: system.sample(model.apply, p, s, k, 20))(params, s, key)  # burn-in

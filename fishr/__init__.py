@@ -15,6 +15,13 @@ Transforms (``optax.GradientTransformationExtraArgs``) and their pure solves:
   (:func:`branch_covariance`) mapped by a projection, and its block-diagonal variant;
   extra argument ``branches=``. :func:`clip_params` is the seeds' parameter clip.
 
+Adaptive steps (chain them after a preconditioner; math in their docstrings):
+:func:`quadratic_step` (step size and momentum from the exact quadratic model),
+:func:`levenberg_marquardt` (the damping, one value shared by the chain it wraps),
+:func:`trust_region` (SR steps of bounded length in the metric ``S``) and
+:func:`adaptive_kfac` (K-FAC with all three, no learning rate); the exact curvature
+they use is in :mod:`fishr.curvature`.
+
 Solver objects (:mod:`fishr.solvers`): :class:`CG`, :class:`Cholesky`, :class:`Eigh`;
 every solve returns ``(x, SolveInfo)``.
 
@@ -26,7 +33,19 @@ reductions), :mod:`fishr.linalg` (numerical routines), :mod:`fishr.solvers`,
 (the seeds' interfaces).
 """
 
-from fishr import capture, compat, distributed, jacobian, kronecker, linalg, scores, solvers
+from fishr import capture, compat, curvature, distributed, jacobian, kronecker, linalg, scores, solvers
+from fishr._adaptive import (
+    EnergyStats,
+    LevenbergMarquardtState,
+    QuadraticStepState,
+    TrustRegionState,
+    adaptive_kfac,
+    energy_stats,
+    levenberg_marquardt,
+    quadratic_model,
+    quadratic_step,
+    trust_region,
+)
 from fishr._branch import (
     BranchState,
     branch_covariance,
@@ -47,6 +66,17 @@ __version__ = "0.2.0.dev0"
 
 __all__ = [
     "BranchState",
+    "EnergyStats",
+    "LevenbergMarquardtState",
+    "QuadraticStepState",
+    "TrustRegionState",
+    "adaptive_kfac",
+    "energy_stats",
+    "levenberg_marquardt",
+    "quadratic_model",
+    "quadratic_step",
+    "trust_region",
+    "curvature",
     "CG",
     "Cholesky",
     "Eigh",

@@ -30,7 +30,7 @@ from jax import lax
 
 from fishr import kronecker as F
 from fishr._validate import (check_choice, check_damping, check_int, check_key, check_real,
-                             check_tree_matches_params, damping_at, damping_ok, poison, tree_all_finite)
+                             check_tree_matches_params, damping_ok, poison, shared_damping, tree_all_finite)
 from fishr.capture import LayerPlan, discover_layers
 from fishr.distributed import AxisName
 from fishr.scores import Fisher, Likelihood, make_score_fn
@@ -146,6 +146,10 @@ def kfac(
     step. If a damped factor is not positive definite (Cholesky fails, or an ``eigh``
     eigenvalue ``<= 0``), that layer keeps its previous inverse (the identity before
     the first success), the update stays finite and ``state.inverse_failures`` counts it.
+
+    Damping from the chain: ``update(..., damping=value)`` overrides ``damping`` for that
+    step; :func:`fishr.levenberg_marquardt` passes its adapted damping this way, so the
+    factors and the quadratic model use one value.
     """
     who = "fishr.kfac"
     check_damping(damping, who)
@@ -193,7 +197,6 @@ def kfac(
         return F.KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv)), failures
 
     def update_fn(updates, state, params=None, *, batch=None, **extra_args):
-        del extra_args
         if params is None:
             raise ValueError(f"{who}: `params` must be passed to update (the factors are evaluated at params).")
         if batch is None:
@@ -202,7 +205,7 @@ def kfac(
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key, impl=key_impl))
         plan, stats = F.factor_statistics(score_fn, params, batch, step_key, centre=centre, axis_name=axis_name)
         _check_plan_matches(plan, state)
-        damping_now = damping_at(damping, state.count)
+        damping_now = shared_damping(extra_args, damping, state.count, who)
         ok = damping_ok(damping_now)
         damping_now = jnp.where(ok, damping_now, jnp.nan)
         factors = F.ema_update(state.factors, stats, ema, state.count, debias=ema_debias)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import optax
 
 from fishr._sr_solve import MODES, ApplyFn, JacobianKind, Mode, solve_with_config, sr_config
-from fishr._validate import damping_at, tree_all_finite
+from fishr._validate import shared_damping, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.linalg import SolveInfo, solve_info
 
@@ -80,6 +80,9 @@ def sr(
     ``optax.apply_if_finite`` skips it and counts it) and the state is left exactly as
     it was: the count, the previous solution and the diagnostics never take
     non-finite values from a bad step.
+
+    Damping from the chain: ``update(..., damping=value)`` overrides ``damping`` for that
+    step (as :func:`fishr.levenberg_marquardt` passes its adapted value).
     """
     who = "fishr.sr"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
@@ -95,12 +98,11 @@ def sr(
         )
 
     def update_fn(updates, state, params=None, *, batch=None, local_energies=None, **extra_args):
-        del extra_args
         if params is None:
             raise ValueError(f"{who}: `params` must be passed to update (S is evaluated at params).")
         if batch is None:
             raise ValueError(f"{who}: `batch=` must be passed to update (the Monte Carlo samples).")
-        damping_now = damping_at(damping, state.count)
+        damping_now = shared_damping(extra_args, damping, state.count, who)
         x, info, ran = solve_with_config(config, apply_fn, updates, params, batch, damping_now, state.previous, who,
                                          local_energies=local_energies)
         x = jax.tree.map(lambda xi, g: xi.astype(g.dtype), x, updates)

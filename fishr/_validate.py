@@ -33,6 +33,7 @@ __all__ = [
     "damping_ok",
     "local_batch_size",
     "poison",
+    "shared_damping",
     "tree_all_finite",
 ]
 
@@ -91,6 +92,23 @@ def damping_at(damping: Any, count: jax.Array) -> Any:
     if not callable(damping):
         return damping
     return damping(jnp.asarray(count, dtype=jax.dtypes.canonicalize_dtype(jnp.int64)))
+
+
+def shared_damping(extra_args: dict, damping: Any, count: jax.Array, who: str) -> Any:
+    """The damping of this step: ``extra_args["damping"]`` when the chain passes one, else :func:`damping_at`.
+
+    An extra argument ``damping=`` is how a wrapper that adapts the damping
+    (:func:`fishr.levenberg_marquardt`) hands its one value to every transform of its
+    chain. A concrete value is checked like the constructor's (:func:`check_damping`); a
+    traced one at run time (:func:`damping_ok`).
+    """
+    given = extra_args.get("damping")
+    if given is None:
+        return damping_at(damping, count)
+    if callable(given):
+        raise ValueError(f"{who}: the extra argument `damping=` must be a number or a scalar array, not a schedule.")
+    check_damping(given, who)
+    return given
 
 
 def check_int(value: Any, who: str, name: str, minimum: int, allow_none: bool = False) -> None:

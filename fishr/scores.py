@@ -42,7 +42,7 @@ from fishr import distributed
 from fishr._validate import check_choice, local_batch_size
 from fishr.distributed import AxisName
 
-__all__ = ["FISHERS", "LIKELIHOODS", "log_psi_one_sample", "log_psi_rows", "make_score_fn"]
+__all__ = ["FISHERS", "LIKELIHOODS", "log_psi_one_sample", "log_psi_rows", "make_score_fn", "mean_loss"]
 
 Likelihood = Optional[Literal["categorical", "gaussian"]]
 Fisher = Literal["true", "empirical"]
@@ -165,3 +165,24 @@ def make_score_fn(
         return -0.5 * jnp.sum(residual**2, axis=-1)
 
     return score
+
+
+def mean_loss(apply_fn: ApplyFn, likelihood: str) -> Callable[[Any, Any], jax.Array]:
+    """``(params, (x, y)) -> loss``: the likelihood's negative log-likelihood, the mean over the local batch.
+
+    ``"categorical"``: ``mean_i -log softmax(apply_fn(params, x)_i)[y_i]`` with integer
+    labels; ``"gaussian"``: ``mean_i 1/2 |y_i - apply_fn(params, x)_i|^2`` (unit variance, no
+    constant). These are the losses whose Fisher the scores above estimate.
+    """
+    check_choice(likelihood, LIKELIHOODS[1:], "fishr.scores.mean_loss", "likelihood")
+
+    def loss(params, batch):
+        x, y = _split_batch(batch, likelihood)
+        out = apply_fn(params, x)
+        if likelihood == "categorical":
+            logp = jax.nn.log_softmax(out, axis=-1)
+            return -jnp.mean(jnp.take_along_axis(logp, jnp.asarray(y, jnp.int32)[:, None], axis=-1))
+        residual = (jnp.asarray(y, out.dtype) - out).reshape(out.shape[0], -1)
+        return 0.5 * jnp.mean(jnp.sum(residual**2, axis=-1))
+
+    return loss
