@@ -451,8 +451,8 @@ def _takes_energy(fn: Callable) -> bool:
 
 def trust_region(
     curvature: Curvature,
-    learning_rate: ScalarOrSchedule = 0.1,
-    max_norm: Union[ScalarOrSchedule, Callable[[jax.Array, EnergyStats], jax.Array]] = 1e-2,
+    learning_rate: ScalarOrSchedule = 0.05,
+    max_norm: Union[ScalarOrSchedule, Callable[[jax.Array, EnergyStats], jax.Array]] = 1e-3,
     *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -462,18 +462,20 @@ def trust_region(
     ``eta = min(learning_rate, sqrt(max_norm / x^T S x))``::
 
         opt = optax.chain(fishr.sr(log_psi, damping=1e-3),
-                          fishr.trust_region(fishr.curvature.fisher(log_psi), learning_rate=0.1, max_norm=1e-2))
+                          fishr.trust_region(fishr.curvature.fisher(log_psi), learning_rate=0.05, max_norm=1e-3))
         updates, state = opt.update(grads, state, params, batch=samples, local_energies=e_loc)
 
     Args:
       curvature: the metric's Gram function, normally :func:`fishr.curvature.fisher` of
         the same ``log psi`` (SR's ``S``; one Jacobian-vector product per step).
-      learning_rate: the step size where the bound is not active (float or schedule).
+      learning_rate: the step size where the bound is not active (float or schedule); the
+        default 0.05 and ``max_norm=1e-3`` are FermiNet's defaults for its norm constraint.
       max_norm: the bound on ``delta^T S delta``: a float, a schedule of the count, or a
         function ``(count, stats) -> bound`` of the count and the local energies'
         :class:`EnergyStats` (then ``local_energies=`` is required), e.g.
-        ``lambda t, e: 0.1 * e.variance`` for a bound that shrinks as the state
-        approaches an eigenstate (zero variance).
+        ``lambda t, e: 1e-3 * e.variance`` for a bound that shrinks as the state
+        approaches an eigenstate (zero variance); such a bound also grows with the
+        variance, so a too large factor diverges (1e-2 did on both benchmark chains).
       axis_name: mapped axis name(s) when the samples are split over devices (the energy
         statistics; the curvature carries its own).
     """

@@ -10,7 +10,9 @@ particles, a sequence; and over repeated calls of a shared layer). Block K-FAC
 :mod:`fishr.jacobian`) need exactly these ``a`` and ``d``; this module, shared by both,
 collects all of them from ONE forward and ONE backward pass:
 
-* the forward pass runs ``fn`` under :func:`flax.linen.intercept_methods`; every
+* the forward pass runs ``fn`` under :func:`flax.linen.intercept_methods` (linen) with
+  the ``__call__`` of ``flax.nnx.Linear``, ``LinearGeneral`` and ``Conv`` wrapped for the
+  duration of the trace (NNX, whose modules have no interceptor); every
   call of a captured layer records its input and adds a zero "perturbation"
   array to its output (the idea of Flax's ``perturb``, but the zeros are an
   argument of the traced function, so the user's ``apply`` needs no
@@ -23,12 +25,30 @@ collects all of them from ONE forward and ONE backward pass:
 
 What is captured
 ----------------
+Flax NNX: ``fn`` is typically ``lambda state, x: nnx.merge(graphdef, state)(x)`` with
+``graphdef, state = nnx.split(model)``; ``nnx.Linear``, ``nnx.LinearGeneral`` and
+``nnx.Conv`` are captured as their linen twins below (a layer is named by its path in
+``state``).
+
 * ``flax.linen.Dense``: ``a = inputs`` (last axis ``d_in``), ``d`` the gradient
   with respect to the output (last axis ``d_out``).
-* ``flax.linen.DenseGeneral`` with ONE contracting ``axis`` (any position but
-  the leading batch axis) and no ``batch_dims``; its kernel ``(d_in, *features)``
-  is treated as a ``(d_in, prod(features))`` matrix, its bias ``(*features,)`` as a
-  vector.
+* ``flax.linen.DenseGeneral`` with any contracting ``axis`` (one or several, never
+  the leading batch axis) and any ``features``, no ``batch_dims``: attention's
+  query/key/value projections (``axis=-1``, ``features=(heads, head_dim)``) and its
+  output projection (``axis=(-2, -1)``). The kernel ``(*contracted, *features)`` is
+  treated as a ``(d_in, d_out)`` matrix (``d_in`` the product of the contracted sizes,
+  in ``axis`` order; ``d_out`` the product of ``features``), the bias ``(*features,)``
+  as a vector; ``a`` holds the contracted axes flattened last.
+* ``flax.linen.Conv`` (1-D, 2-D or more spatial axes, one batch axis, any
+  ``strides``, ``padding`` (including ``"CIRCULAR"``, ``"REFLECT"``, ``"CAUSAL"``),
+  ``input_dilation`` and ``kernel_dilation``, with or without bias,
+  ``feature_group_count=1``, no ``mask``): ``a`` holds the input patches (im2col,
+  :func:`jax.lax.conv_general_dilated_patches`), one position ``t`` per output pixel,
+  features ordered like the kernel ``(*kernel_size, C_in)`` flattened, so ``d_in =
+  prod(kernel_size) C_in`` and ``d_out = features``; ``T`` is the number of output
+  pixels. Grouped and depthwise convolutions (``feature_group_count > 1``), masked
+  kernels, ``ConvLocal``, ``ConvTranspose`` and convolutions with a custom
+  ``conv_general_dilated`` are not captured (their parameters are uncovered).
 * A layer is captured when it is called on the whole batch (leading axis of its
   input = number of outputs of ``fn``) with its kernel (and bias) taken
   unchanged from ``params``: the kernel is recognised by identity with a leaf
@@ -36,11 +56,8 @@ What is captured
   ``jax.vmap`` over samples, layers whose parameters are transformed before
   use, and every other module are *not* captured; their parameters are listed
   in :attr:`LayerPlan.uncovered` (K-FAC leaves them to the identity, structured SR
-  gives them explicit per-sample rows).
-* ``flax.linen.Conv`` is not captured (its kernel falls back to the identity):
-  the Kronecker factors of a convolution (KFC, Grosse & Martens 2016) need the
-  input patches (im2col) for the layer's window, strides, padding, dilation and
-  feature groups, a second statistics path that this module does not build.
+  gives them explicit per-sample rows). :func:`report` lists, per parameter, what
+  was captured and how.
 
 Shapes returned: ``inputs[l]`` is ``(n, T_l, d_in)`` and ``output_grads[l]`` is
 ``(n, T_l, d_out)`` for layer ``l``, where ``T_l`` is the product of the extra
@@ -55,23 +72,52 @@ import dataclasses
 import math
 from typing import Any, Callable, NamedTuple, Optional
 
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
 __all__ = [
     "CAPTURED_MODULES",
+    "ConvSpec",
+    "conv_patches",
     "LayerInfo",
     "LayerPlan",
     "Linearized",
     "Captured",
+    "CoverageRow",
     "augment_bias",
     "capture",
+    "format_report",
+    "report",
     "discover_layers",
     "linearize_layers",
 ]
 
-CAPTURED_MODULES = (nn.Dense, nn.DenseGeneral)
+CAPTURED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv)
+NNX_CAPTURED_MODULES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvSpec:
+    """How a captured ``nn.Conv`` call turns its input into patches (static).
+
+    Attributes:
+      kernel_size, strides, input_dilation, kernel_dilation: per spatial axis.
+      padding: ``"SAME"``, ``"VALID"`` or per-axis ``(low, high)`` pairs, after
+        ``pre_pad`` (``"CIRCULAR"``, ``"REFLECT"`` and ``"CAUSAL"`` pad the input
+        first, as Flax does, then use ``"VALID"``).
+      pre_pad: ``((low, high), ...)`` per spatial axis and the ``jnp.pad`` mode, or ``None``.
+    """
+
+    kernel_size: tuple[int, ...]
+    strides: tuple[int, ...]
+    padding: Any
+    input_dilation: tuple[int, ...]
+    kernel_dilation: tuple[int, ...]
+    pre_pad: Optional[tuple[tuple[tuple[int, int], ...], str]]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +129,8 @@ class _Call:
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     output_dtype: Any
-    contract_axis: int  # input axis contracted with the kernel (non-negative)
+    contract_axes: tuple[int, ...]  # input axes contracted with the kernel (non-negative, kernel order)
+    conv: Optional[ConvSpec] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,7 +139,8 @@ class LayerInfo:
 
     Attributes:
       name: the Flax module path joined by ``"/"`` (e.g. ``"Dense_0"``).
-      kind: ``"Dense"`` or ``"DenseGeneral"``.
+      kind: the module class: ``"Dense"``, ``"DenseGeneral"``, ``"Conv"`` (linen) or
+        ``"Linear"``, ``"LinearGeneral"``, ``"Conv"`` (NNX).
       kernel_index: position of the kernel in ``jax.tree.leaves(params)``.
       bias_index: position of the bias, ``None`` without bias.
       kernel_shape: the kernel leaf's shape (``(d_in, *features)``).
@@ -142,22 +190,148 @@ def _same_trace(x: Any, y: Any) -> bool:
     return getattr(x, "_trace", None) is getattr(y, "_trace", None)
 
 
-def _contract_axis(module: nn.Module, ndim: int) -> Optional[int]:
-    if isinstance(module, nn.Dense):
-        return ndim - 1
-    axis = module.axis if isinstance(module.axis, (tuple, list)) else (module.axis,)
-    batch_dims = module.batch_dims if isinstance(module.batch_dims, (tuple, list)) else (module.batch_dims,)
-    if len(axis) != 1 or len(batch_dims) != 0:
+def _as_tuple(x: Any) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _contract_axes(module: Any, ndim: int) -> Optional[tuple[int, ...]]:
+    """The input axes a dense layer contracts with its kernel, in kernel order; ``None`` if not captured."""
+    if isinstance(module, (nn.Dense, nnx.Linear)):
+        return (ndim - 1,)
+    if isinstance(module, nn.DenseGeneral):
+        has_batch = len(_as_tuple(module.batch_dims)) != 0
+    else:  # nnx.LinearGeneral: batch_axis maps axes to sizes
+        has_batch = len(module.batch_axis) != 0
+    if has_batch:
         return None
-    return axis[0] % ndim
+    axes = tuple(a % ndim for a in _as_tuple(module.axis))
+    return axes if len(set(axes)) == len(axes) else None
 
 
-def _intercepted_call(ctx) -> bool:
-    return ctx.method_name == "__call__" and isinstance(ctx.module, CAPTURED_MODULES)
+def _conv_spec(module: nn.Conv, x: Any) -> Optional[ConvSpec]:
+    """The patch recipe of a Conv call, or ``None`` where capture does not apply (module docstring)."""
+    if (module.feature_group_count != 1 or module.mask is not None or getattr(module, "shared_weights", True) is not True
+            or getattr(module, "conv_general_dilated", None) not in (None, jax.lax.conv_general_dilated)
+            or getattr(module, "conv_general_dilated_cls", None) is not None):
+        return None
+    kernel_size = _as_tuple(module.kernel_size)
+    rank = len(kernel_size)
+    if jnp.ndim(x) != rank + 2:  # one batch axis
+        return None
+
+    def per_axis(v):
+        v = 1 if v is None else v
+        return (v,) * rank if isinstance(v, int) else tuple(v)
+
+    strides, lhs_dil, rhs_dil = per_axis(module.strides), per_axis(module.input_dilation), per_axis(module.kernel_dilation)
+    try:
+        padding = nn.linear.canonicalize_padding(module.padding, rank)
+    except ValueError:
+        return None
+    pre_pad = None
+    if padding in ("CIRCULAR", "REFLECT"):
+        dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dil)]
+        pre_pad = (tuple(((k - 1) // 2, k // 2) for k in dilated), {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        padding = "VALID"
+    elif padding == "CAUSAL":
+        if rank != 1:
+            return None
+        pre_pad = (((rhs_dil[0] * (kernel_size[0] - 1), 0),), "constant")
+        padding = "VALID"
+    elif not isinstance(padding, str):
+        padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+    return ConvSpec(kernel_size=kernel_size, strides=strides, padding=padding, input_dilation=lhs_dil,
+                    kernel_dilation=rhs_dil, pre_pad=pre_pad)
 
 
-def _layer_input(args, kwargs):
-    return args[0] if args else kwargs["inputs"]
+def conv_patches(x: jax.Array, spec: ConvSpec) -> jax.Array:
+    """``(n, *out_spatial, prod(kernel_size) C_in)`` input patches of a Conv call, features in kernel order.
+
+    ``patches @ kernel.reshape(-1, C_out)`` equals the convolution (without bias).
+    """
+    if spec.pre_pad is not None:
+        pads, mode = spec.pre_pad
+        x = jnp.pad(x, ((0, 0),) + tuple(pads) + ((0, 0),), mode=mode)
+    ndim = x.ndim
+    lhs_spec = (0, ndim - 1) + tuple(range(1, ndim - 1))
+    rhs_spec = (ndim - 1, ndim - 2) + tuple(range(0, ndim - 2))
+    padding = spec.padding if isinstance(spec.padding, str) else list(spec.padding)
+    patches = jax.lax.conv_general_dilated_patches(
+        x, spec.kernel_size, spec.strides, padding, lhs_dilation=spec.input_dilation,
+        rhs_dilation=spec.kernel_dilation, dimension_numbers=jax.lax.ConvDimensionNumbers(lhs_spec, rhs_spec, lhs_spec),
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    # the patches' features are (C_in, *kernel_size), C_in slowest; the kernel's are (*kernel_size, C_in)
+    c_in, k = x.shape[-1], math.prod(spec.kernel_size)
+    patches = patches.reshape(patches.shape[:-1] + (c_in, k))
+    return jnp.swapaxes(patches, -1, -2).reshape(patches.shape[:-2] + (k * c_in,))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Seen:
+    """A call of a candidate layer as the hooks see it: the module, its kernel and bias arrays, its input."""
+
+    module: Any
+    kind: str
+    name: Optional[str]  # linen's scope path; None for NNX (named from the params path later)
+    kernel: Any
+    bias: Any
+    x: Any
+
+
+def _nnx_array(variable: Any) -> Any:
+    if variable is None:
+        return None
+    return variable.get_value() if hasattr(variable, "get_value") else variable.value
+
+
+@contextlib.contextmanager
+def _hooked(hook: Callable[[_Seen, Callable[[], jax.Array]], jax.Array]):
+    """Route every call of a candidate layer (linen via ``nn.intercept_methods``, NNX by
+    wrapping the classes' ``__call__`` for the duration) through ``hook(seen, call) -> output``."""
+
+    def interceptor(next_fun, iargs, ikwargs, ctx):
+        if not (ctx.method_name == "__call__" and isinstance(ctx.module, CAPTURED_MODULES)):
+            return next_fun(*iargs, **ikwargs)
+        variables = ctx.module.variables.get("params", {})
+        seen = _Seen(module=ctx.module, kind=type(ctx.module).__name__,
+                     name="/".join(str(p) for p in ctx.module.scope.path), kernel=variables.get("kernel"),
+                     bias=variables.get("bias"), x=iargs[0] if iargs else ikwargs["inputs"])
+        return hook(seen, lambda: next_fun(*iargs, **ikwargs))
+
+    originals = {cls: cls.__dict__["__call__"] for cls in NNX_CAPTURED_MODULES}
+
+    def wrap(cls, original):
+        def call(self, inputs, *a, **kw):
+            if type(self).__call__ is not call:  # a subclass with its own __call__: not this layer
+                return original(self, inputs, *a, **kw)
+            seen = _Seen(module=self, kind=cls.__name__, name=None, kernel=_nnx_array(self.kernel),
+                         bias=_nnx_array(getattr(self, "bias", None)), x=inputs)
+            return hook(seen, lambda: original(self, inputs, *a, **kw))
+
+        return call
+
+    with nn.intercept_methods(interceptor):
+        try:
+            for cls, original in originals.items():
+                cls.__call__ = wrap(cls, original)
+            yield
+        finally:
+            for cls, original in originals.items():
+                cls.__call__ = original
+
+
+def _leaf_names(params: Any) -> list[str]:
+    """``"a/b/c"`` names of the leaves of ``params`` from their paths (NNX's trailing ``value`` dropped)."""
+    names = []
+    for path, _ in jax.tree_util.tree_leaves_with_path(params):
+        keys = [getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))) for k in path]
+        if keys and keys[-1] == "value":
+            keys = keys[:-1]
+        if len(keys) > 1:
+            keys = keys[:-1]  # the module, not the kernel leaf
+        names.append("/".join(str(k) for k in keys if k != "params"))
+    return names
 
 
 def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> LayerPlan:
@@ -173,36 +347,35 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
         leaves = jax.tree.leaves(params)
         index_of = {id(leaf): i for i, leaf in enumerate(leaves)}
 
-        def interceptor(next_fun, iargs, ikwargs, ctx):
-            out = next_fun(*iargs, **ikwargs)
-            if not _intercepted_call(ctx):
-                return out
-            x = _layer_input(iargs, ikwargs)
-            variables = ctx.module.variables.get("params", {})
-            kernel, bias = variables.get("kernel"), variables.get("bias")
+        def hook(seen, call):
+            out = call()
+            x, kernel, bias = seen.x, seen.kernel, seen.bias
             kernel_index = index_of.get(id(kernel))
             bias_index = None if bias is None else index_of.get(id(bias))
-            axis = _contract_axis(ctx.module, jnp.ndim(x))
+            if isinstance(seen.module, (nn.Conv, nnx.Conv)):
+                conv = _conv_spec(seen.module, x)
+                axes = None if conv is None else (jnp.ndim(x) - 1,)
+            else:
+                conv, axes = None, _contract_axes(seen.module, jnp.ndim(x))
             ok = (
                 kernel_index is not None
                 and (bias is None or bias_index is not None)
-                and axis is not None
-                and axis != 0
+                and axes is not None
+                and 0 not in axes
                 and _same_trace(x, kernel)
                 and jnp.ndim(x) >= 2
             )
             raw.append(
                 dict(
-                    ok=ok, name="/".join(str(p) for p in ctx.module.scope.path),
-                    kind=type(ctx.module).__name__, kernel_index=kernel_index, bias_index=bias_index,
+                    ok=ok, name=seen.name, kind=seen.kind, kernel_index=kernel_index, bias_index=bias_index,
                     kernel_shape=tuple(jnp.shape(kernel)) if kernel is not None else (),
                     input_shape=tuple(jnp.shape(x)), output_shape=tuple(jnp.shape(out)),
-                    output_dtype=jnp.result_type(out), axis=axis,
+                    output_dtype=jnp.result_type(out), axes=axes, conv=conv,
                 )
             )
             return out
 
-        with nn.intercept_methods(interceptor):
+        with _hooked(hook):
             return fn(params, *args)
 
     out = jax.eval_shape(traced, params, *args)
@@ -221,6 +394,7 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
             by_kernel.setdefault(r["kernel_index"], []).append(k)
     layers: list[LayerInfo] = []
     layer_of_call: dict[int, int] = {}
+    leaf_names = None
     for kernel_index, call_ids in by_kernel.items():
         rs = [raw[k] for k in call_ids]
         first = rs[0]
@@ -229,11 +403,18 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
         )
         if not consistent:
             continue
-        d_in = first["kernel_shape"][0]
-        d_out = math.prod(first["kernel_shape"][1:])
-        positions = sum(math.prod(r["input_shape"]) // (n * d_in) for r in rs)
+        if first["conv"] is not None:
+            d_in, d_out = math.prod(first["kernel_shape"][:-1]), first["kernel_shape"][-1]
+            positions = sum(math.prod(r["output_shape"]) // (n * d_out) for r in rs)
+        else:
+            n_in = len(first["axes"])
+            d_in, d_out = math.prod(first["kernel_shape"][:n_in]), math.prod(first["kernel_shape"][n_in:])
+            positions = sum(math.prod(r["input_shape"]) // (n * d_in) for r in rs)
         for k in call_ids:
             layer_of_call[k] = len(layers)
+        if first["name"] is None:
+            leaf_names = leaf_names if leaf_names is not None else _leaf_names(params)
+            first["name"] = leaf_names[kernel_index]
         layers.append(
             LayerInfo(
                 name=first["name"], kind=first["kind"], kernel_index=kernel_index,
@@ -246,7 +427,7 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
         _Call(
             layer=layer_of_call.get(k), module_type=r["kind"], input_shape=r["input_shape"],
             output_shape=r["output_shape"], output_dtype=r["output_dtype"],
-            contract_axis=r["axis"] if r["axis"] is not None else -1,
+            contract_axes=r["axes"] if r["axes"] is not None else (), conv=r["conv"],
         )
         for k, r in enumerate(raw)
     )
@@ -303,23 +484,21 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
         recorded: dict[int, jax.Array] = {}
         counter = iter(range(len(plan.calls)))
 
-        def interceptor(next_fun, iargs, ikwargs, ctx):
-            if not _intercepted_call(ctx):
-                return next_fun(*iargs, **ikwargs)
+        def hook(seen, call):
             k = next(counter, None)
-            x = _layer_input(iargs, ikwargs)
+            x = seen.x
             if k is None or plan.calls[k].input_shape != tuple(jnp.shape(x)):
                 raise RuntimeError(
                     "fishr.capture: the model called its layers differently in two traces of the "
                     "same function (call order or shapes changed); capture needs a deterministic model."
                 )
-            out = next_fun(*iargs, **ikwargs)
+            out = call()
             if k not in slot:
                 return out
             recorded[k] = x
             return out + perturbations[slot[k]]
 
-        with nn.intercept_methods(interceptor):
+        with _hooked(hook):
             outputs = fn(params, *args)
         return outputs, tuple(recorded[k] for k in captured)
 
@@ -334,7 +513,12 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
     def per_layer_inputs(layer: LayerInfo) -> jax.Array:
         parts = []
         for k in layer.calls:
-            x = jnp.moveaxis(raw_inputs[slot[k]], plan.calls[k].contract_axis, -1)
+            call = plan.calls[k]
+            if call.conv is not None:
+                x = conv_patches(raw_inputs[slot[k]], call.conv)
+            else:
+                axes = call.contract_axes
+                x = jnp.moveaxis(raw_inputs[slot[k]], axes, tuple(range(-len(axes), 0)))
             parts.append(x.reshape(n, -1, layer.d_in))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
@@ -375,3 +559,74 @@ def augment_bias(a: jax.Array, has_bias: bool) -> jax.Array:
     if not has_bias:
         return a
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+class CoverageRow(NamedTuple):
+    """One parameter leaf in :func:`report`.
+
+    Attributes:
+      path: the leaf's path in ``params`` (``jax.tree_util.keystr``).
+      shape: the leaf's shape.
+      layer: the captured layer's module path, or ``None``.
+      kind: ``"Dense"``, ``"DenseGeneral"``, ``"Conv"``, or ``None`` (not captured).
+      role: ``"kernel"``, ``"bias"`` or ``None``.
+      positions: ``T``, the positions per sample of the layer (``None`` if not captured).
+      d_in, d_out: the layer's kernel as a ``(d_in, d_out)`` matrix (``None`` if not captured).
+      treatment: what fishr does with the leaf: ``"kronecker factors / layer statistics"``
+        when captured; ``"identity (K-FAC) / explicit rows (SR)"`` when not.
+    """
+
+    path: str
+    shape: tuple[int, ...]
+    layer: Optional[str]
+    kind: Optional[str]
+    role: Optional[str]
+    positions: Optional[int]
+    d_in: Optional[int]
+    d_out: Optional[int]
+    treatment: str
+
+
+CAPTURED_TREATMENT = "kronecker factors (K-FAC) / layer statistics (structured SR)"
+UNCOVERED_TREATMENT = "identity (K-FAC) / explicit per-sample rows (structured SR)"
+
+
+def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[CoverageRow, ...]:
+    """What capture sees in ``fn(params, *args)``: one :class:`CoverageRow` per leaf of ``params``.
+
+    An abstract trace (no computation), as :func:`discover_layers`. Print it with
+    :func:`format_report`, e.g. ``print(fishr.capture.format_report(fishr.capture.report(
+    model.apply, params, x)))``, to see which parameters K-FAC and structured SR cover.
+    """
+    plan = discover_layers(fn, params, *args)
+    paths = jax.tree_util.tree_leaves_with_path(params)
+    by_leaf: dict[int, tuple[LayerInfo, str]] = {}
+    for layer in plan.layers:
+        by_leaf[layer.kernel_index] = (layer, "kernel")
+        if layer.has_bias:
+            by_leaf[layer.bias_index] = (layer, "bias")
+    rows = []
+    for i, (path, leaf) in enumerate(paths):
+        layer, role = by_leaf.get(i, (None, None))
+        rows.append(CoverageRow(
+            path=jax.tree_util.keystr(path), shape=tuple(jnp.shape(leaf)),
+            layer=None if layer is None else layer.name, kind=None if layer is None else layer.kind, role=role,
+            positions=None if layer is None else layer.positions, d_in=None if layer is None else layer.d_in,
+            d_out=None if layer is None else layer.d_out,
+            treatment=CAPTURED_TREATMENT if layer is not None else UNCOVERED_TREATMENT,
+        ))
+    return tuple(rows)
+
+
+def format_report(rows: tuple[CoverageRow, ...]) -> str:
+    """A text table of :func:`report`'s rows and the share of parameters captured."""
+    w = max([len("parameter")] + [len(r.path) for r in rows])
+    lines = [f"{'parameter':<{w}} {'shape':<16} {'kind':<20} {'T':>5} {'d_in x d_out':>13}  treatment"]
+    for r in rows:
+        dims = f"{r.d_in} x {r.d_out}" if r.d_in is not None else "-"
+        lines.append(f"{r.path:<{w}} {str(r.shape):<16} {(r.kind or '-') + ('/' + r.role if r.role else ''):<20} "
+                     f"{r.positions if r.positions is not None else '-':>5} {dims:>13}  {r.treatment}")
+    total = sum(math.prod(r.shape) for r in rows)
+    covered = sum(math.prod(r.shape) for r in rows if r.kind is not None)
+    lines.append(f"captured: {covered} of {total} parameters ({100.0 * covered / max(total, 1):.1f}%)")
+    return "\n".join(lines)

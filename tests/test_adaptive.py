@@ -410,3 +410,4 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     assert float(single[1]) < float(single[2])  # the bound is active
+

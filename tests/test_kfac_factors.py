@@ -88,7 +88,7 @@ def test_per_sample_gradient_is_outer_product(mlp):
 
 class PerPosition(nn.Module):
     """A dense layer over positions, a DenseGeneral contracting a middle axis, a shared layer called twice,
-    an uncovered scalar parameter and a Conv (not captured)."""
+    an uncovered scalar parameter and a 1-D Conv (captured as patches, one position per output pixel)."""
 
     @nn.compact
     def __call__(self, x):  # x: (n, T, 3)
@@ -108,12 +108,11 @@ def test_extra_axes_dense_general_shared_and_uncovered():
     fn = lambda p, x: model.apply(p, x)
     plan, inputs, grads = captured(fn, params, x)
     names = [l.name for l in plan.layers]
-    assert names == ["per_pos", "general", "shared"]
-    assert [l.positions for l in plan.layers] == [3, 4, 5]  # T; shared: 4 + 1 calls' positions
+    assert names == ["per_pos", "general", "shared", "conv"]
+    assert [l.positions for l in plan.layers] == [3, 4, 5, 3]  # T; shared: 4 + 1 calls' positions
+    assert plan.layers[3].d_in == 2 * 3  # kernel size 2 x 3 input channels
     paths = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
-    assert sorted(paths[i] for i in plan.uncovered) == sorted(
-        ["['params']['conv']['bias']", "['params']['conv']['kernel']", "['params']['scale']"]
-    )
+    assert [paths[i] for i in plan.uncovered] == ["['params']['scale']"]
     # Per-sample kernel gradients are sum_t a_t d_t^T for every captured layer (incl. the shared one).
     leaves = jax.tree.leaves(per_sample_grads(fn, params, x))
     for layer, a, d in zip(plan.layers, inputs, grads):
