@@ -11,7 +11,11 @@ Sections (each prints progress and a Markdown table):
 3. ``hydrogen``: the continuum workload, fishr SR vs Adam (:mod:`benchmarks.continuum`);
 4. ``structured_sr``: exact SR, structured vs generic vs NetKet (:mod:`benchmarks.structured_sr`);
 5. ``kfac``: fishr.kfac vs kfac_jax.Optimizer vs optax.adam (:mod:`benchmarks.kfac`);
-6. ``sr_accuracy``: sample-space SR error against an exact float64 reference and first/warm
+6. ``adaptive_kfac``: fishr.adaptive_kfac vs kfac-jax's adaptive mode vs fixed-step
+   fishr.kfac vs Adam on the regression and a CNN (:mod:`benchmarks.adaptive_kfac`);
+7. ``trust_region``: trust-region SR vs hand-tuned SR learning rates on the TFIM and
+   Heisenberg chains (:mod:`benchmarks.trust_region`);
+8. ``sr_accuracy``: sample-space SR error against an exact float64 reference and first/warm
    call times, fishr vs NetKet's ``srt``, on a vision transformer, an MLP and an RBM, in
    float64 and float32 (:mod:`benchmarks.sr_accuracy`; runs last: it enables float64).
 
@@ -30,7 +34,7 @@ import platform
 import sys
 import time
 
-SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac", "sr_accuracy")
+SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac", "adaptive_kfac", "trust_region", "sr_accuracy")
 
 
 def machine() -> str:
@@ -57,7 +61,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only
     import jax  # after benchmarks/__init__ pinned OpenBLAS to one thread
 
-    from benchmarks import continuum, sr_accuracy, sr_timing, structured_sr, vmc
+    from benchmarks import adaptive_kfac, continuum, sr_accuracy, sr_timing, structured_sr, trust_region, vmc
 
     try:
         from benchmarks import kfac
@@ -115,6 +119,16 @@ def main(argv=None) -> int:
             result = kfac.run(quick=args.quick)
             return result, "```\n" + kfac.format_table(result) + "\n```"
         section("kfac", "K-FAC: teacher-MLP regression", do)
+    if "adaptive_kfac" in sections:
+        def do():
+            result = adaptive_kfac.run(quick=args.quick)
+            return result, "```\n" + adaptive_kfac.format_table(result) + "\n```"
+        section("adaptive_kfac", "Adaptive K-FAC (no learning rate) vs kfac-jax's adaptive mode", do)
+    if "trust_region" in sections:
+        def do():
+            result = trust_region.run("quick" if args.quick else "full")
+            return result, trust_region.markdown(result)
+        section("trust_region", "Trust-region SR vs hand-tuned SR learning rates", do)
     if "sr_accuracy" in sections:
         def do():
             rows = sr_accuracy.run(quick=args.quick)

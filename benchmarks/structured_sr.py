@@ -123,7 +123,7 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
             "fishr lazy": partial(fishr_fn("lazy", "generic", solver=fishr.CG(rtol=0.0, max_steps=cg_iters)), grad,
                                   params, x),
         }
-        stats = jax.jit(lambda p, s: capture(model.apply, p, s)[2:])
+        stats = jax.jit(lambda p, s: capture(model.apply, p, s)[2:4])
         if nk is not None:
             srt = jax.jit(lambda p, s, e: srt_onthefly(  # returns (updates, old_updates, info)
                 model.apply, e, p["params"], {}, s, diag_shift=damping,

@@ -44,6 +44,7 @@ from fishr._adaptive import (
     levenberg_marquardt,
     quadratic_model,
     quadratic_step,
+    quadratic_step_state,
     trust_region,
 )
 from fishr._branch import (
@@ -75,6 +76,7 @@ __all__ = [
     "levenberg_marquardt",
     "quadratic_model",
     "quadratic_step",
+    "quadratic_step_state",
     "trust_region",
     "curvature",
     "CG",

@@ -81,6 +81,7 @@ __all__ = [
     "levenberg_marquardt",
     "quadratic_model",
     "quadratic_step",
+    "quadratic_step_state",
     "trust_region",
 ]
 
@@ -169,6 +170,16 @@ class QuadraticStepState(NamedTuple):
     coefficients: jax.Array
     model_change: jax.Array
     damped_model_change: jax.Array
+
+    @property
+    def learning_rate(self) -> jax.Array:
+        """The step size of the last step, ``-a`` (positive for a descent step)."""
+        return -self.coefficients[0]
+
+    @property
+    def momentum(self) -> jax.Array:
+        """The momentum coefficient ``b`` of the last step."""
+        return self.coefficients[1]
 
 
 def _value_at(value: Any, count: jax.Array) -> Any:
@@ -294,10 +305,22 @@ class LevenbergMarquardtState(NamedTuple):
     inner_state: Any
 
 
+def _quadratic_step_states(state: Any) -> list[QuadraticStepState]:
+    return [s for s in jax.tree.leaves(state, is_leaf=lambda s: isinstance(s, QuadraticStepState))
+            if isinstance(s, QuadraticStepState)]
+
+
+def quadratic_step_state(state: Any) -> QuadraticStepState:
+    """The :class:`QuadraticStepState` inside an optimizer state (e.g. :func:`adaptive_kfac`'s), to read
+    the adapted ``.learning_rate`` and ``.momentum``."""
+    found = _quadratic_step_states(state)
+    if len(found) != 1:
+        raise ValueError(f"fishr.quadratic_step_state: expected one QuadraticStepState in `state`, found {len(found)}.")
+    return found[0]
+
+
 def _model_changes(inner_state: Any, include_damping: bool) -> list[jax.Array]:
-    found = [s for s in jax.tree.leaves(inner_state, is_leaf=lambda s: isinstance(s, QuadraticStepState))
-             if isinstance(s, QuadraticStepState)]
-    return [s.damped_model_change if include_damping else s.model_change for s in found]
+    return [s.damped_model_change if include_damping else s.model_change for s in _quadratic_step_states(inner_state)]
 
 
 def levenberg_marquardt(
@@ -339,7 +362,13 @@ def levenberg_marquardt(
       axis_name: mapped axis name(s) when the batch is split over devices.
 
     Extra arguments of ``update``: ``batch`` (required), ``value`` (the loss at ``params``
-    on this batch, if the caller has it; saves a forward pass on adaptation steps).
+    on this batch, if the caller has it; saves a forward pass on adaptation steps). ``value``
+    must be ``value_fn(params, batch)`` itself (the same loss, regularisers included, the
+    mean over the same batch): ``rho`` compares it with ``value_fn`` after the step.
+
+    The adapted values are in the state: ``state.damping``, and the
+    :class:`QuadraticStepState` inside ``state.inner_state`` (``.learning_rate``,
+    ``.momentum``; :func:`quadratic_step_state` finds it).
     """
     who = "fishr.levenberg_marquardt"
     check_damping(initial_damping, who, positive=True, name="initial_damping")
@@ -530,6 +559,7 @@ def adaptive_kfac(
     learning_rate: Optional[ScalarOrSchedule] = None,
     momentum: Optional[ScalarOrSchedule] = None,
     interval: int = 5,
+    value_fn: Optional[Callable[[Any, Any], jax.Array]] = None,
     axis_name: AxisName = None,
     **kfac_options: Any,
 ) -> optax.GradientTransformationExtraArgs:
@@ -550,6 +580,9 @@ def adaptive_kfac(
       example_batch: as for :func:`fishr.kfac`.
       initial_damping, interval: as for :func:`levenberg_marquardt`.
       learning_rate, momentum: as for :func:`quadratic_step` (``None``: adaptive).
+      value_fn: the loss the damping rule measures, ``(params, batch) -> mean loss``
+        (default: the likelihood's, :func:`fishr.scores.mean_loss`); pass yours when it adds
+        terms (a regulariser), and pass ``value=`` only with that same loss.
       axis_name: mapped axis name(s) when the batch is split over devices.
       **kfac_options: further options of :func:`fishr.kfac` (``ema``, ``inverse_every``, ...;
         not ``damping``, which the wrapper adapts).
@@ -560,5 +593,6 @@ def adaptive_kfac(
                           axis_name=axis_name, **kfac_options)
     step = quadratic_step(gauss_newton(apply_fn, likelihood, axis_name=axis_name), learning_rate=learning_rate,
                           momentum=momentum)
-    return levenberg_marquardt(optax.chain(preconditioner, step), mean_loss(apply_fn, likelihood),
+    loss = mean_loss(apply_fn, likelihood) if value_fn is None else value_fn
+    return levenberg_marquardt(optax.chain(preconditioner, step), loss,
                                initial_damping=initial_damping, interval=interval, axis_name=axis_name)

@@ -10,8 +10,9 @@ Each step, on ``update(grads, state, params, *, batch)``:
 3. every ``inverse_every`` steps (and on the first) the damped inverses are
    recomputed (Cholesky or ``eigh``) and kept in the state;
 4. each layer's gradient ``Gamma`` (kernel with its bias as an extra row) becomes
-   ``(A + s_A I)^{-1} Gamma (G + s_G I)^{-1}``; parameters of no captured layer
-   get the identity (their gradient passes unchanged).
+   ``(A + s_A I)^{-1} Gamma (G + s_G I)^{-1}``; each LayerNorm / RMSNorm scale and
+   bias is divided by its diagonal Fisher block plus the damping; parameters of no
+   captured layer get the identity (their gradient passes unchanged).
 
 See :mod:`fishr.kronecker` for the formulas and normalisations. Sign and
 learning rate are left to the chain: ``optax.chain(fishr.kfac(...), optax.sgd(lr))``
@@ -69,8 +70,9 @@ def _shape_struct(tree: Any) -> Any:
 
 
 def _check_plan_matches(plan: LayerPlan, state: KFACState) -> None:
-    expected = [(l.d_in + int(l.has_bias), l.d_out) for l in plan.layers]
-    got = [(a.shape[-1], g.shape[-1]) for a, g in zip(state.factors.a, state.factors.g)]
+    expected = [(l.d_in + int(l.has_bias), l.d_out) for l in plan.layers] + [F.norm_size(m) for m in plan.norms]
+    got = [(a.shape[-1], g.shape[-1]) for a, g in zip(state.factors.a, state.factors.g)] + \
+        [d.shape[-1] for d in state.factors.diag]
     if len(got) != len(expected) or got != expected:
         raise ValueError(
             "fishr.kfac: the layers captured from this `batch` do not match the state built by init "
@@ -114,8 +116,9 @@ def kfac(
     Args:
       apply_fn: ``(params, batch) -> scores (n,)`` with ``likelihood=None``, else
         ``(params, inputs) -> logits / means`` (see :mod:`fishr.scores`). It may
-        call any Flax model; ``Dense`` and single-axis ``DenseGeneral`` layers are
-        captured without changing the model.
+        call any Flax model (linen or NNX); ``Dense``, ``DenseGeneral``, ``Conv`` and
+        ``LayerNorm`` / ``RMSNorm`` layers are captured without changing the model
+        (:func:`fishr.capture.report` shows what is).
       damping: float ``>= 0`` or an ``optax`` schedule of ``count``.
       example_batch: a batch (arrays or ``jax.ShapeDtypeStruct`` s) with the
         structure of the training batches; ``init`` traces the model on it
@@ -176,7 +179,7 @@ def kfac(
 
     def init_fn(params):
         key = jax.random.wrap_key_data(key_data, impl=key_impl)
-        plan = discover_layers(score_fn, params, example, key)
+        plan = discover_layers(score_fn, params, example, key, norms=True)
         dtype = jnp.result_type(*[jax.tree.leaves(params)[l.kernel_index] for l in plan.layers] or [float])
         return KFACState(
             count=jnp.zeros((), jnp.int32),
@@ -188,13 +191,17 @@ def kfac(
 
     def recompute(factors, old_inverses, damping_now):
         new = F.factor_inverses(factors, damping_now, kind=damping_kind, solver=solver)
-        a_inv, g_inv, failures = [], [], jnp.zeros((), jnp.int32)
+        a_inv, g_inv, diag_inv, failures = [], [], [], jnp.zeros((), jnp.int32)
         for a_new, g_new, a_old, g_old in zip(new.a, new.g, old_inverses.a, old_inverses.g):
             ok = tree_all_finite((a_new, g_new))
             a_inv.append(jnp.where(ok, a_new, a_old))
             g_inv.append(jnp.where(ok, g_new, g_old))
             failures = failures + (~ok).astype(jnp.int32)
-        return F.KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv)), failures
+        for d_new, d_old in zip(new.diag, old_inverses.diag):
+            ok = tree_all_finite(d_new)
+            diag_inv.append(jnp.where(ok, d_new, d_old))
+            failures = failures + (~ok).astype(jnp.int32)
+        return F.KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv), diag=tuple(diag_inv)), failures
 
     def update_fn(updates, state, params=None, *, batch=None, **extra_args):
         if params is None:

@@ -98,6 +98,40 @@ __all__ = [
 
 CAPTURED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv)
 NNX_CAPTURED_MODULES = (nnx.Linear, nnx.LinearGeneral, nnx.Conv)
+NORM_MODULES = (nn.LayerNorm, nn.RMSNorm)  # captured for K-FAC's diagonal blocks (``norms=True``)
+NNX_NORM_MODULES = (nnx.LayerNorm, nnx.RMSNorm)
+
+
+@dataclasses.dataclass(frozen=True)
+class NormSpec:
+    """How a captured LayerNorm / RMSNorm call normalises its input over the last axis (static)."""
+
+    centred: bool  # LayerNorm subtracts the mean; RMSNorm does not
+    epsilon: float
+    fast_variance: bool  # E[x^2] - E[x]^2 (Flax's default) instead of E[(x - E[x])^2]
+
+
+def normalised(x: jax.Array, spec: NormSpec) -> jax.Array:
+    """``xhat``, the normalised input the norm's scale multiplies (last axis), as Flax computes it."""
+    if spec.centred:
+        mean = jnp.mean(x, axis=-1, keepdims=True)
+        if spec.fast_variance:
+            var = jnp.maximum(0.0, jnp.mean(jnp.abs(x) ** 2, axis=-1, keepdims=True) - jnp.abs(mean) ** 2)
+        else:
+            var = jnp.mean(jnp.abs(x - mean) ** 2, axis=-1, keepdims=True)
+        return (x - mean) * jax.lax.rsqrt(var + spec.epsilon)
+    return x * jax.lax.rsqrt(jnp.mean(jnp.abs(x) ** 2, axis=-1, keepdims=True) + spec.epsilon)
+
+
+def _norm_spec(module: Any, x: Any) -> Optional[NormSpec]:
+    """The spec of a LayerNorm / RMSNorm normalising over the last axis only, else ``None``."""
+    last = jnp.ndim(x) - 1
+    axes_ok = all(tuple(a % jnp.ndim(x) for a in _as_tuple(getattr(module, name))) == (last,)
+                  for name in ("reduction_axes", "feature_axes"))
+    if not axes_ok or getattr(module, "axis_name", None) is not None:
+        return None
+    return NormSpec(centred=isinstance(module, (nn.LayerNorm, nnx.LayerNorm)), epsilon=float(module.epsilon),
+                    fast_variance=bool(getattr(module, "use_fast_variance", True)))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +165,7 @@ class _Call:
     output_dtype: Any
     contract_axes: tuple[int, ...]  # input axes contracted with the kernel (non-negative, kernel order)
     conv: Optional[ConvSpec] = None
+    norm: Optional[int] = None  # index into LayerPlan.norms, for a captured norm call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,6 +201,33 @@ class LayerInfo:
 
 
 @dataclasses.dataclass(frozen=True)
+class NormInfo:
+    """A captured LayerNorm / RMSNorm (static; only with ``norms=True``, for K-FAC's diagonal blocks).
+
+    ``y = xhat * scale + bias`` over the last axis (``features``), so the per-sample
+    gradients are ``sum_t xhat_t d_t`` (scale) and ``sum_t d_t`` (bias), with ``d`` the
+    gradient with respect to ``y``.
+
+    Attributes:
+      name, kind: as for :class:`LayerInfo` (``"LayerNorm"`` or ``"RMSNorm"``).
+      scale_index, bias_index: leaf positions in ``params`` (``None`` when absent).
+      features: the size of the normalised axis.
+      positions: ``T``, positions per sample over all calls.
+      calls: positions of its calls in the traced call sequence.
+      spec: the normalisation (:class:`NormSpec`).
+    """
+
+    name: str
+    kind: str
+    scale_index: Optional[int]
+    bias_index: Optional[int]
+    features: int
+    positions: int
+    calls: tuple[int, ...]
+    spec: NormSpec
+
+
+@dataclasses.dataclass(frozen=True)
 class LayerPlan:
     """What :func:`discover_layers` found (static, hashable).
 
@@ -175,6 +237,8 @@ class LayerPlan:
         belong to no captured layer.
       num_leaves: number of leaves of ``params``.
       batch_size: ``n``, the leading size of ``fn``'s output.
+      norms: the captured normalisation layers (``norms=True`` only; their scale and
+        bias are then not in ``uncovered``).
     """
 
     layers: tuple[LayerInfo, ...]
@@ -182,6 +246,7 @@ class LayerPlan:
     num_leaves: int
     batch_size: int
     calls: tuple[_Call, ...] = dataclasses.field(repr=False)
+    norms: tuple[NormInfo, ...] = ()
 
 
 def _same_trace(x: Any, y: Any) -> bool:
@@ -286,26 +351,35 @@ def _nnx_array(variable: Any) -> Any:
 
 
 @contextlib.contextmanager
-def _hooked(hook: Callable[[_Seen, Callable[[], jax.Array]], jax.Array]):
+def _hooked(hook: Callable[[_Seen, Callable[[], jax.Array]], jax.Array], norms: bool = False):
     """Route every call of a candidate layer (linen via ``nn.intercept_methods``, NNX by
-    wrapping the classes' ``__call__`` for the duration) through ``hook(seen, call) -> output``."""
+    wrapping the classes' ``__call__`` for the duration) through ``hook(seen, call) -> output``.
+
+    A norm's ``kernel`` is its scale. Norm modules are candidates only with ``norms``.
+    """
+    linen_kinds = CAPTURED_MODULES + (NORM_MODULES if norms else ())
 
     def interceptor(next_fun, iargs, ikwargs, ctx):
-        if not (ctx.method_name == "__call__" and isinstance(ctx.module, CAPTURED_MODULES)):
+        if not (ctx.method_name == "__call__" and isinstance(ctx.module, linen_kinds)) or \
+                ikwargs.get("mask") is not None:
             return next_fun(*iargs, **ikwargs)
         variables = ctx.module.variables.get("params", {})
+        is_norm = isinstance(ctx.module, NORM_MODULES)
         seen = _Seen(module=ctx.module, kind=type(ctx.module).__name__,
-                     name="/".join(str(p) for p in ctx.module.scope.path), kernel=variables.get("kernel"),
-                     bias=variables.get("bias"), x=iargs[0] if iargs else ikwargs["inputs"])
+                     name="/".join(str(p) for p in ctx.module.scope.path),
+                     kernel=variables.get("scale" if is_norm else "kernel"),
+                     bias=variables.get("bias"), x=iargs[0] if iargs else ikwargs["x" if is_norm else "inputs"])
         return hook(seen, lambda: next_fun(*iargs, **ikwargs))
 
-    originals = {cls: cls.__dict__["__call__"] for cls in NNX_CAPTURED_MODULES}
+    originals = {cls: cls.__dict__["__call__"] for cls in NNX_CAPTURED_MODULES + (NNX_NORM_MODULES if norms else ())}
 
     def wrap(cls, original):
         def call(self, inputs, *a, **kw):
-            if type(self).__call__ is not call:  # a subclass with its own __call__: not this layer
-                return original(self, inputs, *a, **kw)
-            seen = _Seen(module=self, kind=cls.__name__, name=None, kernel=_nnx_array(self.kernel),
+            if type(self).__call__ is not call or kw.get("mask") is not None:  # a subclass with its own
+                return original(self, inputs, *a, **kw)  # __call__, or a masked norm: not captured
+            is_norm = isinstance(self, NNX_NORM_MODULES)
+            seen = _Seen(module=self, kind=cls.__name__, name=None,
+                         kernel=_nnx_array(getattr(self, "scale" if is_norm else "kernel", None)),
                          bias=_nnx_array(getattr(self, "bias", None)), x=inputs)
             return hook(seen, lambda: original(self, inputs, *a, **kw))
 
@@ -334,12 +408,13 @@ def _leaf_names(params: Any) -> list[str]:
     return names
 
 
-def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> LayerPlan:
+def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any, norms: bool = False) -> LayerPlan:
     """Trace ``fn(params, *args)`` abstractly (``jax.eval_shape``) and list its capturable layers.
 
     Costs one abstract trace, no computation. ``args`` may hold arrays or
     ``jax.ShapeDtypeStruct`` s. ``fn`` must return an array whose leading axis
-    is the batch (``n``).
+    is the batch (``n``). ``norms=True`` also captures LayerNorm / RMSNorm layers
+    (:class:`NormInfo`; K-FAC's diagonal blocks).
     """
     raw: list[dict] = []
 
@@ -350,8 +425,18 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
         def hook(seen, call):
             out = call()
             x, kernel, bias = seen.x, seen.kernel, seen.bias
-            kernel_index = index_of.get(id(kernel))
+            kernel_index = None if kernel is None else index_of.get(id(kernel))
             bias_index = None if bias is None else index_of.get(id(bias))
+            if isinstance(seen.module, NORM_MODULES + NNX_NORM_MODULES):
+                spec = _norm_spec(seen.module, x)
+                some = kernel if kernel is not None else bias
+                ok = (spec is not None and some is not None and (kernel is None or kernel_index is not None)
+                      and (bias is None or bias_index is not None) and _same_trace(x, some) and jnp.ndim(x) >= 2)
+                raw.append(dict(ok=ok, name=seen.name, kind=seen.kind, kernel_index=kernel_index,
+                                bias_index=bias_index, kernel_shape=(), input_shape=tuple(jnp.shape(x)),
+                                output_shape=tuple(jnp.shape(out)), output_dtype=jnp.result_type(out), axes=None,
+                                conv=None, norm=spec))
+                return out
             if isinstance(seen.module, (nn.Conv, nnx.Conv)):
                 conv = _conv_spec(seen.module, x)
                 axes = None if conv is None else (jnp.ndim(x) - 1,)
@@ -370,12 +455,12 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
                     ok=ok, name=seen.name, kind=seen.kind, kernel_index=kernel_index, bias_index=bias_index,
                     kernel_shape=tuple(jnp.shape(kernel)) if kernel is not None else (),
                     input_shape=tuple(jnp.shape(x)), output_shape=tuple(jnp.shape(out)),
-                    output_dtype=jnp.result_type(out), axes=axes, conv=conv,
+                    output_dtype=jnp.result_type(out), axes=axes, conv=conv, norm=None,
                 )
             )
             return out
 
-        with _hooked(hook):
+        with _hooked(hook, norms):
             return fn(params, *args)
 
     out = jax.eval_shape(traced, params, *args)
@@ -389,8 +474,11 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
 
     # Group calls by kernel; a kernel is captured only if every call of it is capturable.
     by_kernel: dict[int, list[int]] = {}
+    by_norm: dict[tuple, list[int]] = {}
     for k, r in enumerate(raw):
-        if r["kernel_index"] is not None:
+        if r["norm"] is not None or (r["kind"] in ("LayerNorm", "RMSNorm")):
+            by_norm.setdefault((r["kernel_index"], r["bias_index"]), []).append(k)
+        elif r["kernel_index"] is not None:
             by_kernel.setdefault(r["kernel_index"], []).append(k)
     layers: list[LayerInfo] = []
     layer_of_call: dict[int, int] = {}
@@ -422,12 +510,34 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
                 d_out=d_out, calls=tuple(call_ids), positions=positions,
             )
         )
+    norm_infos: list[NormInfo] = []
+    norm_of_call: dict[int, int] = {}
+    taken = {l.kernel_index for l in layers} | {l.bias_index for l in layers if l.has_bias}
+    for (scale_index, bias_index), call_ids in by_norm.items():
+        rs = [raw[k] for k in call_ids]
+        first = rs[0]
+        if scale_index in taken or bias_index in taken or not all(
+                r["ok"] and r["input_shape"][0] == n and r["norm"] == first["norm"] for r in rs):
+            continue
+        features = first["input_shape"][-1]
+        for k in call_ids:
+            norm_of_call[k] = len(norm_infos)
+        name = first["name"]
+        if name is None:
+            leaf_names = leaf_names if leaf_names is not None else _leaf_names(params)
+            name = leaf_names[scale_index if scale_index is not None else bias_index]
+        norm_infos.append(NormInfo(
+            name=name, kind=first["kind"], scale_index=scale_index, bias_index=bias_index, features=features,
+            positions=sum(math.prod(r["input_shape"]) // (n * features) for r in rs), calls=tuple(call_ids),
+            spec=first["norm"],
+        ))
     covered = {l.kernel_index for l in layers} | {l.bias_index for l in layers if l.has_bias}
+    covered |= {i for m in norm_infos for i in (m.scale_index, m.bias_index) if i is not None}
     calls = tuple(
         _Call(
             layer=layer_of_call.get(k), module_type=r["kind"], input_shape=r["input_shape"],
             output_shape=r["output_shape"], output_dtype=r["output_dtype"],
-            contract_axes=r["axes"] if r["axes"] is not None else (), conv=r["conv"],
+            contract_axes=r["axes"] if r["axes"] is not None else (), conv=r["conv"], norm=norm_of_call.get(k),
         )
         for k, r in enumerate(raw)
     )
@@ -437,6 +547,7 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> La
         num_leaves=num_leaves,
         batch_size=n,
         calls=calls,
+        norms=tuple(norm_infos),
     )
 
 
@@ -450,12 +561,16 @@ class Linearized(NamedTuple):
       pullback: ``cotangent -> tuple of (n, T, d_out)``: for a cotangent ``u`` on
         ``outputs``, the gradient of ``sum_i u_i . outputs_i`` with respect to each
         layer's outputs (the backward pass; call it as often as needed).
+      norm_inputs: per captured norm (``norms=True``), ``xhat`` of shape ``(n, T, features)``.
+      pullback_all: ``cotangent -> (layer grads, norm grads)`` from the same backward pass.
     """
 
     outputs: jax.Array
     plan: LayerPlan
     inputs: tuple
     pullback: Callable[[jax.Array], tuple]
+    norm_inputs: tuple = ()
+    pullback_all: Optional[Callable[[jax.Array], tuple]] = None
 
 
 def _varying_zero(args: Any) -> jax.Array:
@@ -474,10 +589,13 @@ def _varying_zero(args: Any) -> jax.Array:
     return jax.lax.stop_gradient(zero)
 
 
-def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> Linearized:
-    """One forward pass of ``fn(params, *args)`` recording every captured layer (see module docs)."""
-    plan = discover_layers(fn, params, *args)
-    captured = [k for k, c in enumerate(plan.calls) if c.layer is not None]
+def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any, norms: bool = False) -> Linearized:
+    """One forward pass of ``fn(params, *args)`` recording every captured layer (see module docs).
+
+    ``norms=True`` also records LayerNorm / RMSNorm layers (``norm_inputs``, ``pullback_all``).
+    """
+    plan = discover_layers(fn, params, *args, norms=norms)
+    captured = [k for k, c in enumerate(plan.calls) if c.layer is not None or c.norm is not None]
     slot = {k: j for j, k in enumerate(captured)}
 
     def perturbed(perturbations):
@@ -498,7 +616,7 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
             recorded[k] = x
             return out + perturbations[slot[k]]
 
-        with _hooked(hook):
+        with _hooked(hook, norms):
             outputs = fn(params, *args)
         return outputs, tuple(recorded[k] for k in captured)
 
@@ -522,36 +640,48 @@ def linearize_layers(fn: Callable[..., jax.Array], params: Any, *args: Any) -> L
             parts.append(x.reshape(n, -1, layer.d_in))
         return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
-    def pullback(cotangent: jax.Array) -> tuple:
+    def per_position(grads, calls, width):
+        parts = [grads[slot[k]].reshape(n, -1, width) for k in calls]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
+
+    def pullback_all(cotangent: jax.Array) -> tuple[tuple, tuple]:
         (grads,) = vjp_fn(cotangent)
-        result = []
-        for layer in plan.layers:
-            parts = [grads[slot[k]].reshape(n, -1, layer.d_out) for k in layer.calls]
-            result.append(parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1))
-        return tuple(result)
+        return (tuple(per_position(grads, layer.calls, layer.d_out) for layer in plan.layers),
+                tuple(per_position(grads, m.calls, m.features) for m in plan.norms))
+
+    def norm_inputs(m: NormInfo) -> jax.Array:
+        parts = [normalised(raw_inputs[slot[k]], m.spec).reshape(n, -1, m.features) for k in m.calls]
+        return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=1)
 
     inputs = tuple(per_layer_inputs(layer) for layer in plan.layers)
-    return Linearized(outputs=outputs, plan=plan, inputs=inputs, pullback=pullback)
+    return Linearized(outputs=outputs, plan=plan, inputs=inputs, pullback=lambda c: pullback_all(c)[0],
+                      norm_inputs=tuple(norm_inputs(m) for m in plan.norms), pullback_all=pullback_all)
 
 
 class Captured(NamedTuple):
-    """Result of :func:`capture`: ``outputs``, static ``plan``, per-layer ``inputs`` ``a`` and ``output_grads`` ``d``."""
+    """Result of :func:`capture`: ``outputs``, static ``plan``, per-layer ``inputs`` ``a`` and ``output_grads`` ``d``;
+    with ``norms=True`` also per norm ``norm_inputs`` (``xhat``) and ``norm_output_grads``."""
 
     outputs: jax.Array
     plan: LayerPlan
     inputs: tuple
     output_grads: tuple
+    norm_inputs: tuple = ()
+    norm_output_grads: tuple = ()
 
 
-def capture(fn: Callable[..., jax.Array], params: Any, *args: Any, cotangent: Optional[jax.Array] = None) -> Captured:
+def capture(fn: Callable[..., jax.Array], params: Any, *args: Any, cotangent: Optional[jax.Array] = None,
+            norms: bool = False) -> Captured:
     """Per-sample ``a_i`` and ``d_i = d fn(params, *args)_i / d z_i`` for every captured layer.
 
     One forward and one backward pass. ``fn`` returns one real score per
     sample, shape ``(n,)``; ``cotangent`` defaults to ones (every ``d_i`` at once).
+    ``norms=True`` also captures LayerNorm / RMSNorm layers (K-FAC's diagonal blocks).
     """
-    lin = linearize_layers(fn, params, *args)
+    lin = linearize_layers(fn, params, *args, norms=norms)
     u = jnp.ones_like(lin.outputs) if cotangent is None else cotangent
-    return Captured(lin.outputs, lin.plan, lin.inputs, lin.pullback(u))
+    layer_grads, norm_grads = lin.pullback_all(u)
+    return Captured(lin.outputs, lin.plan, lin.inputs, layer_grads, lin.norm_inputs, norm_grads)
 
 
 def augment_bias(a: jax.Array, has_bias: bool) -> jax.Array:
@@ -568,12 +698,14 @@ class CoverageRow(NamedTuple):
       path: the leaf's path in ``params`` (``jax.tree_util.keystr``).
       shape: the leaf's shape.
       layer: the captured layer's module path, or ``None``.
-      kind: ``"Dense"``, ``"DenseGeneral"``, ``"Conv"``, or ``None`` (not captured).
-      role: ``"kernel"``, ``"bias"`` or ``None``.
+      kind: the captured module's class (``"Dense"``, ``"Conv"``, ``"LayerNorm"``, ...), or
+        ``None`` (not captured).
+      role: ``"kernel"``, ``"scale"``, ``"bias"`` or ``None``.
       positions: ``T``, the positions per sample of the layer (``None`` if not captured).
       d_in, d_out: the layer's kernel as a ``(d_in, d_out)`` matrix (``None`` if not captured).
-      treatment: what fishr does with the leaf: ``"kronecker factors / layer statistics"``
-        when captured; ``"identity (K-FAC) / explicit rows (SR)"`` when not.
+      treatment: what K-FAC and structured SR do with the leaf: Kronecker factors and
+        layer statistics for a captured layer; a diagonal block and explicit rows for a
+        norm's scale and bias; the identity and explicit rows otherwise.
     """
 
     path: str
@@ -589,6 +721,7 @@ class CoverageRow(NamedTuple):
 
 CAPTURED_TREATMENT = "kronecker factors (K-FAC) / layer statistics (structured SR)"
 UNCOVERED_TREATMENT = "identity (K-FAC) / explicit per-sample rows (structured SR)"
+NORM_TREATMENT = "diagonal block (K-FAC) / explicit per-sample rows (structured SR)"
 
 
 def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[CoverageRow, ...]:
@@ -598,22 +731,27 @@ def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[Cover
     :func:`format_report`, e.g. ``print(fishr.capture.format_report(fishr.capture.report(
     model.apply, params, x)))``, to see which parameters K-FAC and structured SR cover.
     """
-    plan = discover_layers(fn, params, *args)
+    plan = discover_layers(fn, params, *args, norms=True)
     paths = jax.tree_util.tree_leaves_with_path(params)
-    by_leaf: dict[int, tuple[LayerInfo, str]] = {}
+    by_leaf: dict[int, tuple[Any, str]] = {}
     for layer in plan.layers:
         by_leaf[layer.kernel_index] = (layer, "kernel")
         if layer.has_bias:
             by_leaf[layer.bias_index] = (layer, "bias")
+    for norm in plan.norms:
+        for index, role in ((norm.scale_index, "scale"), (norm.bias_index, "bias")):
+            if index is not None:
+                by_leaf[index] = (norm, role)
     rows = []
     for i, (path, leaf) in enumerate(paths):
-        layer, role = by_leaf.get(i, (None, None))
+        owner, role = by_leaf.get(i, (None, None))
+        is_layer = isinstance(owner, LayerInfo)
+        treatment = CAPTURED_TREATMENT if is_layer else NORM_TREATMENT if owner is not None else UNCOVERED_TREATMENT
         rows.append(CoverageRow(
             path=jax.tree_util.keystr(path), shape=tuple(jnp.shape(leaf)),
-            layer=None if layer is None else layer.name, kind=None if layer is None else layer.kind, role=role,
-            positions=None if layer is None else layer.positions, d_in=None if layer is None else layer.d_in,
-            d_out=None if layer is None else layer.d_out,
-            treatment=CAPTURED_TREATMENT if layer is not None else UNCOVERED_TREATMENT,
+            layer=None if owner is None else owner.name, kind=None if owner is None else owner.kind, role=role,
+            positions=None if owner is None else owner.positions, d_in=owner.d_in if is_layer else None,
+            d_out=owner.d_out if is_layer else None, treatment=treatment,
         ))
     return tuple(rows)
 

@@ -23,6 +23,12 @@ exact block, and the damping keeps its meaning relative to ``F``.
 ``vec`` is row-major on ``W``'s ``(d_in [+1], d_out)`` layout, so ``A (x) G`` is
 ``np.kron(A, G)``.
 
+Normalisation layers (LayerNorm, RMSNorm; :class:`fishr.capture.NormInfo`): their
+``[scale, bias]`` gets a diagonal block ``diag_j = mean_i g_{i,j}^2`` of the exact
+per-sample gradients (``sum_t xhat_t d_t`` for the scale, ``sum_t d_t`` for the bias),
+as kfac-jax's scale-and-shift diagonal blocks; it enters the same EMA and is inverted
+as ``1 / (diag + damping)``.
+
 Centring (``centre=True``): ``a`` and ``d`` are replaced by ``a - mean(a)`` and
 ``d - mean(d)`` (means over all samples and positions) before the products; the
 bias column ``1`` is appended after centring, so ``A``'s bias block stays 1. The
@@ -75,6 +81,8 @@ __all__ = [
     "factor_statistics",
     "identity_factors",
     "layer_factors",
+    "norm_diagonal",
+    "norm_size",
     "precondition",
     "precondition_matrix",
     "zero_factors",
@@ -86,10 +94,13 @@ DampingKind = Literal["pi", "trace"]
 
 
 class KroneckerFactors(NamedTuple):
-    """Per captured layer, the input-side ``a`` and output-side ``g`` matrices (factors or their inverses)."""
+    """Per captured layer, the input-side ``a`` and output-side ``g`` matrices (factors or their inverses);
+    per captured normalisation layer, ``diag``: the diagonal Fisher block of its ``[scale, bias]`` (or its
+    damped inverse)."""
 
     a: tuple
     g: tuple
+    diag: tuple = ()
 
 
 # --------------------------------------------------------------------------- one layer
@@ -120,6 +131,20 @@ def layer_factors(
     return distributed.pmean((a_factor, g_factor), axis_name)
 
 
+def norm_diagonal(xhat: jax.Array, output_grads: jax.Array, *, has_scale: bool, has_bias: bool,
+                  axis_name: AxisName = None) -> jax.Array:
+    """The diagonal Fisher block ``mean_i g_i^2`` of a norm layer's ``[scale, bias]`` (module docs).
+
+    ``g_i = [sum_t xhat_{i,t} d_{i,t}, sum_t d_{i,t}]`` are the exact per-sample gradients
+    of ``y = xhat * scale + bias`` (:class:`fishr.capture.NormInfo`); ``xhat`` and ``d`` are
+    ``(n_local, T, features)``.
+    """
+    parts = ([jnp.sum(xhat * output_grads, axis=1)] if has_scale else []) + \
+        ([jnp.sum(output_grads, axis=1)] if has_bias else [])
+    g = jnp.concatenate(parts, axis=-1)
+    return distributed.batch_mean(g * g, axis_name)
+
+
 def damping_shifts(a: jax.Array, g: jax.Array, damping: Any, kind: str = "pi") -> tuple[jax.Array, jax.Array]:
     """Diagonal shifts ``(s_A, s_G)`` of ``kind`` ``"trace"`` or ``"pi"`` (module docs)."""
     if kind == "trace":
@@ -139,15 +164,16 @@ def precondition_matrix(grad_matrix: jax.Array, a_inv: jax.Array, g_inv: jax.Arr
 
 
 def factor_statistics(
-    score_fn, params: Any, *args: Any, centre: bool = False, axis_name: AxisName = None
+    score_fn, params: Any, *args: Any, centre: bool = False, axis_name: AxisName = None, norms: bool = True
 ) -> tuple[LayerPlan, KroneckerFactors]:
     """This batch's ``(A, G)`` for every captured layer of ``score_fn(params, *args)`` (shape ``(n_local,)``).
 
     One forward and one backward pass (:func:`fishr.capture.capture`), then
     the means of module docs over all devices of ``axis_name``. Returns the
-    static :class:`~fishr.capture.LayerPlan` and the factors.
+    static :class:`~fishr.capture.LayerPlan` and the factors; with ``norms`` (default)
+    also the diagonal blocks of LayerNorm / RMSNorm scales and biases (:func:`norm_diagonal`).
     """
-    cap = capture(score_fn, params, *args)
+    cap = capture(score_fn, params, *args, norms=norms)
     if cap.outputs.ndim != 1:
         raise ValueError(
             "fishr.kfac: the score function must return one real score per sample, shape (n,); "
@@ -157,18 +183,29 @@ def factor_statistics(
         layer_factors(a, d, has_bias=layer.has_bias, centre=centre, axis_name=axis_name)
         for layer, a, d in zip(cap.plan.layers, cap.inputs, cap.output_grads)
     ]
-    return cap.plan, KroneckerFactors(a=tuple(p[0] for p in pairs), g=tuple(p[1] for p in pairs))
+    diag = tuple(
+        norm_diagonal(xhat, d, has_scale=m.scale_index is not None, has_bias=m.bias_index is not None,
+                      axis_name=axis_name)
+        for m, xhat, d in zip(cap.plan.norms, cap.norm_inputs, cap.norm_output_grads)
+    )
+    return cap.plan, KroneckerFactors(a=tuple(p[0] for p in pairs), g=tuple(p[1] for p in pairs), diag=diag)
 
 
 def _factor_dims(layer: LayerInfo) -> tuple[int, int]:
     return layer.d_in + int(layer.has_bias), layer.d_out
 
 
+def norm_size(norm) -> int:
+    """Length of a norm layer's ``[scale, bias]`` diagonal block."""
+    return norm.features * (int(norm.scale_index is not None) + int(norm.bias_index is not None))
+
+
 def zero_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
     """All-zero factors for ``plan`` (the seed's initial state)."""
     dims = [_factor_dims(layer) for layer in plan.layers]
     return KroneckerFactors(
-        a=tuple(jnp.zeros((m, m), dtype) for m, _ in dims), g=tuple(jnp.zeros((k, k), dtype) for _, k in dims)
+        a=tuple(jnp.zeros((m, m), dtype) for m, _ in dims), g=tuple(jnp.zeros((k, k), dtype) for _, k in dims),
+        diag=tuple(jnp.zeros((norm_size(m),), dtype) for m in plan.norms),
     )
 
 
@@ -176,7 +213,8 @@ def identity_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
     """Identity matrices for ``plan``: as inverses they leave every gradient unchanged."""
     dims = [_factor_dims(layer) for layer in plan.layers]
     return KroneckerFactors(
-        a=tuple(jnp.eye(m, dtype=dtype) for m, _ in dims), g=tuple(jnp.eye(k, dtype=dtype) for _, k in dims)
+        a=tuple(jnp.eye(m, dtype=dtype) for m, _ in dims), g=tuple(jnp.eye(k, dtype=dtype) for _, k in dims),
+        diag=tuple(jnp.ones((norm_size(m),), dtype) for m in plan.norms),
     )
 
 
@@ -222,11 +260,14 @@ def factor_inverses(
         shift_a, shift_g = damping_shifts(a, g, damping, kind)
         a_inv.append(solver.inverse(a, shift_a))
         g_inv.append(solver.inverse(g, shift_g))
-    return KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv))
+    # diagonal blocks: (F + damping)^{-1}, inf/NaN where F + damping <= 0 (a non-positive block)
+    diag_inv = tuple(jnp.where(f + damping > 0, 1.0 / (f + damping), jnp.nan).astype(f.dtype) for f in factors.diag)
+    return KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv), diag=diag_inv)
 
 
 def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any:
-    """Apply each layer's ``A^{-1} Gamma G^{-1}`` to ``grads``; uncovered parameters pass unchanged.
+    """Apply each layer's ``A^{-1} Gamma G^{-1}`` and each norm's diagonal inverse to ``grads``;
+    uncovered parameters pass unchanged.
 
     ``grads`` has the structure of the ``params`` that ``plan`` was discovered on.
     """
@@ -252,4 +293,12 @@ def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any
         if layer.has_bias:
             bias = leaves[layer.bias_index]
             out[layer.bias_index] = nat[layer.d_in].reshape(jnp.shape(bias)).astype(bias.dtype)
+    for norm, inv in zip(plan.norms, inverses.diag):
+        offset = 0
+        for index in (norm.scale_index, norm.bias_index):
+            if index is not None:
+                leaf = leaves[index]
+                part = inv[offset:offset + norm.features].reshape(jnp.shape(leaf))
+                out[index] = (leaf * part).astype(leaf.dtype)
+                offset += norm.features
     return jax.tree.unflatten(treedef, out)

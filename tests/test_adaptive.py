@@ -411,3 +411,15 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     assert float(single[1]) < float(single[2])  # the bound is active
 
+
+
+def test_adapted_values_are_readable_by_name():
+    params, batch, true_loss, value_fn, inner = _lm_problem(1.0)
+    lm = fishr.levenberg_marquardt(inner, value_fn)
+    state = lm.init(params)
+    updates, state = lm.update(jax.grad(true_loss)(params, batch), state, params, batch=batch)
+    step = fishr.quadratic_step_state(state)
+    assert float(step.learning_rate) == -float(step.coefficients[0]) > 0
+    assert float(step.momentum) == float(step.coefficients[1])
+    with pytest.raises(ValueError, match="expected one QuadraticStepState"):
+        fishr.quadratic_step_state(optax.EmptyState())

@@ -101,3 +101,20 @@ def test_hydrogen_local_energy_matches_finite_differences():
     lap = (psi[:, 1:4] + psi[:, 4:7] - 2 * psi[:, :1]).sum(axis=1) / h**2
     expected = -0.5 * lap / psi[:, 0] - 1.0 / np.linalg.norm(np.asarray(x), axis=1)
     np.testing.assert_allclose(e_loc, expected, rtol=1e-5)
+
+
+def test_trust_region_summary_compares_with_the_best_plain_rate():
+    from benchmarks import trust_region
+
+    row = lambda method, setting, seed, err, div=False: dict(system="S", method=method, setting=setting, seed=seed,
+                                                             rel_error=err, diverged=div, ms_per_step=1.0, seconds=1.0)
+    rows = [row("plain a", "plain", 0, 2e-4), row("plain a", "plain", 1, 4e-4),
+            row("plain b", "plain", 0, 1e-4), row("plain b", "plain", 1, 1e-4),
+            row("plain c", "plain", 0, float("nan"), True), row("plain c", "plain", 1, 1e-5),
+            row("tr", "trust_region bound", 0, 2e-4), row("tr", "trust_region bound", 1, 4e-4)]
+    summary = {r["method"]: r for r in trust_region.summarise(rows)}
+    assert summary["tr"]["best_plain"] == "plain b"  # c diverged once: not a candidate
+    assert summary["tr"]["vs_best_plain"] == pytest.approx(3.0)
+    assert summary["plain c"]["diverged"] == 1
+    assert "best plain" in trust_region.markdown({"summary": trust_region.summarise(rows)})
+    assert set(trust_region.methods()) >= {"plain SR lr=0.03", "trust region lr=0.05 max_norm=0.001"}

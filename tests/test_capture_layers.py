@@ -75,7 +75,7 @@ def _per_sample_grads(fn, params, x):
 @pytest.mark.parametrize("name", [*CONV_CASES, "attention"])
 def test_captured_statistics_rebuild_per_sample_gradients(name):
     fn, params, x = _model_case(name)
-    c = jax.jit(lambda p, x: capture(fn, p, x)[2:])(params, x)
+    c = jax.jit(lambda p, x: capture(fn, p, x)[2:4])(params, x)
     plan = discover_layers(fn, params, x)
     per = jax.jit(_per_sample_grads, static_argnums=0)(fn, params, x)
     assert plan.layers, "nothing captured"
@@ -110,7 +110,7 @@ def test_conv_kfac_factors_equal_the_expand_formula_on_explicit_patches():
     fn, params, x = _model_case("explicit-pairs")
     plan = discover_layers(fn, params, x)
     stats = jax.jit(lambda p, x: F.factor_statistics(fn, p, x)[1])(params, x)
-    _, grads = jax.jit(lambda p, x: capture(fn, p, x)[2:])(params, x)
+    _, grads = jax.jit(lambda p, x: capture(fn, p, x)[2:4])(params, x)
     a = _numpy_patches(x, (3, 3), 1, ((1, 2), (0, 1)))
     a = np.concatenate([a, np.ones(a.shape[:-1] + (1,))], axis=-1)  # the bias column
     n, t = a.shape[:2]
@@ -167,7 +167,7 @@ def test_report_lists_every_parameter_and_how_it_is_treated():
     out = by_path["['params']['MultiHeadDotProductAttention_0']['out']['kernel']"]
     assert (out.kind, out.role, out.positions, out.d_in, out.d_out) == ("DenseGeneral", "kernel", 5, 8, 8)
     norm = by_path["['params']['LayerNorm_0']['scale']"]
-    assert norm.kind is None and norm.treatment == fishr.capture.UNCOVERED_TREATMENT
+    assert (norm.kind, norm.role) == ("LayerNorm", "scale") and norm.treatment == fishr.capture.NORM_TREATMENT
     text = fishr.capture.format_report(rows)
     assert "LayerNorm_0" in text and "captured:" in text
 
@@ -202,7 +202,7 @@ def test_nnx_layers_are_captured_like_linen():
     assert [(l.name, l.kind) for l in plan.layers] == [("conv", "Conv"), ("general", "LinearGeneral"),
                                                        ("head", "Linear")]
     assert len(plan.uncovered) == 2  # LayerNorm
-    c = jax.jit(lambda p, x: capture(fn, p, x)[2:])(state, x)
+    c = jax.jit(lambda p, x: capture(fn, p, x)[2:4])(state, x)
     per = jax.jit(_per_sample_grads, static_argnums=0)(fn, state, x)
     for layer, a, d in zip(plan.layers, *c):
         g = jnp.einsum("ntk,ntm->nkm", a, d).reshape(per[layer.kernel_index].shape)
@@ -248,3 +248,32 @@ def test_conv_and_attention_equal_on_devices_and_one_device(name):
     many = jax.jit(jax.shard_map(lambda xs: opt_d.update(grad, opt_d.init(params), params, batch=xs)[0],
                                  mesh=mesh, in_specs=P("devices"), out_specs=P(), check_vma=False))(x)  # as tests/test_sr_structured.py
     assert rel_err(flat(many), flat(one)) <= 1e-10
+
+
+# --------------------------------------------------------------------------- normalisation layers (K-FAC)
+
+
+@pytest.mark.parametrize("case", ["attention", "nnx"])
+def test_norm_diagonal_blocks_equal_per_sample_gradients(case):
+    fn, params, x = _nnx_case() if case == "nnx" else _model_case("attention")
+    params = jax.tree.map(lambda a: a + 0.2 * jax.random.normal(jax.random.PRNGKey(5), a.shape, a.dtype), params)
+    plan = discover_layers(fn, params, x, norms=True)
+    assert [m.kind for m in plan.norms] == ["LayerNorm"] and plan.uncovered == ()
+    assert len(discover_layers(fn, params, x).uncovered) == 2  # structured SR keeps explicit rows for them
+    stats = jax.jit(lambda p, x: F.factor_statistics(fn, p, x)[1])(params, x)
+    per = jax.jit(_per_sample_grads, static_argnums=0)(fn, params, x)
+    norm = plan.norms[0]
+    g = np.concatenate([np.asarray(per[norm.scale_index]).reshape(x.shape[0], -1),
+                        np.asarray(per[norm.bias_index]).reshape(x.shape[0], -1)], axis=1)
+    np.testing.assert_allclose(np.asarray(stats.diag[0]), np.mean(g**2, axis=0), rtol=1e-10, atol=1e-14)
+    # K-FAC divides the norm's gradient by its diagonal block plus the damping (first step: no EMA history)
+    grad = random_like(jax.random.PRNGKey(3), params)
+    opt = fishr.kfac(fn, 1e-2, example_batch=x)
+    nat, _ = jax.jit(lambda g, s, p: opt.update(g, s, p, batch=x))(grad, opt.init(params), params)
+    lv, gv = jax.tree.leaves(nat), jax.tree.leaves(grad)
+    diag = np.mean(g**2, axis=0)
+    f = norm.features
+    np.testing.assert_allclose(np.asarray(lv[norm.scale_index]).ravel(),
+                               np.asarray(gv[norm.scale_index]).ravel() / (diag[:f] + 1e-2), rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(lv[norm.bias_index]).ravel(),
+                               np.asarray(gv[norm.bias_index]).ravel() / (diag[f:] + 1e-2), rtol=1e-10)

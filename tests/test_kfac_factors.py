@@ -17,7 +17,7 @@ TOL = 1e-10
 
 def captured(fn, params, x):
     """(plan, inputs, output_grads), the arrays computed under one jit (eager Flax is slow)."""
-    inputs, grads = jax.jit(lambda p, x: capture_layers(fn, p, x)[2:])(params, x)
+    inputs, grads = jax.jit(lambda p, x: capture_layers(fn, p, x)[2:4])(params, x)
     return discover_layers(fn, params, x), inputs, grads
 
 
