@@ -91,6 +91,11 @@ ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 # --------------------------------------------------------------------------- the quadratic model
 
 
+def _real_dtype(params: Any) -> Any:
+    """The real dtype the adaptive states keep their scalars in: that of the parameters (real part)."""
+    return jnp.result_type(*[jnp.real(jnp.zeros((), x.dtype)) for x in jax.tree.leaves(params)] or [float])
+
+
 def _vdot(a: Any, b: Any) -> jax.Array:
     """Real inner product of two parameter pytrees (``Re sum conj(a) b``)."""
     return sum((jnp.vdot(x, y).real for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))), jnp.zeros(()))
@@ -229,7 +234,7 @@ def quadratic_step(
     use_momentum = not (momentum is not None and not callable(momentum) and float(momentum) == 0.0)
 
     def init_fn(params):
-        dtype = jnp.result_type(*[jnp.real(jnp.zeros((), x.dtype)) for x in jax.tree.leaves(params)] or [float])
+        dtype = _real_dtype(params)
         zero = jnp.zeros((), dtype)
         return QuadraticStepState(
             count=jnp.zeros((), jnp.int32),
@@ -383,7 +388,7 @@ def levenberg_marquardt(
     inner = optax.with_extra_args_support(inner)
 
     def init_fn(params):
-        dtype = jnp.result_type(*[jnp.real(jnp.zeros((), x.dtype)) for x in jax.tree.leaves(params)] or [float])
+        dtype = _real_dtype(params)
         return LevenbergMarquardtState(
             count=jnp.zeros((), jnp.int32),
             damping=jnp.asarray(initial_damping, dtype),
@@ -518,7 +523,7 @@ def trust_region(
     bound_uses_energy = callable(max_norm) and _takes_energy(max_norm)
 
     def init_fn(params):
-        dtype = jnp.result_type(*[jnp.real(jnp.zeros((), x.dtype)) for x in jax.tree.leaves(params)] or [float])
+        dtype = _real_dtype(params)
         zero = jnp.zeros((), dtype)
         return TrustRegionState(count=jnp.zeros((), jnp.int32), step_size=zero, metric_norm=zero, bound=zero)
 
