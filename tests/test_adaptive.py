@@ -381,7 +381,7 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
             p = optax.apply_updates(p, updates)
         return out, state.damping, state.rho
 
-    single = steps(None, x, y)
+    single = jax.jit(lambda xs, ys: steps(None, xs, ys))(x, y)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:NDEV]), ("devices",))
     sharded = jax.jit(jax.shard_map(lambda xs, ys: steps("devices", xs, ys), mesh=mesh,
                                     in_specs=(P("devices"), P("devices")), out_specs=P()))(x, y)
@@ -404,7 +404,7 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
         delta, state = tr.update(direction, tr.init(sp), sp, batch=xs, local_energies=es)
         return delta, state.bound, state.metric_norm
 
-    single = tr_step(None, x, e_loc)
+    single = jax.jit(lambda xs, es: tr_step(None, xs, es))(x, e_loc)
     sharded = jax.jit(jax.shard_map(lambda xs, es: tr_step("devices", xs, es), mesh=mesh,
                                     in_specs=(P("devices"), P("devices")), out_specs=P()))(x, e_loc)
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):

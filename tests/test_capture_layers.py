@@ -235,7 +235,8 @@ def test_conv_and_attention_equal_on_devices_and_one_device(name):
     fn, params, x = _model_case(name)
     x = jnp.concatenate([x, x[:2] * 0.5])  # 8 samples over 4 devices
     grad = random_like(jax.random.PRNGKey(2), params)
-    single, _ = fishr.sr_solve(fn, grad, params, x, damping=1e-3, mode="sample_space", jacobian="structured")
+    single = jax.jit(lambda xs: fishr.sr_solve(fn, grad, params, xs, damping=1e-3, mode="sample_space",
+                                               jacobian="structured")[0])(x)
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("devices",))
     sharded = jax.jit(jax.shard_map(
         lambda xs: fishr.sr_solve(fn, grad, params, xs, damping=1e-3, mode="sample_space", jacobian="structured",
@@ -243,7 +244,7 @@ def test_conv_and_attention_equal_on_devices_and_one_device(name):
         mesh=mesh, in_specs=P("devices"), out_specs=P(), check_vma=False))(x)  # as tests/test_sr_structured.py
     assert rel_err(flat(sharded), flat(single)) <= 1e-10
     opt = fishr.kfac(fn, 1e-2, example_batch=x)
-    one, _ = opt.update(grad, opt.init(params), params, batch=x)
+    one = jax.jit(lambda xs: opt.update(grad, opt.init(params), params, batch=xs)[0])(x)
     opt_d = fishr.kfac(fn, 1e-2, example_batch=x[:2], axis_name="devices")
     many = jax.jit(jax.shard_map(lambda xs: opt_d.update(grad, opt_d.init(params), params, batch=xs)[0],
                                  mesh=mesh, in_specs=P("devices"), out_specs=P(), check_vma=False))(x)  # as tests/test_sr_structured.py
