@@ -15,7 +15,9 @@ Sections (each prints progress and a Markdown table):
    fishr.kfac vs Adam on the regression and a CNN (:mod:`benchmarks.adaptive_kfac`);
 7. ``trust_region``: trust-region SR vs hand-tuned SR learning rates on the TFIM and
    Heisenberg chains (:mod:`benchmarks.trust_region`);
-8. ``sr_accuracy``: sample-space SR error against an exact float64 reference and first/warm
+8. ``layers``: a CNN with fishr.kfac vs kfac_jax.Optimizer (fixed steps) and the vision
+   transformer with structured / generic / default SR vs NetKet (:mod:`benchmarks.layers`);
+9. ``sr_accuracy``: sample-space SR error against an exact float64 reference and first/warm
    call times, fishr vs NetKet's ``srt``, on a vision transformer, an MLP and an RBM, in
    float64 and float32 (:mod:`benchmarks.sr_accuracy`; runs last: it enables float64).
 
@@ -28,13 +30,15 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
 import sys
 import time
 
-SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac", "adaptive_kfac", "trust_region", "sr_accuracy")
+SECTIONS = ("sr_timing", "vmc", "hydrogen", "structured_sr", "kfac", "adaptive_kfac", "trust_region", "layers",
+            "sr_accuracy")
 
 
 def machine() -> str:
@@ -61,7 +65,7 @@ def main(argv=None) -> int:
     matplotlib.use("Agg")  # files only
     import jax  # after benchmarks/__init__ pinned OpenBLAS to one thread
 
-    from benchmarks import adaptive_kfac, continuum, sr_accuracy, sr_timing, structured_sr, trust_region, vmc
+    from benchmarks import adaptive_kfac, continuum, layers, sr_accuracy, sr_timing, structured_sr, trust_region, vmc
 
     try:
         from benchmarks import kfac
@@ -73,10 +77,12 @@ def main(argv=None) -> int:
     os.makedirs(args.out, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     versions = f"jax {jax.__version__}"
-    for peer in ("netket", "kfac_jax"):
+    for peer in ("netket", "kfac-jax"):
+        # the installed version without importing: importing NetKet turns on float64 (jax_enable_x64)
+        # for the whole process, which would run every later "float32" section in float64
         try:
-            versions += f", {peer} {__import__(peer).__version__}"
-        except Exception as err:
+            versions += f", {peer} {importlib.metadata.version(peer)}"
+        except importlib.metadata.PackageNotFoundError as err:
             versions += f", {peer} absent ({type(err).__name__})"
     header = f"fishr benchmarks ({'quick' if args.quick else 'full'} preset), {stamp}, {machine()}, {versions}, float32"
     print(header, flush=True)
@@ -129,6 +135,11 @@ def main(argv=None) -> int:
             result = trust_region.run("quick" if args.quick else "full")
             return result, trust_region.markdown(result)
         section("trust_region", "Trust-region SR vs hand-tuned SR learning rates", do)
+    if "layers" in sections:
+        def do():
+            result = layers.run("quick" if args.quick else "full")
+            return result, "```\n" + layers.format_report(result) + "\n```"
+        section("layers", "Captured conv and attention layers: CNN K-FAC vs kfac-jax, ViT SR vs NetKet", do)
     if "sr_accuracy" in sections:
         def do():
             rows = sr_accuracy.run(quick=args.quick)
