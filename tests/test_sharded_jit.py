@@ -42,9 +42,12 @@ def _update(opt, grad, params, **extra):
     return step(grad, params, extra)
 
 
-@pytest.mark.parametrize("log_psi", [mlp_log_psi, mlp_complex_log_psi], ids=["real", "complex"])
-@pytest.mark.parametrize("mode,solver", [("lazy", fishr.CG(rtol=1e-14, max_steps=2000)),
-                                         ("dense", fishr.Cholesky()), ("sample_space", None), ("auto", None)])
+@pytest.mark.parametrize("log_psi,mode,solver", [
+    (mlp_log_psi, "lazy", fishr.CG(rtol=1e-14, max_steps=2000)),
+    (mlp_log_psi, "dense", fishr.Cholesky()),
+    (mlp_complex_log_psi, "sample_space", None),
+    (mlp_complex_log_psi, "auto", None),
+], ids=["real-lazy", "real-dense", "complex-sample_space", "complex-auto"])
 def test_sr_under_jit_with_sharded_samples(mesh, log_psi, mode, solver):
     params = mlp_params(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 3))
