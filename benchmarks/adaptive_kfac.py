@@ -346,6 +346,30 @@ def fishr_kfac_blocks(task: Task) -> dict:
             "kernel_layers": len(kernels)}
 
 
+def interleaved_step_times(runners: dict[str, Runner], data, start: int, reps: int,
+                           steps_per_rep: int) -> dict[str, list[float]]:
+    """Seconds per warm step of every runner: ``reps`` repetitions of ``steps_per_rep`` steps on the batches
+    from ``start`` on, the runners interleaved repetition by repetition so that machine noise hits them alike.
+
+    ``runners`` is updated in place: each carry continues from where its timed steps left it.
+    """
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    done = start
+    for _ in range(reps):
+        batches = [batch_at(data, done + k) for k in range(steps_per_rep)]
+        _block(batches)
+        for name, runner in runners.items():
+            carry = runner.carry
+            t0 = time.perf_counter()
+            for b in batches:
+                carry = runner.step(carry, b)
+            _block(carry)
+            times[name].append((time.perf_counter() - t0) / steps_per_rep)
+            runners[name] = runner._replace(carry=carry)
+        done += steps_per_rep
+    return times
+
+
 def run_task(task: Task, train_steps: int, reps: int, steps_per_rep: int, log: Callable[[str], None] = print) -> dict:
     fresh = lambda: jax.tree.map(jnp.copy, task.params)  # every runner its own copy: kfac-jax donates its inputs
     methods: list[tuple[str, Optional[tuple], Callable]] = [
@@ -380,20 +404,7 @@ def run_task(task: Task, train_steps: int, reps: int, steps_per_rep: int, log: C
                 results[name]["lr_grid"] = grid_results
 
     # Step times of warm steps, interleaved repetition by repetition (continuing from the trained states).
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    done = train_steps
-    for _ in range(reps):
-        batches = [batch_at(task.data, done + k) for k in range(steps_per_rep)]
-        _block(batches)
-        for name, runner in runners.items():
-            carry = runner.carry
-            t0 = time.perf_counter()
-            for b in batches:
-                carry = runner.step(carry, b)
-            _block(carry)
-            times[name].append((time.perf_counter() - t0) / steps_per_rep)
-            runners[name] = runner._replace(carry=carry)
-        done += steps_per_rep
+    times = interleaved_step_times(runners, task.data, train_steps, reps, steps_per_rep)
     for name, ts in times.items():
         results[name].update(median_step_ms=1e3 * statistics.median(ts), min_step_ms=1e3 * min(ts),
                              max_step_ms=1e3 * max(ts), repetitions=reps, steps_per_repetition=steps_per_rep)

@@ -325,20 +325,7 @@ def run_cnn(features: tuple, preset: dict, log: Callable = _print, peers: bool =
         # the plain construction against the grid's traced-hyperparameter run: the same first step
         r["plain_vs_grid_first_step"] = _max_abs_diff(runner.params(carry), r.pop("_grid_first_step"))
         runners[name] = runner._replace(carry=carry)
-    times: dict[str, list[float]] = {name: [] for name in runners}
-    done = 1
-    for _ in range(preset["reps"]):
-        batches = [batch_at(task.data, done + k) for k in range(preset["steps_per_rep"])]
-        _block(batches)
-        for name, runner in runners.items():
-            carry = runner.carry
-            t0 = time.perf_counter()
-            for b in batches:
-                carry = runner.step(carry, b)
-            _block(carry)
-            times[name].append((time.perf_counter() - t0) / len(batches))
-            runners[name] = runner._replace(carry=carry)
-        done += preset["steps_per_rep"]
+    times = ak.interleaved_step_times(runners, task.data, 1, preset["reps"], preset["steps_per_rep"])
     for name, ts in times.items():
         results[name]["step_ms"] = _stats(ts)
     out = dict(features=list(features), task=task.description, train_steps=steps, repetitions=preset["reps"],

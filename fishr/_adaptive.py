@@ -66,7 +66,8 @@ from jax import lax
 
 from fishr import distributed
 from fishr._kfac import kfac
-from fishr._validate import check_damping, check_int, check_real, poison, tree_all_finite
+from fishr._validate import (check_damping, check_int, check_real, damping_at, damping_ok, poison, shared_damping,
+                             tree_all_finite)
 from fishr.curvature import Curvature, gauss_newton
 from fishr.distributed import AxisName
 from fishr.scores import mean_loss
@@ -187,10 +188,6 @@ class QuadraticStepState(NamedTuple):
         return self.coefficients[1]
 
 
-def _value_at(value: Any, count: jax.Array) -> Any:
-    return value(count) if callable(value) else value
-
-
 def quadratic_step(
     curvature: Curvature,
     *,
@@ -252,12 +249,10 @@ def quadratic_step(
         if any(jnp.iscomplexobj(x) for x in jax.tree.leaves(params)):
             raise ValueError(f"{who}: complex parameters are not supported (the model is over real coefficients); "
                              "use fishr.trust_region for holomorphic SR.")
-        damping_now = extra_args.get("damping", damping)
+        damping_now = shared_damping(extra_args, damping, state.count, who)
         if damping_now is None:
             raise ValueError(f"{who}: no damping: pass `damping=` to quadratic_step or to update, or wrap the chain "
                              "in fishr.levenberg_marquardt.")
-        if not isinstance(damping_now, jax.core.Tracer):
-            check_damping(damping_now, who)
         vectors = [direction, state.previous] if use_momentum else [direction]
         k = len(vectors)
         gram = curvature(params, batch, vectors)
@@ -268,15 +263,14 @@ def quadratic_step(
         gram = jnp.asarray(gram, dtype)
         vector_gram = jnp.stack([jnp.stack([_vdot(u, w) for w in vectors]) for u in vectors]).astype(dtype)
         grad_dots = jnp.stack([_vdot(grad, u) for u in vectors]).astype(dtype)
-        lr = _value_at(learning_rate, state.count)
-        mu = _value_at(momentum, state.count) if use_momentum else None
+        lr = damping_at(learning_rate, state.count)
+        mu = damping_at(momentum, state.count) if use_momentum else None
         w, damped_change, change = quadratic_model(gram, vector_gram, grad_dots, jnp.asarray(damping_now, dtype),
                                                    learning_rate=lr, momentum=mu)
         delta = jax.tree.map(lambda x: w[0].astype(x.dtype) * x, direction)
         if use_momentum:
             delta = jax.tree.map(lambda x, v: x + w[1].astype(x.dtype) * v, delta, state.previous)
-        ok = tree_all_finite((w, damped_change, grad_dots, gram)) & jnp.isfinite(jnp.asarray(damping_now)) & \
-            (jnp.asarray(damping_now) >= 0)
+        ok = tree_all_finite((w, damped_change, grad_dots, gram)) & damping_ok(damping_now)
         delta = poison(delta, ok)
         new_state = QuadraticStepState(
             count=optax.safe_increment(state.count),
@@ -537,9 +531,9 @@ def trust_region(
                 raise ValueError(f"{who}: this `max_norm` takes the energy statistics: pass `local_energies=` to update.")
             bound = max_norm(state.count, energy_stats(local_energies, axis_name))
         else:
-            bound = _value_at(max_norm, state.count)
+            bound = damping_at(max_norm, state.count)
         bound = jnp.asarray(bound, dtype)
-        lr = jnp.asarray(_value_at(learning_rate, state.count), dtype)
+        lr = jnp.asarray(damping_at(learning_rate, state.count), dtype)
         norm = jnp.asarray(curvature(params, batch, [direction]), dtype)[0, 0]
         eta = jnp.where(norm > 0, jnp.minimum(lr, jnp.sqrt(bound / jnp.where(norm > 0, norm, 1.0))), lr)
         ok = jnp.isfinite(eta) & (bound > 0) & (lr > 0)

@@ -191,17 +191,17 @@ def kfac(
 
     def recompute(factors, old_inverses, damping_now):
         new = F.factor_inverses(factors, damping_now, kind=damping_kind, solver=solver)
-        a_inv, g_inv, diag_inv, failures = [], [], [], jnp.zeros((), jnp.int32)
-        for a_new, g_new, a_old, g_old in zip(new.a, new.g, old_inverses.a, old_inverses.g):
-            ok = tree_all_finite((a_new, g_new))
-            a_inv.append(jnp.where(ok, a_new, a_old))
-            g_inv.append(jnp.where(ok, g_new, g_old))
+        # one block per layer ((A, G) together) and per norm (its diagonal): a non-finite block keeps its old value
+        blocks = [((a, g), (a_old, g_old)) for a, g, a_old, g_old in zip(new.a, new.g, old_inverses.a, old_inverses.g)]
+        blocks += list(zip(new.diag, old_inverses.diag))
+        kept, failures = [], jnp.zeros((), jnp.int32)
+        for block, old in blocks:
+            ok = tree_all_finite(block)
+            kept.append(jax.tree.map(lambda n, o: jnp.where(ok, n, o), block, old))
             failures = failures + (~ok).astype(jnp.int32)
-        for d_new, d_old in zip(new.diag, old_inverses.diag):
-            ok = tree_all_finite(d_new)
-            diag_inv.append(jnp.where(ok, d_new, d_old))
-            failures = failures + (~ok).astype(jnp.int32)
-        return F.KroneckerFactors(a=tuple(a_inv), g=tuple(g_inv), diag=tuple(diag_inv)), failures
+        layers, norms = kept[: len(new.a)], kept[len(new.a):]
+        inverses = F.KroneckerFactors(a=tuple(a for a, _ in layers), g=tuple(g for _, g in layers), diag=tuple(norms))
+        return inverses, failures
 
     def update_fn(updates, state, params=None, *, batch=None, **extra_args):
         if params is None:

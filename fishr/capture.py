@@ -427,35 +427,28 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any, norms
             x, kernel, bias = seen.x, seen.kernel, seen.bias
             kernel_index = None if kernel is None else index_of.get(id(kernel))
             bias_index = None if bias is None else index_of.get(id(bias))
-            if isinstance(seen.module, NORM_MODULES + NNX_NORM_MODULES):
+            is_norm = isinstance(seen.module, NORM_MODULES + NNX_NORM_MODULES)
+            conv = axes = spec = None
+            if is_norm:  # the scale stands in for the kernel; a norm may have only a bias
                 spec = _norm_spec(seen.module, x)
-                some = kernel if kernel is not None else bias
-                ok = (spec is not None and some is not None and (kernel is None or kernel_index is not None)
-                      and (bias is None or bias_index is not None) and _same_trace(x, some) and jnp.ndim(x) >= 2)
-                raw.append(dict(ok=ok, name=seen.name, kind=seen.kind, kernel_index=kernel_index,
-                                bias_index=bias_index, kernel_shape=(), input_shape=tuple(jnp.shape(x)),
-                                output_shape=tuple(jnp.shape(out)), output_dtype=jnp.result_type(out), axes=None,
-                                conv=None, norm=spec))
-                return out
-            if isinstance(seen.module, (nn.Conv, nnx.Conv)):
-                conv = _conv_spec(seen.module, x)
-                axes = None if conv is None else (jnp.ndim(x) - 1,)
+                anchor = kernel if kernel is not None else bias
+                ok = spec is not None and anchor is not None and (kernel is None or kernel_index is not None)
             else:
-                conv, axes = None, _contract_axes(seen.module, jnp.ndim(x))
-            ok = (
-                kernel_index is not None
-                and (bias is None or bias_index is not None)
-                and axes is not None
-                and 0 not in axes
-                and _same_trace(x, kernel)
-                and jnp.ndim(x) >= 2
-            )
+                if isinstance(seen.module, (nn.Conv, nnx.Conv)):
+                    conv = _conv_spec(seen.module, x)
+                    axes = None if conv is None else (jnp.ndim(x) - 1,)
+                else:
+                    axes = _contract_axes(seen.module, jnp.ndim(x))
+                anchor = kernel
+                ok = kernel_index is not None and axes is not None and 0 not in axes
+            ok = (ok and (bias is None or bias_index is not None) and _same_trace(x, anchor)
+                  and jnp.ndim(x) >= 2)
             raw.append(
                 dict(
-                    ok=ok, name=seen.name, kind=seen.kind, kernel_index=kernel_index, bias_index=bias_index,
-                    kernel_shape=tuple(jnp.shape(kernel)) if kernel is not None else (),
+                    ok=ok, is_norm=is_norm, name=seen.name, kind=seen.kind, kernel_index=kernel_index,
+                    bias_index=bias_index, kernel_shape=tuple(jnp.shape(kernel)) if kernel is not None else (),
                     input_shape=tuple(jnp.shape(x)), output_shape=tuple(jnp.shape(out)),
-                    output_dtype=jnp.result_type(out), axes=axes, conv=conv, norm=None,
+                    output_dtype=jnp.result_type(out), axes=axes, conv=conv, norm=spec,
                 )
             )
             return out
@@ -476,7 +469,7 @@ def discover_layers(fn: Callable[..., jax.Array], params: Any, *args: Any, norms
     by_kernel: dict[int, list[int]] = {}
     by_norm: dict[tuple, list[int]] = {}
     for k, r in enumerate(raw):
-        if r["norm"] is not None or (r["kind"] in ("LayerNorm", "RMSNorm")):
+        if r["is_norm"]:
             by_norm.setdefault((r["kernel_index"], r["bias_index"]), []).append(k)
         elif r["kernel_index"] is not None:
             by_kernel.setdefault(r["kernel_index"], []).append(k)

@@ -41,7 +41,7 @@ import jax.numpy as jnp
 from fishr import distributed
 from fishr._validate import check_choice
 from fishr.distributed import AxisName
-from fishr.scores import log_psi_rows
+from fishr.scores import log_psi_rows, split_batch
 
 __all__ = ["Curvature", "GAUSS_NEWTON_LIKELIHOODS", "fisher", "gauss_newton", "tangent_outputs"]
 
@@ -92,9 +92,8 @@ def gauss_newton(
     check_choice(likelihood, GAUSS_NEWTON_LIKELIHOODS, "fishr.curvature.gauss_newton", "likelihood")
 
     def curvature(params, batch, vectors):
-        if not isinstance(batch, (tuple, list)) or len(batch) != 2:
-            raise ValueError("fishr.curvature.gauss_newton: `batch` must be a pair (inputs, labels).")
-        out, u = tangent_outputs(lambda p: apply_fn(p, batch[0]), params, vectors)
+        inputs, _ = split_batch(batch, likelihood, "fishr.curvature.gauss_newton")
+        out, u = tangent_outputs(lambda p: apply_fn(p, inputs), params, vectors)
         if likelihood == "gaussian":
             return _gram(u, u, axis_name)
         if out.ndim != 2:

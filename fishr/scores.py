@@ -42,7 +42,8 @@ from fishr import distributed
 from fishr._validate import check_choice, local_batch_size
 from fishr.distributed import AxisName
 
-__all__ = ["FISHERS", "LIKELIHOODS", "log_psi_one_sample", "log_psi_rows", "make_score_fn", "mean_loss"]
+__all__ = ["FISHERS", "LIKELIHOODS", "log_psi_one_sample", "log_psi_rows", "make_score_fn", "mean_loss",
+           "split_batch"]
 
 Likelihood = Optional[Literal["categorical", "gaussian"]]
 Fisher = Literal["true", "empirical"]
@@ -95,10 +96,11 @@ def log_psi_one_sample(apply_fn: ApplyFn, holomorphic: bool, who: str = "fishr.s
 # --------------------------------------------------------------------------- K-FAC: log-likelihoods
 
 
-def _split_batch(batch: Any, likelihood: str):
+def split_batch(batch: Any, likelihood: str, who: str = "fishr.kfac"):
+    """``(inputs, labels)`` of a likelihood's batch; a clear error naming ``who`` for anything else."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(
-            f"fishr.kfac: with likelihood={likelihood!r}, `batch` must be a pair (inputs, labels); "
+            f"{who}: with likelihood={likelihood!r}, `batch` must be a pair (inputs, labels); "
             f"got {type(batch).__name__}."
         )
     return batch
@@ -129,7 +131,7 @@ def make_score_fn(
         return lambda params, batch, key: apply_fn(params, batch)
 
     def score(params, batch, key):
-        x, y = _split_batch(batch, likelihood)
+        x, y = split_batch(batch, likelihood)
         out = apply_fn(params, x)
         n_local = out.shape[0]
         if n_local == 0:
@@ -177,7 +179,7 @@ def mean_loss(apply_fn: ApplyFn, likelihood: str) -> Callable[[Any, Any], jax.Ar
     check_choice(likelihood, LIKELIHOODS[1:], "fishr.scores.mean_loss", "likelihood")
 
     def loss(params, batch):
-        x, y = _split_batch(batch, likelihood)
+        x, y = split_batch(batch, likelihood, "fishr.scores.mean_loss")
         out = apply_fn(params, x)
         if likelihood == "categorical":
             logp = jax.nn.log_softmax(out, axis=-1)

@@ -327,6 +327,8 @@ def test_bad_input_is_named():
         fishr.quadratic_step("gauss_newton")
     with pytest.raises(ValueError, match="likelihood"):
         fishr.curvature.gauss_newton(_mlp, "poisson")
+    with pytest.raises(ValueError, match="gauss_newton.*`batch` must be a pair"):
+        gn(params, x, [params])
     with pytest.raises(ValueError, match="initial_damping"):
         fishr.levenberg_marquardt(optax.identity(), lambda p, b: 0.0, initial_damping=0.0)
     with pytest.raises(ValueError, match="max_norm"):
