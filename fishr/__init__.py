@@ -22,7 +22,8 @@ Adaptive steps (chain them after a preconditioner; math in their docstrings):
 :func:`adaptive_kfac` (K-FAC with all three, no learning rate); the exact curvature
 they use is in :mod:`fishr.curvature`.
 
-Solver objects (:mod:`fishr.solvers`): :class:`CG`, :class:`Cholesky`, :class:`Eigh`;
+Solver objects (:mod:`fishr.solvers`): :class:`CG`, :class:`Cholesky`, :class:`Eigh`,
+:class:`Spectral` (SR's eigendecomposition solves with cutoffs, :mod:`fishr.spectral`);
 every solve returns ``(x, SolveInfo)``.
 
 Modules, each importable by its dotted path: :mod:`fishr.distributed` (device-aware
@@ -33,7 +34,7 @@ reductions), :mod:`fishr.linalg` (numerical routines), :mod:`fishr.solvers`,
 (the seeds' interfaces).
 """
 
-from fishr import capture, compat, curvature, distributed, jacobian, kronecker, linalg, scores, solvers
+from fishr import capture, compat, curvature, distributed, jacobian, kronecker, linalg, scores, solvers, spectral
 from fishr._adaptive import (
     EnergyStats,
     LevenbergMarquardtState,
@@ -61,7 +62,7 @@ from fishr._sr import SRState, sr
 from fishr._sr_solve import MODES as SR_MODES
 from fishr._sr_solve import sr_solve
 from fishr.linalg import SolveInfo
-from fishr.solvers import CG, Cholesky, Eigh
+from fishr.solvers import CG, Cholesky, Eigh, Spectral
 
 __version__ = "0.2.0.dev0"
 
@@ -77,6 +78,7 @@ __all__ = [
     "SRState",
     "SR_MODES",
     "SolveInfo",
+    "Spectral",
     "TrustRegionState",
     "adaptive_kfac",
     "branch_covariance",
@@ -100,6 +102,7 @@ __all__ = [
     "quadratic_step_state",
     "scores",
     "solvers",
+    "spectral",
     "sr",
     "sr_solve",
     "trust_region",

@@ -62,7 +62,7 @@ and every device solves the same ``N x N`` system.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -73,10 +73,11 @@ from fishr import distributed
 from fishr.distributed import AxisName
 from fishr.linalg import (SolveInfo, TiledFactor, cg, cholesky_factor, eigh_solve, hermitian_from_lower_tiles,
                           meets_backward_error, psd_inf_norm_bound, solve_info, tiled_cholesky,
-                          tiled_cholesky_solve, tiled_factor_from_cholesky, tree_inner)
-from fishr.solvers import Eigh
+                          tiled_cholesky_solve, tiled_factor_from_cholesky, tiled_trace, tree_inner)
+from fishr.solvers import Eigh, Spectral
+from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
 
-__all__ = ["energy_coefficients", "kernel_factorisation", "solve_sample_space"]
+__all__ = ["energy_coefficients", "kernel_factorisation", "sample_weight_ratios", "solve_sample_space"]
 
 MAX_STEPS = 50  # CG steps per attempt; a good factor needs 1-3
 
@@ -91,23 +92,44 @@ def _single_precision(tree) -> bool:
     return any(jnp.finfo(leaf.dtype).bits < 64 for leaf in jax.tree.leaves(tree))
 
 
+def sample_weight_ratios(weights: jax.Array, axis_name: AxisName) -> tuple[jax.Array, jax.Array]:
+    """``r_i = N w_i / sum_j w_j`` over all samples (mean 1), and whether the weights are usable
+    (finite, ``>= 0``, positive sum); unusable weights make the update NaN."""
+    weights = jnp.real(weights)
+    total = distributed.psum(jnp.sum(weights), axis_name)
+    n_total = distributed.batch_size(weights.shape[0], axis_name)
+    ok = jnp.all(jnp.isfinite(weights)) & jnp.all(weights >= 0) & (total > 0)
+    ok = distributed.pmean(ok.astype(weights.dtype), axis_name) == 1
+    return n_total * weights / total, ok
+
+
 def energy_coefficients(local_energies: jax.Array, num_components: int, holomorphic: bool, n_total: int,
-                        axis_name: AxisName) -> jax.Array:
+                        axis_name: AxisName, ratios: Any = None, mean: Any = None) -> jax.Array:
     r"""The coefficients ``c`` (``(N, C)``, all samples) with ``Obar^H c`` the VMC force.
 
     ``e = E_loc - mean(E_loc)`` over all samples. Real ``log psi``: ``c = 2 Re(e) / N``
     (``g = 2 Re mean_i conj(Obar_i) e_i``); complex ``log psi`` of real parameters,
     whose rows stack ``Re O`` and ``Im O``: ``c = (2 Re e, 2 Im e) / N``; holomorphic:
     ``c = e / N`` (``g = Obar^H e / N``, the force without the factor 2 of real
-    parameters).
+    parameters). With sample weights (``ratios`` ``r_i``, mean 1; the rows are then
+    ``sqrt(r_i) Obar_i`` centred by the weighted mean): ``e`` is centred by the weighted
+    mean ``mean_i r_i E_i`` and ``c_i`` carries a factor ``sqrt(r_i)``, so that
+    ``Obar^H c = 2 Re sum_i p_i conj(Obar_i) e_i`` with ``p_i = r_i / N``.
+    ``mean``: a local mean (instead of gathering all samples) for the per-device coefficients.
     """
-    e = distributed.all_gather_batch(local_energies, axis_name)
-    e = e - jnp.mean(e)
+    e = local_energies if mean is not None else distributed.all_gather_batch(local_energies, axis_name)
+    r = None
+    if ratios is not None:
+        r = ratios if mean is not None else distributed.all_gather_batch(ratios, axis_name)
+    centre = mean if mean is not None else jnp.mean
+    e = e - centre(e if r is None else r * e)
     if holomorphic:
-        return (e / n_total)[:, None]
-    if num_components == 2:
-        return jnp.stack([2 * jnp.real(e), 2 * jnp.imag(e)], axis=-1) / n_total
-    return (2 * jnp.real(e) / n_total)[:, None]
+        c = (e / n_total)[:, None]
+    elif num_components == 2:
+        c = jnp.stack([2 * jnp.real(e), 2 * jnp.imag(e)], axis=-1) / n_total
+    else:
+        c = (2 * jnp.real(e) / n_total)[:, None]
+    return c if r is None else c * jnp.sqrt(r).astype(c.dtype)[:, None]
 
 
 def _over_columns(fn: Callable, y: jax.Array) -> Any:
@@ -166,12 +188,17 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
     return factor, jnp.where(ok, j, raise_by.shape[0])
 
 
-def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, SolveInfo, Callable, jax.Array]:
+def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Callable] = None):
     """``y = (K + shift I)^{-1} rhs`` for ``rhs`` ``(N, C)`` or ``(N, C, R)`` (see the module docstring).
 
-    Returns ``(y, info, approx, approx_ok)``: ``approx(u)`` applies the first factor (no CG),
-    for a correction step, usable where ``approx_ok`` (it was finite and its solve
-    converged; otherwise a fallback ran).
+    ``shift`` is a number or a function of the kernel's trace ``tr K`` giving it (for
+    conditioning control). ``follow(y, shift)``, if given, is a second right-hand side
+    made from the first solution; it is solved with the same factor (robust SR's
+    ``(S + d)^{-2}``) and ``y`` is then the pair ``(y1, y2)``.
+
+    Returns ``(y, info, approx, approx_ok, shift)``: ``approx(u)`` applies the first factor
+    (no CG), for a correction step, usable where ``approx_ok`` (it was finite and its solve
+    converged; otherwise a fallback ran); ``shift`` the shift used.
     """
     n, c = _rows(jac)
     rows = n * c
@@ -183,16 +210,37 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, So
         ky = product(y) if y.ndim == 2 else _over_columns(product, y)
         return ky + shift * y
 
+    def twice(solve_one):
+        """Apply ``solve_one`` (``u -> (y, info, good)``) to ``rhs`` and, with ``follow``, to its follow-up."""
+        y1, info1, good1 = solve_one(rhs)
+        if follow is None:
+            return y1, info1, good1
+        y2, info2, good2 = solve_one(follow(y1, shift).astype(work))
+        info = info1._replace(iterations=info1.iterations + info2.iterations,
+                              residual_norm=jnp.maximum(info1.residual_norm, info2.residual_norm),
+                              converged=info1.converged & info2.converged)
+        return (y1, y2), info, good1 & good2
+
     if isinstance(solver, Eigh):
         kernel = jac.gram()
+        if callable(shift):
+            shift = shift(jnp.real(jnp.trace(kernel)).astype(real))
         direct = lambda u: eigh_solve(kernel, u.reshape(rows, -1), shift).reshape(u.shape)
-        y = direct(rhs)
-        r = rhs - operator(y)
-        return y, solve_info(jnp.sqrt(tree_inner(r, r)), jnp.all(jnp.isfinite(y))), direct, jnp.asarray(True)
+
+        def eigh_one(u):
+            y = direct(u)
+            r = u - operator(y)
+            ok = jnp.all(jnp.isfinite(y))
+            return y, solve_info(jnp.sqrt(tree_inner(r, r)), ok), ok
+
+        y, info, _ = twice(eigh_one)
+        return y, info, direct, jnp.asarray(True), shift
 
     kind = kernel_factorisation()
     single = kind == "tiled" and not _single_precision(rhs)  # double input on the CPU: factor in single
     tiles = (jac.single_precision() if single else jac).kernel_tiles()
+    if callable(shift):
+        shift = shift(tiled_trace(tiles, rows).astype(real))
     k_norm = psd_inf_norm_bound(tiles, rows).astype(real)  # for the tests and the ladder: a bound suffices
     a_norm = k_norm + shift
 
@@ -210,17 +258,20 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, So
     # (as accurate as NetKet's srt: no CG step), for a single-precision factor of double-precision
     # input CG to the floor; the rare fallback runs under lax.cond and returns vectors only
     factor, finite = _factor(tiles, shift, kind)
-    if single:
-        y, info = pcg(factor, rhs)
-        good = finite & info.converged
-    elif hasattr(jac, "plan"):  # layers' kernel centred through row means: CG from the direct solve
-        y, info = pcg(factor, rhs, _apply_factor(factor, rhs, rows))
-        good = finite & info.converged
-    else:
-        y = _apply_factor(factor, rhs, rows)
+
+    def first_one(u):
+        if single:
+            y, info = pcg(factor, u)
+            return y, info, finite & info.converged
+        if hasattr(jac, "plan"):  # layers' kernel centred through row means: CG from the direct solve
+            y, info = pcg(factor, u, _apply_factor(factor, u, rows))
+            return y, info, finite & info.converged
+        y = _apply_factor(factor, u, rows)
         good = finite & jnp.all(jnp.isfinite(y))
-        r = rhs - operator(y)
-        info = solve_info(jnp.sqrt(tree_inner(r, r)), good & meets_backward_error(r, y, a_norm, rows))
+        r = u - operator(y)
+        return y, solve_info(jnp.sqrt(tree_inner(r, r)), good & meets_backward_error(r, y, a_norm, rows)), good
+
+    y, info, good = twice(first_one)
 
     def fallback(_):
         if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
@@ -229,57 +280,155 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array) -> tuple[jax.Array, So
         else:  # 2: the same kernel, factored with a raised shift
             f, j = _raised_shift_factor(tiles, shift, raise_by(tiles.dtype), 1)
             code = jnp.asarray(2)
-        y_f, info_f = pcg(f, rhs)
+        y_f, info_f, _ = twice(lambda u: pcg(f, u) + (jnp.asarray(True),))
         return y_f, info_f._replace(fallback=code.astype(jnp.int32))
 
     def first(_):
         return y, info._replace(fallback=jnp.asarray(0, jnp.int32))
 
     y, info = lax.cond(good, first, fallback, None)
-    return y, info, lambda u: _apply_factor(factor, u, rows), good
+    return y, info, lambda u: _apply_factor(factor, u, rows), good, shift
+
+
+def _spectral_coefficients(jac, kernel_eig, coeffs, solver, damping, gamma, rule, num_params):
+    """The filter ``f(sigma)`` on the kernel's eigenvalues, ``f(0)``, and the damping used (:mod:`fishr.spectral`)."""
+    lam, vecs = kernel_eig
+    n, c = _rows(jac)
+    rows = n * c
+    lam = jnp.maximum(lam, 0)
+    sigma = lam / n
+    sigma_max = jnp.max(sigma)
+    # S has P eigenvalues: those of K / N, and zeros when P exceeds the kernel's size
+    h_min = jnp.zeros((), sigma.dtype) if num_params > rows else jnp.sort(sigma)[rows - num_params]
+    damping = rule(damping, jnp.sum(sigma), sigma_max, h_min)
+    weights = None
+    if solver.snr is not None:
+        # Q_ik = sqrt(lambda_k) sum_c conj(V[(i, c), k]) N c_ic: sample i's share of rho_k = u_k^H g_E
+        q = jnp.sqrt(lam) * jnp.einsum("ick,ic->ik", vecs.reshape(n, c, rows).conj(), n * coeffs)
+        weights = snr_weights(q, solver.snr)
+    options = dict(gamma=gamma, rtol=solver.rtol, rtol_smooth=solver.rtol_smooth, sigma_max=sigma_max)
+    f = spectral_filter(sigma, damping, weights=weights, **options)
+    f0 = spectral_filter(jnp.zeros((), sigma.dtype), damping, **options)
+    return f, f0, lam, damping
+
+
+def _spectral_sample_space(jac, b, damping, solver, local_energies, axis_name, holomorphic, momentum_term,
+                           gamma, rule, num_params, ratios=None):
+    """``x = f(S) b`` through the kernel's eigendecomposition ``K = V diag(lambda) V^H`` (``sigma = lambda / N``).
+
+    For ``b = Obar^H c + d w`` (the force of the energies, SPRING's term ``w``) and for any
+    ``b`` (no energies), with ``h(lambda) = (f(lambda / N) - f(0)) / lambda`` (0 where
+    ``lambda = 0``):
+
+        f(S) Obar^H c = Obar^H V diag(f(sigma)) V^H c,
+        f(S) v = f(0) v + Obar^H V diag(h(lambda)) V^H Obar v,
+
+    exact because ``S Obar^H = Obar^H K / N``; nothing is divided by the damping or by a
+    small eigenvalue (``h`` multiplies components of size ``sqrt(lambda)`` twice).
+    """
+    n, c = _rows(jac)
+    rows = n * c
+    work = jax.eval_shape(jac.matvec, b).dtype
+    kernel = jac.gram().astype(work)
+    lam, vecs = jnp.linalg.eigh(kernel)
+    coeffs = None
+    if local_energies is not None:
+        coeffs = energy_coefficients(local_energies, c, holomorphic, n, axis_name, ratios).astype(work)
+    elif solver.snr is not None:
+        raise ValueError("fishr.sr: Spectral(snr=...) needs `local_energies=` (the SNR is that of the force).")
+    f, f0, lam, damping = _spectral_coefficients(jac, (lam, vecs), coeffs, solver, damping, gamma, rule,
+                                                 num_params)
+    h = jnp.where(lam > 0, (f - f0) / jnp.where(lam > 0, lam, 1), 0)
+
+    def through(weights, u):  # Obar^H V diag(weights) V^H u for u of shape (N, C)
+        z = vecs @ (weights * (vecs.conj().T @ u.reshape(rows)))
+        return jac.rmatvec(z.reshape(n, c))
+
+    def of_vector(v):  # f(S) v for any v
+        return optax.tree.add(optax.tree.scale(f0, v), through(h, jac.matvec(v)))
+
+    if coeffs is None:
+        x = of_vector(b)
+    else:
+        x = through(f, coeffs)
+        if momentum_term is not None:
+            x = optax.tree.add(x, optax.tree.scale(damping, of_vector(momentum_term)))
+    return x, solve_info(0.0, jnp.all(jnp.isfinite(lam))), damping
 
 
 def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: AxisName = None,
-                       holomorphic: bool = False, momentum_term=None) -> tuple[Any, SolveInfo]:
-    """``(S + damping I)^{-1} b`` by the sample-space forms of the module docstring.
+                       holomorphic: bool = False, momentum_term=None, gamma=None,
+                       rule: DampingRule = DampingRule(),
+                       num_params: int = 0, ratios: Any = None) -> tuple[Any, SolveInfo, Any]:
+    """``(S + damping I)^{-1} b`` (or robust SR's ``G(S) b``) by the sample-space forms of the module docstring.
 
     With ``local_energies`` the right-hand side is the VMC force they define plus
     ``damping * momentum_term`` (SPRING's term; ``None`` for none), and ``b`` serves only
     to measure ``info.residual_norm``: a ``b`` that is not that force (a regulariser
     added to the gradient, say) shows there as a residual of its size.
 
-    Returns ``(x, info)``: ``info.iterations`` counts the preconditioned CG steps of the
-    kernel solve, ``info.fallback`` its fallback (module docstring), ``info.residual_norm``
-    is ``||b - (S + damping) x||`` in parameter space and ``info.converged`` whether the
-    kernel solve met the backward-error test; a kernel solve that diverged or broke
-    down, or whose factors were all non-finite, gives a NaN ``x``.
+    ``gamma``: robust SR (:func:`fishr.spectral.sr_gain`; ``None`` plain SR), applied as
+    ``G(S) = (S + d)^{-1} + (gamma d^2 - d) (S + d)^{-2}`` with one factor;
+    ``rule``: the damping used (:class:`fishr.spectral.DampingRule`; with a factorisation
+    ``h_max`` is bounded by ``tr S``, with :class:`fishr.Spectral` it is exact);
+    ``num_params``: ``P``.
+
+    Returns ``(x, info, damping_used)``: ``info.iterations`` counts the preconditioned CG
+    steps of the kernel solve, ``info.fallback`` its fallback (module docstring),
+    ``info.residual_norm`` is ``||b - (S + damping) x||`` in parameter space and
+    ``info.converged`` whether the kernel solve met the backward-error test; a kernel
+    solve that diverged or broke down, or whose factors were all non-finite, gives a NaN ``x``.
     """
     jac = jac.gather()  # every device now holds the statistics of all N samples
     n, c = _rows(jac)
-    shift = n * damping
 
     def s_matvec(v):
         return optax.tree.scale(1.0 / n, jac.rmatvec(jac.matvec(v)))
 
-    def residual(x):
-        return optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
-
-    if local_energies is None:
-        u = jac.matvec(b)
-        y, info, approx, approx_ok = kernel_solve(jac, shift, solver, u)
-        x = optax.tree.scale(1.0 / damping, optax.tree.sub(b, jac.rmatvec(y)))
-        r = residual(x)  # one step of refinement in parameter space, with the first factor alone
-        step = optax.tree.scale(1.0 / damping, optax.tree.sub(r, jac.rmatvec(approx(jac.matvec(r)))))
-        x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
+    if isinstance(solver, Spectral):
+        x, info, damping = _spectral_sample_space(jac, b, damping, solver, local_energies, axis_name, holomorphic,
+                                                  momentum_term, gamma, rule, num_params, ratios)
     else:
-        coeffs = energy_coefficients(local_energies, c, holomorphic, n, axis_name).astype(
-            jax.eval_shape(jac.matvec, b).dtype)
-        if momentum_term is None:
-            y, info, _, _ = kernel_solve(jac, shift, solver, n * coeffs)
-            x = jac.rmatvec(y)
-        else:  # (S + damping)^{-1} damping v = v - Obar^H (K + N damping)^{-1} Obar v: no division either
-            rhs = jnp.stack([n * coeffs, jac.matvec(momentum_term)], axis=-1)
-            y, info, _, _ = kernel_solve(jac, shift, solver, rhs)
-            x = optax.tree.add(jac.rmatvec(y[..., 0]), optax.tree.sub(momentum_term, jac.rmatvec(y[..., 1])))
-    r = residual(x)
-    return x, info._replace(residual_norm=jnp.sqrt(tree_inner(r, r)))
+        shift = (lambda trace: n * rule(damping, trace / n)) if rule.active else n * damping
+
+        def woodbury(v, y, d):  # (S + d)^{-1} v = (v - Obar^H y) / d with y = (K + N d)^{-1} Obar v
+            return optax.tree.scale(1.0 / d, optax.tree.sub(v, jac.rmatvec(y)))
+
+        if local_energies is None:
+            u = jac.matvec(b)
+            y, info, approx, approx_ok, shift = kernel_solve(jac, shift, solver, u)
+            damping = shift / n
+            x = woodbury(b, y, damping)
+            r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))  # one step of refinement
+            step = woodbury(r, approx(jac.matvec(r)), damping)
+            x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
+            if gamma is not None:  # G(S) b = x + (gamma d - 1) d (S + d)^{-1} x: a second factor (pass energies)
+                y2, info2, _, _, _ = kernel_solve(jac, shift, solver, jac.matvec(x))
+                scale = robust_gamma(gamma, damping) * damping - 1
+                x = optax.tree.add(x, optax.tree.scale(scale, optax.tree.sub(x, jac.rmatvec(y2))))
+                info = info._replace(iterations=info.iterations + info2.iterations,
+                                     converged=info.converged & info2.converged,
+                                     fallback=jnp.maximum(info.fallback, info2.fallback))
+        else:
+            coeffs = energy_coefficients(local_energies, c, holomorphic, n, axis_name, ratios).astype(
+                jax.eval_shape(jac.matvec, b).dtype)
+            # (S + d)^{-1} (Obar^H c + d w) = Obar^H y1 + w, y1 = (K + N d)^{-1} (N c - Obar w): no division
+            w_rows = None if momentum_term is None else jac.matvec(momentum_term)
+            rhs = n * coeffs if w_rows is None else n * coeffs - w_rows
+            follow = None
+            if gamma is not None:  # (S + d)^{-2} term: y2 = (K + N d)^{-1} (N d y1 - Obar w)
+                follow = lambda y1, sh: sh * y1 if w_rows is None else sh * y1 - w_rows
+            y, info, _, _, shift = kernel_solve(jac, shift, solver, rhs, follow)
+            damping = shift / n
+            if gamma is None:
+                x = jac.rmatvec(y)
+            else:  # G(S) b = Obar^H (y1 + (gamma d - 1) y2) + gamma d w
+                y1, y2 = y
+                g = robust_gamma(gamma, damping)
+                x = jac.rmatvec(y1 + (g * damping - 1) * y2)
+                if momentum_term is not None:
+                    momentum_term = optax.tree.scale(g * damping, momentum_term)
+            if momentum_term is not None:
+                x = optax.tree.add(x, momentum_term)
+    r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
+    return x, info._replace(residual_norm=jnp.sqrt(tree_inner(r, r))), damping

@@ -30,11 +30,15 @@ Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
 ``"dense"`` (the seed's DEBUG)
     The per-sample Jacobian ``O`` (``N x P``) is formed with ``vmap`` of the
     per-sample gradient. Solver: :class:`fishr.CG` on the rows, or
-    :class:`fishr.Cholesky` / :class:`fishr.Eigh` on the ``P x P`` matrix ``S``.
+    :class:`fishr.Cholesky` / :class:`fishr.Eigh` / :class:`fishr.Spectral` on the
+    ``P x P`` matrix ``S``. A Cholesky factor that is not finite (``S + damping`` not
+    positive definite to working precision, e.g. a singular ``S`` at damping 0) falls
+    back to the spectral pseudo-inverse ``Spectral(rtol=P eps)`` (``info.fallback = 3``).
 ``"sample_space"``
     The Woodbury identity on the ``N x N`` kernel ``Obar Obar^H``
-    (:mod:`fishr._sample_space`). Solver: :class:`fishr.Cholesky` (default) or
-    :class:`fishr.Eigh`. Needs ``damping > 0``.
+    (:mod:`fishr._sample_space`). Solver: :class:`fishr.Cholesky` (default),
+    :class:`fishr.Eigh` or :class:`fishr.Spectral`. Needs ``damping > 0`` (or a
+    ``Spectral`` cutoff).
 ``"auto"`` (default)
     One of the three, chosen at trace time from ``N`` (global), ``P``, the number of
     score components and the captured layers (:func:`auto_mode`): the exact solve
@@ -56,6 +60,35 @@ sample-space update
 (SPRING writes it with ``Obar / sqrt(N)`` and ``e / sqrt(N)``, which absorbs the ``N``).
 ``tests/test_sr.py`` checks the two forms agree.
 
+SR variants (:mod:`fishr.spectral`)
+-----------------------------------
+* Robust SR, ``gamma=``: ``x = G(S) b`` with ``G(sigma) = (sigma + gamma d^2) / (sigma + d)^2``
+  per eigenvalue of ``S`` (``gamma = 1 / d`` is plain SR; ``"sqrt"`` is ``d^{-1/2}``), by
+  one factorisation as ``(S + d)^{-1} + (gamma d^2 - d) (S + d)^{-2}`` (lazy and dense
+  CG: two CG solves; sample_space from ``grads`` alone: two kernel factorisations, so
+  pass the local energies), or as the gain of a :class:`fishr.Spectral` solve.
+* Damping relative to the trace, ``trace_damping=t``: the damping used is
+  ``damping + t tr S`` (quantax's ``ashift + rshift Tr S``; ``tr S`` is exact and cheap in
+  every formed mode).
+* Conditioning control, ``max_cond_num=kappa``: the damping used is raised to the least
+  ``d' >= damping`` with ``(h_max + d') / (h_min + d') <= kappa``. With
+  :class:`fishr.Spectral` / :class:`fishr.Eigh` from the exact eigenvalues; with a
+  factorisation or CG from the cheap bounds ``h_max <= tr S`` and ``h_min >= 0`` (so the
+  bound always holds, at the price of more damping when the spectrum is flat). Not in
+  lazy mode (no bound without forming something). :func:`fishr.sr` reports the damping
+  used in its state.
+* Spectral solves, ``solver=fishr.Spectral(rtol, rtol_smooth, snr)``: cutoffs and the
+  signal-to-noise weight (needs ``local_energies``) in dense and sample_space modes.
+
+Diagonal metrics (:mod:`fishr._metric`)
+---------------------------------------
+``(S + damping M)^{-1}`` for a positive diagonal ``M``: ``metric=`` (a pytree), the shift
+relative to the diagonal ``diag_damping=rho`` (``M = 1 + (rho / damping) diag S``) and
+MARCH (:func:`fishr.sr`'s ``march=``). Solved exactly as SR in the coordinates
+``theta~ = M^{1/2} theta`` (the Jacobian's columns scaled by ``M^{-1/2}``, so the generic
+Jacobian); the damping rules, robust SR and the spectral cutoffs act on ``S`` in those
+coordinates, and ``info.residual_norm`` is measured there.
+
 Bad damping at run time
 -----------------------
 A concrete damping is checked when the solve is traced (finite, ``>= 0``, ``> 0`` for
@@ -66,23 +99,27 @@ finite makes the solution NaN (the transform then keeps its state).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Literal, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.flatten_util import ravel_pytree
 import optax
 
 from fishr import distributed
-from fishr._sample_space import solve_sample_space
+from fishr._metric import metric_fn
+from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
 from fishr._validate import (check_choice, check_damping, check_real, check_tree_matches_params, damping_ok,
                              local_batch_size, poison)
 from fishr.capture import discover_layers
 from fishr.distributed import AxisName
-from fishr.jacobian import DenseJacobian, LayerJacobian, LinearizedJacobian, kernel_cost_per_pair, layers_pay_off
-from fishr.linalg import SolveInfo
+from fishr.jacobian import (DenseJacobian, LayerJacobian, LinearizedJacobian, ScaledJacobian, kernel_cost_per_pair,
+                            layers_pay_off)
+from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
 from fishr.scores import log_psi_one_sample, log_psi_rows
-from fishr.solvers import CG, Cholesky, Eigh, check_solver
+from fishr.solvers import CG, Cholesky, Eigh, Spectral, check_solver
+from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
 
 __all__ = ["JACOBIANS", "MODES", "MODE_CHOICES", "SRConfig", "auto_mode", "sr_config", "sr_solve"]
 
@@ -95,7 +132,7 @@ MODE_CHOICES = ("auto",) + MODES
 AUTO_MAX_DENSE_P = 16_384  # mode="auto" forms the P x P matrix only up to here (1 GiB in float32)
 AUTO_MAX_SAMPLE_SPACE_N = 32_768  # ... and the N x N kernel only up to here (4 GiB in float32)
 JACOBIANS = ("auto", "structured", "generic")
-_SOLVERS = {"lazy": (CG,), "dense": (CG, Cholesky, Eigh), "sample_space": (Cholesky, Eigh)}
+_SOLVERS = {"lazy": (CG,), "dense": (CG, Cholesky, Eigh, Spectral), "sample_space": (Cholesky, Eigh, Spectral)}
 _DEFAULT_SOLVERS = {"lazy": CG(), "dense": CG(), "sample_space": Cholesky()}
 
 
@@ -110,16 +147,38 @@ class SRConfig:
     holomorphic: bool
     axis_name: AxisName
     sample_space_ok: bool = True  # for mode="auto": False when the damping is a concrete 0
+    gamma: Any = None  # robust SR (None: plain SR)
+    damping_rule: DampingRule = DampingRule()
+    diag_damping: float = 0.0
+    solve_dtype: Optional[str] = None
+
+
+def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
+    """``None``, or ``"float64"`` given as a string or a dtype."""
+    if solve_dtype is None:
+        return None
+    try:
+        ok = np.dtype(solve_dtype) == np.float64
+    except TypeError:
+        ok = False
+    if not ok:
+        raise ValueError(f"{who}: `solve_dtype` must be None (the inputs' precision) or 'float64', got "
+                         f"{solve_dtype!r}.")
+    return "float64"
 
 
 def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, momentum: Any, holomorphic: Any,
-              axis_name: AxisName) -> SRConfig:
+              axis_name: AxisName, gamma: Any = None, max_cond_num: Any = None,
+              trace_damping: Any = 0.0, diag_damping: Any = 0.0, solve_dtype: Any = None) -> SRConfig:
     """Validate SR's options (naming ``who`` in every error) and fill in the mode's default solver."""
     check_choice(mode, MODE_CHOICES, who, "mode")
-    check_damping(damping, who, positive=mode == "sample_space")
+    pseudo_inverse = isinstance(solver, Spectral) and solver.has_cutoff
+    check_real(diag_damping, who, "diag_damping", 0.0, float("inf"), high_open=True)
+    check_damping(damping, who, positive=(mode == "sample_space" and not pseudo_inverse) or gamma is not None
+                  or diag_damping > 0)
     if mode == "auto":
         if solver is not None:
-            check_solver(solver, (CG, Cholesky, Eigh), who, "in mode='auto'")
+            check_solver(solver, (CG, Cholesky, Eigh, Spectral), who, "in mode='auto'")
     else:
         if solver is None:
             solver = _DEFAULT_SOLVERS[mode]
@@ -133,8 +192,26 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     check_real(momentum, who, "momentum", 0.0, 1.0, high_open=True)
     if not isinstance(holomorphic, bool):
         raise ValueError(f"{who}: `holomorphic` must be True or False, got {holomorphic!r}.")
+    if gamma is not None and gamma != "sqrt" and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
+                                                  or not gamma > 0 or gamma == float("inf")):
+        raise ValueError(f"{who}: `gamma` must be None (plain SR), 'sqrt' (damping^-1/2) or a finite float > 0; "
+                         f"got {gamma!r}.")
+    if max_cond_num is not None:
+        if isinstance(max_cond_num, bool) or not isinstance(max_cond_num, (int, float)) or not 1 < max_cond_num < float("inf"):
+            raise ValueError(f"{who}: `max_cond_num` must be None or a finite float > 1, got {max_cond_num!r}.")
+        if mode == "lazy" or (mode == "auto" and isinstance(solver, CG)):
+            raise ValueError(f"{who}: `max_cond_num` needs a formed matrix (modes 'dense', 'sample_space' or 'auto' "
+                             "without a CG solver); mode 'lazy' has no cheap bound on the eigenvalues.")
+        max_cond_num = float(max_cond_num)
+    check_real(trace_damping, who, "trace_damping", 0.0, float("inf"), high_open=True)
+    if trace_damping > 0 and (mode == "lazy" or (mode == "auto" and isinstance(solver, CG))):
+        raise ValueError(f"{who}: `trace_damping` needs tr S from a formed matrix (modes 'dense', 'sample_space' or "
+                         "'auto' without a CG solver); mode 'lazy' forms nothing.")
+    gamma = gamma if gamma is None or isinstance(gamma, str) else float(gamma)
     zero_damping = isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping == 0
-    return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name, not zero_damping)
+    return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
+                    not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
+                    float(diag_damping), _check_solve_dtype(solve_dtype, who))
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
@@ -225,37 +302,162 @@ def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig,
 # --------------------------------------------------------------------------- parameter-space solves
 
 
+def _cg_twice(config: SRConfig, operator_of, b, x0, damping):
+    """``(S + d)^{-1} b`` by ``config.solver`` (CG), or robust SR's ``G(S) b`` by two CG solves."""
+    x, info = config.solver.solve(operator_of(damping), b, x0)
+    if config.gamma is None:
+        return x, info
+    x2, info2 = config.solver.solve(operator_of(damping), x, x)
+    scale = robust_gamma(config.gamma, damping) * damping**2 - damping
+    info = info._replace(iterations=info.iterations + info2.iterations, converged=info.converged & info2.converged)
+    return optax.tree.add_scale(x, scale, x2), info
+
+
 def _solve_lazy(jac, n_local, b, x0, damping, config: SRConfig):
     def s_matvec(v):
         w = jac.rmatvec(jac.matvec(v))
         return distributed.pmean(optax.tree.scale(1.0 / n_local, w), config.axis_name)
 
-    return config.solver.solve(lambda v: optax.tree.add_scale(s_matvec(v), damping, v), b, x0)
+    x, info = _cg_twice(config, lambda d: lambda v: optax.tree.add_scale(s_matvec(v), d, v), b, x0, damping)
+    return x, info, damping
 
 
-def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig):
+def _local_energy_coefficients(local_energies, c: int, holomorphic: bool, axis_name: AxisName,
+                               ratios=None) -> jax.Array:
+    """``N c_i`` of the local samples (``(n_local, C)``): the per-sample force ``Obar_i^H (N c_i)``."""
+    return energy_coefficients(local_energies, c, holomorphic, 1, None, ratios,
+                               mean=lambda e: distributed.batch_mean(e, axis_name))
+
+
+def _solve_dense_spectral(jac: DenseJacobian, s, b_flat, damping, solver, config: SRConfig, local_energies,
+                          ratios=None):
+    """``x = f(S) b`` from ``S = U diag(sigma) U^H`` (:mod:`fishr.spectral`; SNR from the local rows)."""
+    sigma, u = jnp.linalg.eigh(s)
+    sigma = jnp.maximum(sigma, 0)
+    damping = config.damping_rule(damping, jnp.sum(sigma), jnp.max(sigma), jnp.min(sigma))
+    weights = None
+    if solver.snr is not None:
+        if local_energies is None:
+            raise ValueError("fishr.sr: Spectral(snr=...) needs `local_energies=` (the SNR is that of the force).")
+        rows = jac.rows  # (n_local, C, P), centred
+        nc = _local_energy_coefficients(local_energies, rows.shape[1], config.holomorphic, config.axis_name, ratios)
+        # Q_ik = sum_c conj(Obar_ic u_k) N c_ic: sample i's share of rho_k = u_k^H g
+        q = jnp.einsum("icp,pk,ic->ik", rows.reshape(rows.shape[0], rows.shape[1], -1).conj(), u.conj(),
+                       nc.astype(u.dtype))
+        weights = snr_weights(q, solver.snr, config.axis_name)
+    f = spectral_filter(sigma, damping, gamma=config.gamma, rtol=solver.rtol, rtol_smooth=solver.rtol_smooth,
+                        weights=weights)
+    x = u @ (f * (u.conj().T @ b_flat))
+    return x, damping
+
+
+def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig, local_energies=None, ratios=None):
     n_local = jac.rows.shape[0]
     b_flat, _ = ravel_pytree(b)
+    rows = jac.flat_rows
     if isinstance(config.solver, CG):
+        if config.damping_rule.active:  # tr S = mean_i |Obar_i|^2 (>= h_max), h_min >= 0
+            trace = distributed.pmean(jnp.sum(jnp.abs(rows) ** 2) / n_local, config.axis_name)
+            damping = config.damping_rule(damping, trace)
+
         def s_matvec(v):
             return distributed.pmean(jac.rmatvec_flat(jac.matvec_flat(v)) / n_local, config.axis_name)
 
         x0_flat = None if x0 is None else ravel_pytree(x0)[0]
-        x, info = config.solver.solve(lambda v: s_matvec(v) + damping * v, b_flat, x0_flat)
-        return jac.unravel(x), info
-    rows = jac.flat_rows
+        x, info = _cg_twice(config, lambda d: lambda v: s_matvec(v) + d * v, b_flat, x0_flat, damping)
+        return jac.unravel(x), info, damping
     s = distributed.pmean(rows.conj().T @ rows / n_local, config.axis_name)
-    x, info = config.solver.solve(s, b_flat, damping)
-    return jac.unravel(x), info
+    solver = config.solver
+    if isinstance(solver, Eigh) and (config.gamma is not None or config.damping_rule.active):
+        solver = Spectral()
+    if isinstance(solver, Spectral):
+        x, damping = _solve_dense_spectral(jac, s, b_flat, damping, solver, config, local_energies, ratios)
+        finite = jnp.all(jnp.isfinite(x))
+        info = solve_info(jnp.linalg.norm(b_flat - (s @ x + damping * x)), finite)
+        return jac.unravel(x), info, damping
+    if config.damping_rule.active:  # Cholesky: h_max <= tr S, h_min >= 0
+        damping = config.damping_rule(damping, jnp.real(jnp.trace(s)))
+    if isinstance(solver, Cholesky) and config.gamma is not None:
+        factor = cholesky_factor(s, damping)
+        x1 = cholesky_factor_solve(factor, b_flat)
+        x = x1 + (robust_gamma(config.gamma, damping) * damping**2 - damping) * cholesky_factor_solve(factor, x1)
+        x = jnp.where(jnp.all(jnp.isfinite(factor)), x, jnp.nan)
+        info = solve_info(jnp.linalg.norm(b_flat - (s @ x1 + damping * x1)), jnp.all(jnp.isfinite(x)))
+    else:
+        x, info = solver.solve(s, b_flat, damping)
+    if isinstance(solver, Cholesky):  # fallback 3: the spectral pseudo-inverse where the factor failed
+        def pseudo_inverse(_):
+            rtol = s.shape[0] * float(jnp.finfo(s.dtype).eps)
+            y, _ = _solve_dense_spectral(jac, s, b_flat, damping, Spectral(rtol=rtol), config, None)
+            return y, solve_info(jnp.linalg.norm(b_flat - (s @ y + damping * y)), jnp.all(jnp.isfinite(y)),
+                                 fallback=3)
+
+        good = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(s)) | ~damping_ok(damping)
+        x, info = jax.lax.cond(good, lambda _: (x, info), pseudo_inverse, None)
+    return jac.unravel(x), info, damping
 
 
 # --------------------------------------------------------------------------- the pure function
 
 
+class SolveOutcome(NamedTuple):
+    """What :func:`solve_with_config` returns: the solution, its diagnostics, the mode that ran, the
+    damping used (:class:`fishr.spectral.DampingRule`) and the diagonal metric used (or ``None``)."""
+
+    x: Any
+    info: SolveInfo
+    mode: str
+    damping: jax.Array
+    metric: Any
+
+
+def _times(scale: Any, tree: Any, divide: bool = False) -> Any:
+    """``scale * tree`` (or ``tree / scale``) leaf by leaf, in ``tree``'s dtypes."""
+    op = (lambda s, x: x / s.astype(x.dtype)) if divide else (lambda s, x: s.astype(x.dtype) * x)
+    return jax.tree.map(op, scale, tree)
+
+
+def _to_double(x: Any) -> Any:
+    """A float32 / complex64 array in double precision (other arrays as they are)."""
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return jnp.asarray(x, jnp.complex128)
+    if jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(x, jnp.float64)
+    return x
+
+
 def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
-                      previous: Optional[Any], who: str, mean_fn=None,
-                      local_energies: Optional[jax.Array] = None) -> tuple[Any, SolveInfo, str]:
-    """:func:`sr_solve` for validated options (the transform's entry point); also returns the mode that ran."""
+                      previous: Optional[Any], who: str, mean_fn=None, local_energies: Optional[jax.Array] = None,
+                      metric: Optional[Callable[[Callable[[], Any]], Any]] = None,
+                      weights: Optional[jax.Array] = None) -> SolveOutcome:
+    """:func:`sr_solve` for validated options (the transform's entry point).
+
+    ``metric``: ``None`` or a function that, given a thunk computing ``diag S`` (a pytree),
+    returns the diagonal metric ``M`` (a positive pytree like the parameters); the solve is
+    then SR in the coordinates ``theta~ = M^{1/2} theta`` (module docs, "Diagonal metrics").
+    With ``config.solve_dtype = "float64"`` single-precision inputs are promoted (the model
+    is evaluated, the scores formed and the system solved in double precision) and the
+    solution is returned in the gradient's dtype."""
+    single = any(jnp.finfo(jnp.result_type(leaf)).bits < 64 for leaf in jax.tree.leaves(params)
+                 if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
+    if config.solve_dtype is None or not single:
+        return _solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
+                                  local_energies, metric, weights)
+    if not jax.config.jax_enable_x64:
+        raise ValueError(f"{who}: solve_dtype='float64' needs double precision in JAX: "
+                         "jax.config.update('jax_enable_x64', True) before building arrays.")
+    up = lambda tree: jax.tree.map(_to_double, tree)
+    out = _solve_with_config(config, apply_fn, up(grads), up(params), up(batch), damping, up(previous), who,
+                             mean_fn, up(local_energies), metric, up(weights))
+    return out._replace(x=jax.tree.map(lambda x, g: x.astype(g.dtype), out.x, grads))
+
+
+def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
+                       previous: Optional[Any], who: str, mean_fn=None, local_energies: Optional[jax.Array] = None,
+                       metric: Optional[Callable[[Callable[[], Any]], Any]] = None,
+                       weights: Optional[jax.Array] = None) -> SolveOutcome:
+    """:func:`solve_with_config` in the inputs' own precision."""
     check_tree_matches_params(grads, params, who)
     _check_holomorphic(params, config.holomorphic, who)
     n_local = local_batch_size(batch, who)
@@ -270,34 +472,79 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     if config.momentum > 0.0 and previous is None:
         raise ValueError(f"{who}: `momentum` > 0 needs `previous`, the last solution.")
 
+    if weights is not None:  # weighted rows: the generic per-sample rows
+        if jnp.shape(weights) != (n_local,) or jnp.iscomplexobj(weights):
+            raise ValueError(f"{who}: `weights` must be real, one per sample of `batch`, shape ({n_local},); got "
+                             f"shape {jnp.shape(weights)}, dtype {jnp.result_type(weights)}.")
+        if mean_fn is not None or config.jacobian == "structured" or config.mode == "lazy":
+            raise ValueError(f"{who}: `weights` need the generic per-sample rows: mode 'dense', 'sample_space' or "
+                             "'auto', jacobian 'generic' or 'auto', and no `mean_fn`.")
+        config = dataclasses.replace(config, jacobian="generic")
+    if metric is not None:  # a diagonal metric rescales the columns: the generic Jacobian
+        if config.jacobian == "structured":
+            raise ValueError(f"{who}: a diagonal metric (march, diag_damping, metric=) needs jacobian='generic' or "
+                             "'auto' (it rescales every column, which the layers' statistics cannot).")
+        config = dataclasses.replace(config, jacobian="generic")
     config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn)
     ok = damping_ok(damping)
     damping = jnp.where(ok, damping, jnp.nan)  # a traced bad damping gives NaN, never an anti-damped solve
+    ratios = None
+    if weights is not None:
+        if config.mode == "lazy":
+            raise ValueError(f"{who}: `weights` need mode 'dense' or 'sample_space'; mode='auto' picked 'lazy' "
+                             "(neither matrix fits): pass mode= explicitly.")
+        ratios, weights_ok = sample_weight_ratios(weights, config.axis_name)
+        ok = ok & weights_ok
+        mean_fn = lambda u: distributed.batch_mean(ratios.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
+                                                   config.axis_name)
+
+    if config.mode == "lazy" and config.jacobian == "structured":
+        jac = _build_jacobian(True, apply_fn, params, batch, config, who)
+    elif config.mode == "lazy":
+        jac = LinearizedJacobian(log_psi_rows(apply_fn, batch, config.holomorphic, who), params,
+                                 config.holomorphic, config.axis_name, mean_fn)
+    else:
+        structured = config.mode == "sample_space" and mean_fn is None and _wants_layers(
+            config.jacobian, apply_fn, params, batch)
+        jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
+        if ratios is not None:
+            jac = jac._replace(rows=jac.rows * jnp.sqrt(ratios).astype(jac.rows.dtype)[:, None, None])
+
+    scale, metric_values = None, None
+    if metric is not None:  # theta = s theta~ with s = M^{-1/2}: SR in theta~ is (S + d M)^{-1} in theta
+        def score_variance():
+            if not isinstance(jac, DenseJacobian):
+                raise ValueError(f"{who}: a metric from the score variance (march='var', diag_damping) needs the "
+                                 "per-sample rows: mode 'dense' or 'sample_space' (not 'lazy').")
+            return jax.tree.map(jnp.real, jac.unravel(jac.score_variance()))
+
+        metric_values = metric(score_variance)
+        # a metric entry that is not positive and finite gives NaN (the transform keeps its state)
+        scale = jax.tree.map(lambda m: jnp.where((jnp.real(m) > 0) & jnp.isfinite(m), jax.lax.rsqrt(
+            jnp.maximum(jnp.real(m), jnp.finfo(jnp.real(m).dtype).tiny)), jnp.nan), metric_values)
+        jac = jac.scaled(scale) if isinstance(jac, DenseJacobian) else ScaledJacobian(jac, scale)
+        grads = _times(scale, grads)
+        previous = None if previous is None else _times(scale, previous, divide=True)
+
     b = grads
     if config.momentum > 0.0:
         b = optax.tree.add_scale(grads, damping * config.momentum, previous)
-
     if config.mode == "lazy":
-        x0 = config.solver.start(b, previous)
-        if config.jacobian == "structured":
-            jac = _build_jacobian(True, apply_fn, params, batch, config, who)
-        else:
-            jac = LinearizedJacobian(log_psi_rows(apply_fn, batch, config.holomorphic, who), params,
-                                     config.holomorphic, config.axis_name, mean_fn)
-        x, info = _solve_lazy(jac, n_local, b, x0, damping, config)
+        x, info, used = _solve_lazy(jac, n_local, b, config.solver.start(b, previous), damping, config)
     elif config.mode == "dense":
         x0 = config.solver.start(b, previous) if isinstance(config.solver, CG) else None
-        jac = _build_jacobian(False, apply_fn, params, batch, config, who, mean_fn)
-        x, info = _solve_dense(jac, b, x0, damping, config)
+        x, info, used = _solve_dense(jac, b, x0, damping, config, local_energies, ratios)
     else:
-        structured = mean_fn is None and _wants_layers(config.jacobian, apply_fn, params, batch)
-        jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
         momentum_term = None
         if local_energies is not None and config.momentum > 0.0:
             momentum_term = optax.tree.scale(config.momentum, previous)
-        x, info = solve_sample_space(jac, b, damping, config.solver, local_energies, config.axis_name,
-                                     config.holomorphic, momentum_term)
-    return poison(x, ok), info, config.mode
+        num_params = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
+        x, info, used = solve_sample_space(jac, b, damping, config.solver, local_energies, config.axis_name,
+                                           config.holomorphic, momentum_term, config.gamma, config.damping_rule,
+                                           num_params, ratios)
+    if scale is not None:
+        x = _times(scale, x)
+    return SolveOutcome(poison(x, ok), info, config.mode, jnp.asarray(used), metric_values)
 
 
 def sr_solve(
@@ -316,6 +563,13 @@ def sr_solve(
     axis_name: AxisName = None,
     mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
     local_energies: Optional[jax.Array] = None,
+    gamma: Any = None,
+    max_cond_num: Optional[float] = None,
+    trace_damping: float = 0.0,
+    diag_damping: float = 0.0,
+    metric: Optional[Any] = None,
+    weights: Optional[jax.Array] = None,
+    solve_dtype: Optional[Any] = None,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 
@@ -364,7 +618,29 @@ def sr_solve(
         the energies define (and the momentum term), not for ``grads``:
         ``info.residual_norm`` is ``||grads - (S + damping) x||``, so a gradient that
         is not that force (a regulariser added) shows there. The lazy and dense modes
-        solve from ``grads`` alone and ignore them.
+        solve from ``grads`` alone and use them only for ``Spectral(snr=...)``.
+      gamma: robust SR (module docs): ``None`` (plain SR), a float ``> 0`` or ``"sqrt"``
+        (``damping^{-1/2}``); needs ``damping > 0``.
+      max_cond_num: ``None`` or ``kappa > 1``: the damping is raised so that the condition
+        number of ``S + damping`` is at most ``kappa`` (module docs; not in lazy mode).
+      trace_damping: ``t >= 0``: the damping used is ``damping + t * tr S`` (quantax's
+        ``ashift + rshift Tr S``; before ``max_cond_num``; not in lazy mode).
+      diag_damping: ``rho >= 0``: solve with ``S + damping I + rho diag S`` (NetKet's
+        ``diag_scale``; needs ``damping > 0`` and the per-sample rows, modes dense and
+        sample_space); see "Diagonal metrics" in the module docs.
+      metric: ``None`` or a positive pytree ``M`` like ``params``: solve with
+        ``S + damping diag(M)`` (SPRING's term becomes ``damping mu M x_prev``), e.g. a
+        MARCH metric (:func:`fishr.sr` keeps one in its state).
+      weights: ``None`` or one real weight ``w_i >= 0`` per local sample (normalised over
+        all samples, ``p_i = w_i / sum_j w_j``): ``S = sum_i p_i (O_i - Obar_p)^H (O_i - Obar_p)``
+        with ``Obar_p = sum_i p_i O_i``, and the energies' force
+        ``2 Re sum_i p_i conj(O_i - Obar_p) (E_i - sum_j p_j E_j)`` (reweighted samples,
+        or an exactly enumerated state with ``w = |psi|^2``). Generic rows, modes dense and
+        sample_space; ``grads`` should be the weighted gradient.
+      solve_dtype: ``None`` (the inputs' precision) or ``"float64"``: single-precision
+        inputs are promoted, and the model, the scores and the solve run in double
+        precision (needs ``jax_enable_x64``); ``x`` comes back in the gradient's dtype
+        (quantax's default).
 
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
@@ -372,7 +648,10 @@ def sr_solve(
     """
     who = "fishr.sr_solve"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
-                       holomorphic=holomorphic, axis_name=axis_name)
-    x, info, _ = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
-                                   local_energies)
-    return x, info
+                       holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
+                       trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype)
+    if metric is not None:
+        check_tree_matches_params(metric, params, who, "`metric`")
+    out = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn, local_energies,
+                            metric_fn(metric, config.diag_damping, damping), weights)
+    return out.x, out.info

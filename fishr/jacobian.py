@@ -60,8 +60,8 @@ from fishr import distributed, linalg
 from fishr.capture import LayerPlan, augment_bias, linearize_layers
 from fishr.distributed import AxisName
 
-__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "kernel_cost_per_pair", "kernel_from_tiles",
-           "layer_kernel_is_structured", "layers_pay_off", "tiled_kernel"]
+__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian", "kernel_cost_per_pair",
+           "kernel_from_tiles", "layer_kernel_is_structured", "layers_pay_off", "tiled_kernel"]
 
 
 def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
@@ -176,6 +176,20 @@ class LinearizedJacobian:
         return w
 
 
+class ScaledJacobian:
+    """``Obar diag(scale)`` for a Jacobian with ``matvec`` / ``rmatvec`` (the reparametrisation
+    ``theta = scale * theta~``; ``scale`` a real pytree like the parameters)."""
+
+    def __init__(self, jac: Any, scale: Any):
+        self._jac, self._scale = jac, scale
+
+    def matvec(self, v: Any) -> jax.Array:
+        return self._jac.matvec(jax.tree.map(lambda s, x: s.astype(x.dtype) * x, self._scale, v))
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        return jax.tree.map(lambda s, x: s.astype(x.dtype) * x, self._scale, self._jac.rmatvec(u))
+
+
 # --------------------------------------------------------------------------- dense rows
 
 
@@ -268,6 +282,14 @@ class DenseJacobian(NamedTuple):
 
     def gather(self) -> "DenseJacobian":
         return DenseJacobian(distributed.all_gather_batch(self.rows, self.axis_name), self.unravel, None)
+
+    def score_variance(self) -> jax.Array:
+        """``diag S = mean_i sum_c |Obar_icp|^2`` over all samples (flat ``(P,)``, real)."""
+        return distributed.batch_mean(jnp.sum(jnp.abs(self.rows) ** 2, axis=1), self.axis_name)
+
+    def scaled(self, scale: Any) -> "DenseJacobian":
+        """The Jacobian of the reparametrisation ``theta = scale * theta~``: columns times ``scale`` (a pytree)."""
+        return self._replace(rows=self.rows * ravel_pytree(scale)[0].astype(self.rows.dtype))
 
 
 # --------------------------------------------------------------------------- captured layers

@@ -58,6 +58,8 @@ __all__ = [
     "psd_inverse",
     "trace_damping",
     "pi_damping",
+    "tiled_diagonal",
+    "tiled_trace",
 ]
 
 
@@ -73,7 +75,8 @@ class SolveInfo(NamedTuple):
         ``max_steps``; a direct solve: a finite factorisation and solution).
       fallback: which safer path produced ``x`` (``int32``): 0 none; 1 a
         double-precision factorisation after the single-precision one failed or did
-        not refine; 2 the damping raised after both failed (see the sample-space solve).
+        not refine; 2 the damping raised after both failed (see the sample-space solve);
+        3 the spectral pseudo-inverse after a dense SR Cholesky factor was not finite.
     """
 
     iterations: jax.Array
@@ -528,10 +531,19 @@ def psd_inf_norm_bound(tiles: jax.Array, size: Optional[int] = None) -> jax.Arra
     reads ``n`` numbers where :func:`tiled_inf_norm` reads ``n^2`` (4 ms at ``n = 2,048``).
     ``size``: only the leading ``size x size`` block (the rest is padding).
     """
-    nb, _, ts, _ = tiles.shape
-    diag = jnp.real(jnp.diagonal(tiles[jnp.arange(nb), jnp.arange(nb)], axis1=1, axis2=2)).reshape(-1)
-    diag = jnp.sqrt(jnp.maximum(diag[:size], 0))
+    diag = jnp.sqrt(jnp.maximum(tiled_diagonal(tiles, size), 0))
     return jnp.max(diag) * jnp.sum(diag)
+
+
+def tiled_diagonal(tiles: jax.Array, size: Optional[int] = None) -> jax.Array:
+    """The (real part of the) diagonal of the matrix given by its tiles; ``size``: its leading entries only."""
+    nb = tiles.shape[0]
+    return jnp.real(jnp.diagonal(tiles[jnp.arange(nb), jnp.arange(nb)], axis1=1, axis2=2)).reshape(-1)[:size]
+
+
+def tiled_trace(tiles: jax.Array, size: Optional[int] = None) -> jax.Array:
+    """The real trace of the matrix given by its tiles (its leading ``size x size`` block)."""
+    return jnp.sum(tiled_diagonal(tiles, size))
 
 
 def tiled_inf_norm(tiles: jax.Array) -> jax.Array:

@@ -13,11 +13,14 @@ Every solve returns ``(x, fishr.SolveInfo)``.
   matrix (fails, with NaN, when it is not positive definite).
 * :class:`Eigh`: a direct solve by the eigendecomposition ``A = U diag(w) U^H``:
   ``x = U diag(1 / (w + damping)) U^H b`` (NaN where ``w + damping <= 0``).
+* :class:`Spectral`: SR's eigendecomposition solve ``x = f(S) b`` with cutoffs (hard,
+  smooth, signal-to-noise) and robust SR's gain (:mod:`fishr.spectral`).
 
 Which methods take which solver: :func:`fishr.sr` takes :class:`CG` in
 ``mode="lazy"``, :class:`CG`, :class:`Cholesky` or :class:`Eigh` in ``mode="dense"``
 (on the ``P x P`` matrix), :class:`Cholesky` or :class:`Eigh` in
-``mode="sample_space"`` (on the ``N x N`` kernel); :func:`fishr.branch_natgrad`
+``mode="sample_space"`` (on the ``N x N`` kernel), and :class:`Spectral` in both of
+the latter; :func:`fishr.branch_natgrad`
 takes :class:`CG`, :class:`Cholesky` or :class:`Eigh` (on the ``D x D`` covariance);
 :func:`fishr.kfac` takes :class:`Cholesky` or :class:`Eigh` (for the factor inverses).
 """
@@ -35,7 +38,7 @@ from fishr import linalg
 from fishr._validate import check_choice, check_int
 from fishr.linalg import SolveInfo, solve_info
 
-__all__ = ["CG", "Cholesky", "DirectSolver", "Eigh", "Solver"]
+__all__ = ["CG", "Cholesky", "DirectSolver", "Eigh", "Solver", "Spectral"]
 
 InitialGuess = Literal["rhs", "previous", "zeros"]
 _INITIAL_GUESSES = ("rhs", "previous", "zeros")
@@ -158,7 +161,47 @@ class Eigh(DirectSolver):
         return _nan_where(_singular_undamped(damping, w.min(axis=-1), w.max(axis=-1), a.shape[-1]), x)
 
 
-Solver = Union[CG, Cholesky, Eigh]
+@dataclasses.dataclass(frozen=True)
+class Spectral:
+    """SR's spectral solve: ``x = f(S) b`` from an eigendecomposition (math in :mod:`fishr.spectral`).
+
+    On the ``N x N`` kernel in ``mode="sample_space"`` and on the ``P x P`` matrix in
+    ``mode="dense"`` of :func:`fishr.sr`; the damping is the diagonal shift and may be 0
+    when a cutoff is set (the pseudo-inverse).
+
+    Attributes:
+      rtol: hard cutoff: directions whose shifted eigenvalue ``sigma + d`` is at most
+        ``rtol`` times the largest are dropped (``f = 0``); 0 keeps every direction.
+      rtol_smooth: smooth cutoff: each direction is weighted by
+        ``1 / (1 + (rtol_smooth h_max / h)^6)``, ``h = sigma + d`` (NetKet's ``pinv_smooth``).
+      snr: signal-to-noise cutoff: each direction is weighted by ``1 / (1 + (snr / SNR_k)^6)``
+        with the SNR of the force along it (:func:`fishr.spectral.snr_weights`); needs the
+        local energies at update time. ``None`` for none.
+
+    Eigenvalues below zero (rounding of a PSD matrix) are taken as zero; never NaN
+    from an indefinite matrix, unlike :class:`Eigh`.
+    """
+
+    rtol: float = 0.0
+    rtol_smooth: float = 0.0
+    snr: Optional[float] = None
+
+    def __post_init__(self):
+        for name in ("rtol", "rtol_smooth"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+                raise ValueError(f"fishr.Spectral: `{name}` must be a float in [0, 1), got {value!r}.")
+        if self.snr is not None and (isinstance(self.snr, bool) or not isinstance(self.snr, (int, float))
+                                     or not np.isfinite(self.snr) or self.snr <= 0):
+            raise ValueError(f"fishr.Spectral: `snr` must be None or a finite float > 0, got {self.snr!r}.")
+
+    @property
+    def has_cutoff(self) -> bool:
+        """Whether a cutoff makes an undamped (``damping = 0``) solve well defined."""
+        return self.rtol > 0 or self.rtol_smooth > 0
+
+
+Solver = Union[CG, Cholesky, Eigh, Spectral]
 
 
 def check_solver(solver: Any, allowed: tuple, who: str, context: str) -> None:

@@ -1,0 +1,392 @@
+"""SR variants (robust SR, spectral cutoffs, SNR, conditioning control, fallbacks) against a dense
+float64 NumPy eigendecomposition of their stated formulas (fishr.spectral's module docstring)."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
+
+import fishr
+from sr_models import (flat, holomorphic_log_psi, holomorphic_params, jacobian_rows, mlp_complex_log_psi,
+                       mlp_log_psi, mlp_params)
+
+N = 24
+TIGHT = fishr.CG(rtol=1e-14, max_steps=2000)
+KINDS = {
+    "real": (mlp_log_psi, lambda: mlp_params(jax.random.PRNGKey(0)), False),
+    "complex": (mlp_complex_log_psi, lambda: mlp_params(jax.random.PRNGKey(0)), False),
+    "holomorphic": (holomorphic_log_psi, lambda: holomorphic_params(jax.random.PRNGKey(0)), True),
+}
+
+
+@functools.lru_cache(maxsize=None)
+def _problem(kind, n=N):
+    log_psi, make, holomorphic = KINDS[kind]
+    params = make()
+    x = jax.random.normal(jax.random.PRNGKey(1), (n, 3))
+    energies = jax.random.normal(jax.random.PRNGKey(3), (n,))
+    if kind != "real":
+        energies = energies + 0.5j * jax.random.normal(jax.random.PRNGKey(4), (n,))
+    o = jacobian_rows(log_psi, params, x, holomorphic)
+    ob = o - o.mean(0)
+    e = np.asarray(energies) - np.mean(energies)
+    if holomorphic:
+        s, g, q = ob.conj().T @ ob / n, ob.conj().T @ e / n, ob.conj() * e[:, None]
+    else:  # real parameters: S = Re(Obar^H Obar) / N, force 2 Re(Obar^H e) / N
+        s, g, q = (ob.conj().T @ ob).real / n, 2 * (ob.conj().T @ e).real / n, 2 * (ob.conj() * e[:, None]).real
+    _, unravel = ravel_pytree(params)
+    return dict(log_psi=log_psi, params=params, x=x, energies=energies, s=s, g=g, q=q, holomorphic=holomorphic,
+                grad=unravel(jnp.asarray(g)), unravel=unravel)
+
+
+def _reference(pr, damping, gamma=None, rtol=0.0, rtol_smooth=0.0, snr=None, b=None):
+    """f(S) b by NumPy: the gain, the cutoffs on sigma + d relative to the largest, the SNR weight."""
+    sigma, u = np.linalg.eigh(pr["s"])
+    sigma = np.maximum(sigma, 0)
+    gm = 1 / damping if gamma is None else (damping**-0.5 if gamma == "sqrt" else gamma)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        f = (sigma + gm * damping**2) / (sigma + damping) ** 2
+        h, h_max = sigma + damping, sigma.max() + damping
+        f = np.where(h > rtol * h_max, f, 0.0)
+        if rtol_smooth:
+            f = f / (1 + (rtol_smooth * h_max / h) ** 6)
+    if snr is not None:  # Q_ik = (u_k^H q_i): sample i's share of the force along u_k
+        qk = pr["q"] @ u.conj() if pr["holomorphic"] else pr["q"] @ u
+        rho, var = qk.mean(0), (np.abs(qk) ** 2).mean(0) - np.abs(qk.mean(0)) ** 2
+        with np.errstate(divide="ignore", invalid="ignore"):  # no signal: weight 0
+            ratio = np.where(rho != 0, snr * np.sqrt(np.maximum(var, 0) / qk.shape[0]) / np.abs(rho), np.inf)
+        f = f / (1 + ratio**6)
+    b = pr["g"] if b is None else b
+    return u @ (f * (u.conj().T @ b))
+
+
+def _solve(pr, energies=True, **kw):
+    kw.setdefault("damping", 1e-2)
+    out, info = jax.jit(lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, holomorphic=pr["holomorphic"],
+                                                          local_energies=e if energies else None, **kw))(
+        pr["grad"], pr["params"], pr["x"], pr["energies"])
+    return flat(out), info
+
+
+def _close(a, b, tol=1e-10):
+    assert np.max(np.abs(a - b)) <= tol * np.max(np.abs(b)), np.max(np.abs(a - b)) / np.max(np.abs(b))
+
+
+@pytest.mark.parametrize("kind", ["real", "complex", "holomorphic"])
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_spectral_solver_equals_numpy_eigendecomposition(kind, mode):
+    """Cutoffs (none, hard, smooth, both); sample_space from the energies and from g alone (the
+    dense mode solves from g either way)."""
+    pr = _problem(kind)
+    cases = [(dict(), True), (dict(rtol=0.05), True), (dict(rtol=1e-3, rtol_smooth=0.02), True),
+             (dict(rtol_smooth=0.02), False)]
+    for opts, energies in cases if mode == "sample_space" else cases[:3]:
+        x, info = _solve(pr, energies, mode=mode, solver=fishr.Spectral(**opts))
+        _close(x, _reference(pr, 1e-2, **opts))
+        assert bool(info.converged)
+
+
+@pytest.mark.parametrize("kind", ["real", "holomorphic"])
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_pseudo_inverse_at_zero_damping(kind, mode):
+    """Spectral(rtol) at damping 0 is the pseudo-inverse (S has the unused 'phase' leaf's zero columns)."""
+    pr = _problem(kind)
+    x, _ = _solve(pr, True, mode=mode, damping=0.0, solver=fishr.Spectral(rtol=1e-6))
+    _close(x, np.linalg.pinv(pr["s"], rcond=1e-6, hermitian=True) @ pr["g"], 1e-8)  # cond 1e6
+
+
+@pytest.mark.parametrize("kind", ["real", "complex", "holomorphic"])
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_snr_weights_equal_numpy_restatement(kind, mode):
+    pr = _problem(kind)
+    for snr, opts in ((0.5, dict()), (2.0, dict(rtol_smooth=0.01))):
+        x, _ = _solve(pr, True, mode=mode, solver=fishr.Spectral(snr=snr, **opts))
+        # the SNR of numerically null directions is noise (weights to the 6th power): 1e-9
+        _close(x, _reference(pr, 1e-2, snr=snr, **opts), 1e-9)
+    with pytest.raises(ValueError, match="snr.*local_energies"):
+        _solve(pr, False, mode=mode, solver=fishr.Spectral(snr=1.0))
+
+
+# (mode, solver, kind, [(gamma, from energies)]): lazy and dense solve from g whatever the energies
+ROBUST = [
+    ("lazy", TIGHT, "real", [(1.0, False)]),
+    ("dense", TIGHT, "complex", [(1.0, False)]),
+    ("dense", fishr.Cholesky(), "complex", [(1.0, False), ("sqrt", False)]),
+    ("dense", fishr.Cholesky(), "holomorphic", [("sqrt", False)]),
+    ("dense", fishr.Spectral(), "real", [(1.0, False)]),
+    ("sample_space", fishr.Cholesky(), "real", [(1.0, True), ("sqrt", False)]),
+    ("sample_space", fishr.Cholesky(), "complex", [("sqrt", True)]),
+    ("sample_space", fishr.Cholesky(), "holomorphic", [(1.0, True), (1.0, False)]),
+    ("sample_space", fishr.Spectral(), "holomorphic", [("sqrt", True), (1.0, False)]),
+]
+
+
+@pytest.mark.parametrize("mode,solver,kind,cases", ROBUST,
+                         ids=[f"{m}-{type(s).__name__}-{k}" for m, s, k, _ in ROBUST])
+def test_robust_sr_equals_its_gain(mode, solver, kind, cases):
+    pr = _problem(kind)
+    for gamma, energies in cases:
+        x, _ = _solve(pr, energies, mode=mode, solver=solver, gamma=gamma)
+        _close(x, _reference(pr, 1e-2, gamma=gamma), 1e-9)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_robust_sr_with_gamma_one_over_damping_is_plain_sr(mode):
+    pr = _problem("complex")
+    plain, _ = _solve(pr, True, mode=mode, solver=fishr.Cholesky())
+    one_over_d, _ = _solve(pr, True, mode=mode, solver=fishr.Cholesky(), gamma=100.0)  # damping 1e-2
+    _close(one_over_d, plain, 1e-12)
+
+
+@pytest.mark.parametrize("mode,solver", [("dense", fishr.Cholesky()), ("sample_space", fishr.Cholesky()),
+                                         ("sample_space", fishr.Spectral())], ids=["dense", "ss-chol", "ss-spec"])
+def test_robust_sr_with_spring_momentum(mode, solver):
+    """x = G(S) (g + d mu x_prev): momentum composes with the robust gain."""
+    pr = _problem("real")
+    previous = np.random.default_rng(0).normal(size=pr["g"].size)
+    d, mu = 1e-2, 0.9
+    kw = dict(mode=mode, solver=solver, gamma=1.0, momentum=mu, previous=pr["unravel"](jnp.asarray(previous)))
+    for energies in (True, False):
+        x, _ = _solve(pr, energies, **kw)
+        _close(x, _reference(pr, d, gamma=1.0, b=pr["g"] + d * mu * previous), 1e-9)
+
+
+@pytest.mark.parametrize("mode,solver", [("dense", fishr.Cholesky()), ("dense", TIGHT), ("dense", fishr.Spectral()),
+                                         ("sample_space", fishr.Cholesky()), ("sample_space", fishr.Spectral())],
+                         ids=["dense-cholesky", "dense-cg", "dense-spectral", "ss-cholesky", "ss-spectral"])
+def test_conditioning_bound_holds_and_damping_is_reported(mode, solver):
+    pr = _problem("real")
+    sigma = np.maximum(np.linalg.eigvalsh(pr["s"]), 0)
+    kappa = 50.0
+    tx = fishr.sr(pr["log_psi"], damping=1e-6, mode=mode, solver=solver, max_cond_num=kappa)
+    x, state = jax.jit(lambda g, st, p, s, e: tx.update(g, st, p, batch=s, local_energies=e))(
+        pr["grad"], tx.init(pr["params"]), pr["params"], pr["x"], pr["energies"])
+    used = float(state.damping)
+    assert (sigma.max() + used) / (sigma.min() + used) <= kappa * (1 + 1e-12)
+    if isinstance(solver, fishr.Spectral):  # exact eigenvalues: the least damping that meets the bound
+        np.testing.assert_allclose(used, (sigma.max() - kappa * sigma.min()) / (kappa - 1), rtol=1e-10)
+    _close(flat(x), _reference(pr, used), 1e-8)
+    # a damping that already meets the bound is kept
+    x2, state2 = jax.jit(lambda g, st, p, s: fishr.sr(pr["log_psi"], damping=1.0, mode=mode, solver=solver,
+                                                      max_cond_num=1e6).update(g, st, p, batch=s))(
+        pr["grad"], tx.init(pr["params"]), pr["params"], pr["x"])
+    assert float(state2.damping) == 1.0
+
+
+@pytest.mark.parametrize("mode,solver", [("dense", fishr.Cholesky()), ("sample_space", fishr.Cholesky()),
+                                         ("sample_space", fishr.Spectral())], ids=["dense", "ss-cholesky", "ss-spectral"])
+def test_trace_damping_adds_a_multiple_of_the_trace(mode, solver):
+    """quantax's shift: damping + t tr S, then the condition bound on top."""
+    pr = _problem("complex")
+    trace = np.trace(pr["s"])
+    tx = fishr.sr(pr["log_psi"], damping=1e-3, mode=mode, solver=solver, trace_damping=0.01)
+    x, state = jax.jit(lambda g, st, p, s, e: tx.update(g, st, p, batch=s, local_energies=e))(
+        pr["grad"], tx.init(pr["params"]), pr["params"], pr["x"], pr["energies"])
+    # the sample-space Cholesky reads tr S off its kernel factor's input (single precision for float64 on the CPU)
+    np.testing.assert_allclose(float(state.damping), 1e-3 + 0.01 * trace, rtol=1e-6)
+    _close(flat(x), _reference(pr, float(state.damping)), 1e-9)
+
+
+def test_dense_cholesky_falls_back_to_the_pseudo_inverse_on_a_singular_matrix():
+    """Damping 0 on a singular S (the unused 'phase' leaf): the Cholesky factor fails, fallback 3 gives
+    the pseudo-inverse with its rank tolerance; the parameters stay finite."""
+    pr = _problem("real")
+    x, info = _solve(pr, False, mode="dense", solver=fishr.Cholesky(), damping=0.0)
+    assert int(info.fallback) == 3 and np.isfinite(x).all()
+    rcond = pr["s"].shape[0] * np.finfo(np.float64).eps
+    _close(x, np.linalg.pinv(pr["s"], rcond=rcond, hermitian=True) @ pr["g"], 1e-6)
+
+
+def test_variant_options_are_validated():
+    for bad in (0.0, -1.0, float("inf"), "cube", True):
+        with pytest.raises(ValueError, match="gamma"):
+            fishr.sr(mlp_log_psi, gamma=bad)
+    for bad in (1.0, 0.5, float("inf"), "big"):
+        with pytest.raises(ValueError, match="max_cond_num"):
+            fishr.sr(mlp_log_psi, max_cond_num=bad)
+    with pytest.raises(ValueError, match="max_cond_num.*lazy"):
+        fishr.sr(mlp_log_psi, mode="lazy", max_cond_num=1e6)
+    with pytest.raises(ValueError, match="trace_damping.*lazy"):
+        fishr.sr(mlp_log_psi, mode="lazy", trace_damping=0.1)
+    with pytest.raises(ValueError, match="trace_damping"):
+        fishr.sr(mlp_log_psi, trace_damping=-0.1)
+    with pytest.raises(ValueError, match="damping"):
+        fishr.sr(mlp_log_psi, damping=0.0, gamma=1.0)
+    with pytest.raises(ValueError, match="damping"):  # no cutoff: the undamped kernel has no inverse
+        fishr.sr(mlp_log_psi, damping=0.0, mode="sample_space", solver=fishr.Spectral())
+    fishr.sr(mlp_log_psi, damping=0.0, mode="sample_space", solver=fishr.Spectral(rtol=1e-10))
+    for bad in (dict(rtol=-1.0), dict(rtol=1.0), dict(rtol_smooth=2.0), dict(snr=0.0), dict(snr=float("nan"))):
+        with pytest.raises(ValueError, match="fishr.Spectral"):
+            fishr.Spectral(**bad)
+    with pytest.raises(TypeError, match="solver"):
+        fishr.sr(mlp_log_psi, mode="lazy", solver=fishr.Spectral())
+    for bad in (dict(march="adam"), dict(march="var", march_decay=1.0), dict(march="diff", march_eps=-1.0),
+                dict(diag_damping=-0.5)):
+        with pytest.raises(ValueError, match=f"`{list(bad)[-1]}`"):
+            fishr.sr(mlp_log_psi, **bad)
+    with pytest.raises(ValueError, match="march='var'.*lazy"):
+        fishr.sr(mlp_log_psi, mode="lazy", march="var")
+    with pytest.raises(ValueError, match="damping"):  # a shift relative to the diagonal needs a base damping
+        fishr.sr(mlp_log_psi, damping=0.0, diag_damping=0.1)
+
+
+def test_variants_on_four_devices_equal_one_device():
+    """Robust SR, SNR and conditioning control with samples split over 4 devices (shard_map)."""
+    pr = _problem("complex", n=32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("devices",))
+    for mode, solver in [("dense", fishr.Spectral(snr=1.0, rtol_smooth=1e-3)), ("sample_space", fishr.Cholesky())]:
+        kw = dict(damping=1e-2, mode=mode, solver=solver, gamma="sqrt", max_cond_num=1e3)
+        single, _ = fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"],
+                                   local_energies=pr["energies"], **kw)
+        solve = lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, local_energies=e, axis_name="devices",
+                                                  **kw)[0]
+        sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(), P("devices"), P("devices")),
+                                        out_specs=P(), check_vma=False))(pr["grad"], pr["params"], pr["x"],
+                                                                         pr["energies"])
+        _close(flat(sharded), flat(single), 1e-10)
+
+
+def _march_reference(pr, steps, mode, decay=0.995, eps=1e-8, damping=1e-2, momentum=0.0, diag_damping=0.0):
+    """NumPy restatement of MARCH (fishr._metric): the solves (S + d M)^{-1} (g + d mu M x_prev)."""
+    diag = np.real(np.diag(pr["s"]))
+    v, prev, out = np.ones_like(diag), np.zeros_like(diag), []
+    for _ in range(steps):
+        if mode == "var":
+            mask = diag > eps
+            v = np.where(mask, decay * v + (1 - decay) * diag / diag[mask].mean(), v)
+        m = np.sqrt(v + eps) + diag_damping / damping * diag
+        x = np.linalg.solve(pr["s"] + damping * np.diag(m), pr["g"] + damping * momentum * m * prev)
+        if mode == "diff":
+            v = decay * v + (1 - decay) * np.abs(x - prev) ** 2
+        prev = x
+        out.append(x)
+    return out
+
+
+@pytest.mark.parametrize("mode,solver,march", [("dense", fishr.Cholesky(), "var"), ("sample_space", None, "var"),
+                                               ("sample_space", None, "diff"), ("lazy", TIGHT, "diff")])
+def test_march_equals_its_numpy_restatement(mode, solver, march):
+    """Three steps with SPRING momentum; the accumulator in the state follows the stated rule."""
+    pr = _problem("complex")
+    tx = fishr.sr(pr["log_psi"], damping=1e-2, mode=mode, solver=solver, momentum=0.5, march=march,
+                  march_decay=0.9)
+    step = jax.jit(lambda g, st, p, s, e: tx.update(g, st, p, batch=s, local_energies=e))
+    state = tx.init(pr["params"])
+    refs = _march_reference(pr, 3, march, decay=0.9, momentum=0.5)
+    for ref in refs:
+        x, state = step(pr["grad"], state, pr["params"], pr["x"], pr["energies"])
+        _close(flat(x), ref, 1e-9)
+    assert int(state.count) == 3 and np.all(flat(state.march) > 0)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_diag_damping_is_a_shift_relative_to_the_diagonal(mode):
+    pr = _problem("holomorphic")
+    x, _ = _solve(pr, True, mode=mode, solver=fishr.Cholesky(), diag_damping=0.1)
+    s = pr["s"]
+    _close(x, np.linalg.solve(s + 1e-2 * np.eye(len(s)) + 0.1 * np.diag(np.diag(s)), pr["g"]), 1e-9)
+
+
+def test_metric_pytree_in_the_pure_solve():
+    """sr_solve(metric=M) solves (S + d diag M)^{-1} (g + d mu M x_prev); a non-positive entry gives NaN."""
+    pr = _problem("real")
+    m_flat = np.random.default_rng(1).uniform(0.5, 2.0, size=pr["g"].size)
+    previous = np.random.default_rng(2).normal(size=pr["g"].size)
+    kw = dict(mode="sample_space", metric=pr["unravel"](jnp.asarray(m_flat)), momentum=0.3,
+              previous=pr["unravel"](jnp.asarray(previous)))
+    x, _ = _solve(pr, True, **kw)
+    _close(x, np.linalg.solve(pr["s"] + 1e-2 * np.diag(m_flat), pr["g"] + 1e-2 * 0.3 * m_flat * previous), 1e-9)
+    bad = pr["unravel"](jnp.asarray(np.where(np.arange(m_flat.size) == 3, -1.0, m_flat)))
+    x, _ = _solve(pr, True, **dict(kw, metric=bad))
+    assert not np.isfinite(x).all()
+    with pytest.raises(ValueError, match="metric"):
+        _solve(pr, True, mode="sample_space", metric={"w": jnp.ones(3)})
+
+
+def _weighted_reference(pr, weights, damping=1e-2):
+    """x = (S_p + d)^{-1} g_p with p = w / sum(w), both centred by the p-weighted means."""
+    log_psi, params, x = pr["log_psi"], pr["params"], pr["x"]
+    o = jacobian_rows(log_psi, params, x, pr["holomorphic"])
+    p = np.asarray(weights) / np.sum(weights)
+    ob = o - p @ o
+    e = np.asarray(pr["energies"]) - p @ np.asarray(pr["energies"])
+    s = (ob.conj().T * p) @ ob
+    g = (ob.conj().T * p) @ e
+    if not pr["holomorphic"]:
+        s, g = s.real, 2 * g.real
+    return np.linalg.solve(s + damping * np.eye(len(s)), g), g
+
+
+@pytest.mark.parametrize("kind", ["real", "complex", "holomorphic"])
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_sample_weights_equal_the_weighted_metric(kind, mode):
+    pr = _problem(kind)
+    weights = jax.random.uniform(jax.random.PRNGKey(7), (N,), minval=0.1, maxval=3.0)
+    ref, g = _weighted_reference(pr, weights)
+    solve = jax.jit(lambda gr, p, s, e, w: fishr.sr_solve(pr["log_psi"], gr, p, s, damping=1e-2, mode=mode,
+                                                          solver=fishr.Cholesky(), holomorphic=pr["holomorphic"],
+                                                          local_energies=e, weights=w)[0])
+    x = solve(pr["unravel"](jnp.asarray(g)), pr["params"], pr["x"], pr["energies"], weights)
+    _close(flat(x), ref, 1e-9)
+    ones = solve(pr["grad"], pr["params"], pr["x"], pr["energies"], jnp.full((N,), 2.5))  # any constant is 1
+    _close(flat(ones), _reference(pr, 1e-2), 1e-10)
+    bad = solve(pr["grad"], pr["params"], pr["x"], pr["energies"], weights.at[2].set(-1.0))
+    assert not np.isfinite(flat(bad)).all()
+
+
+def test_enumerated_weights_give_the_exact_metric():
+    """Every configuration once, weighted by |psi|^2: the exact (not sampled) S of the normalised state."""
+    params = mlp_params(jax.random.PRNGKey(0))
+    configs = jnp.asarray(np.array(np.meshgrid(*[[-1.0, 1.0]] * 3)).reshape(3, -1).T)  # all 8 of {-1, 1}^3
+    prob = np.exp(2 * np.asarray(mlp_log_psi(params, configs)))
+    prob /= prob.sum()
+    o = jacobian_rows(mlp_log_psi, params, configs)
+    mean = prob @ o
+    s_exact = ((o - mean).T * prob) @ (o - mean)  # <O O> - <O><O> under |psi|^2
+    g = np.random.default_rng(0).normal(size=o.shape[1])
+    _, unravel = ravel_pytree(params)
+    x, _ = fishr.sr_solve(mlp_log_psi, unravel(jnp.asarray(g)), params, configs, damping=1e-3, mode="dense",
+                          solver=fishr.Cholesky(), weights=jnp.asarray(np.exp(2 * np.asarray(
+                              mlp_log_psi(params, configs)))))
+    _close(flat(x), np.linalg.solve(s_exact + 1e-3 * np.eye(len(g)), g), 1e-10)
+
+
+def test_weights_on_four_devices_equal_one_device():
+    pr = _problem("real", n=32)
+    weights = jax.random.uniform(jax.random.PRNGKey(7), (32,), minval=0.1, maxval=3.0)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("devices",))
+    kw = dict(damping=1e-2, mode="sample_space", gamma=1.0)
+    single, _ = fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"], local_energies=pr["energies"],
+                               weights=weights, **kw)
+    solve = lambda g, p, s, e, w: fishr.sr_solve(pr["log_psi"], g, p, s, local_energies=e, weights=w,
+                                                 axis_name="devices", **kw)[0]
+    spec = (P(), P(), P("devices"), P("devices"), P("devices"))
+    sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=spec, out_specs=P(), check_vma=False))(
+        pr["grad"], pr["params"], pr["x"], pr["energies"], weights)
+    _close(flat(sharded), flat(single), 1e-10)
+
+
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_float64_solve_of_float32_inputs(mode):
+    """solve_dtype='float64': the float32 inputs solved in float64, returned in float32 (to its rounding)."""
+    pr = _problem("complex")
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float32), tree)
+    params32, x32, e32 = cast(pr["params"]), pr["x"].astype(jnp.float32), pr["energies"].astype(jnp.complex64)
+    ref, _ = jax.jit(lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, damping=1e-4, mode=mode,
+                                                       solver=fishr.Cholesky(), local_energies=e))(
+        jax.tree.map(lambda a: a.astype(jnp.float64), cast(pr["grad"])),
+        jax.tree.map(lambda a: a.astype(jnp.float64), params32), x32.astype(jnp.float64),
+        e32.astype(jnp.complex128))
+    for solve_dtype, tol in ((None, 1e-1), ("float64", 3e-7)):
+        x, _ = jax.jit(lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, damping=1e-4, mode=mode,
+                                                         solver=fishr.Cholesky(), local_energies=e,
+                                                         solve_dtype=solve_dtype))(cast(pr["grad"]), params32, x32,
+                                                                                   e32)
+        assert jax.tree.leaves(x)[0].dtype == jnp.float32
+        _close(flat(x).astype(np.float64), flat(ref), tol)
+    with pytest.raises(ValueError, match="solve_dtype"):
+        fishr.sr(mlp_log_psi, solve_dtype="float16")
