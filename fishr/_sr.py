@@ -64,6 +64,8 @@ def sr(
     march_decay: float = 0.995,
     march_eps: float = 1e-8,
     solve_dtype: Optional[Any] = None,
+    score_clip: Optional[float] = None,
+    prune: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 
@@ -108,6 +110,9 @@ def sr(
         conventions; see :mod:`fishr._metric`). ``march_decay`` is ``beta`` of the average.
       solve_dtype: ``None`` or ``"float64"``: float32 inputs are solved in float64 (needs
         ``jax_enable_x64``; the update keeps the gradient's dtype; see :func:`fishr.sr_solve`).
+      score_clip: ``None`` or ``c > 0``: clip each sample's score row to a mean absolute
+        entry of at most ``c`` before centring (JaQMC's; see :func:`fishr.sr_solve`).
+      prune: zero update for parameter leaves ``log psi`` does not use (found at trace time).
 
     Non-finite values: if the solution has any NaN/inf (from a non-finite gradient,
     sample or ``log psi``, a negative or non-finite traced damping or schedule value,
@@ -122,7 +127,8 @@ def sr(
     who = "fishr.sr"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
-                       trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype)
+                       trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
+                       score_clip=score_clip, prune=prune)
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)

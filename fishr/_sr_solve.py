@@ -117,7 +117,7 @@ from fishr.distributed import AxisName
 from fishr.jacobian import (DenseJacobian, LayerJacobian, LinearizedJacobian, ScaledJacobian, kernel_cost_per_pair,
                             layers_pay_off)
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
-from fishr.scores import log_psi_one_sample, log_psi_rows
+from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, Spectral, check_solver
 from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
 
@@ -151,6 +151,8 @@ class SRConfig:
     damping_rule: DampingRule = DampingRule()
     diag_damping: float = 0.0
     solve_dtype: Optional[str] = None
+    score_clip: Optional[float] = None
+    prune: bool = False
 
 
 def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
@@ -169,7 +171,8 @@ def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
 
 def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, momentum: Any, holomorphic: Any,
               axis_name: AxisName, gamma: Any = None, max_cond_num: Any = None,
-              trace_damping: Any = 0.0, diag_damping: Any = 0.0, solve_dtype: Any = None) -> SRConfig:
+              trace_damping: Any = 0.0, diag_damping: Any = 0.0, solve_dtype: Any = None, score_clip: Any = None,
+              prune: Any = False) -> SRConfig:
     """Validate SR's options (naming ``who`` in every error) and fill in the mode's default solver."""
     check_choice(mode, MODE_CHOICES, who, "mode")
     pseudo_inverse = isinstance(solver, Spectral) and solver.has_cutoff
@@ -204,6 +207,14 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
                              "without a CG solver); mode 'lazy' has no cheap bound on the eigenvalues.")
         max_cond_num = float(max_cond_num)
     check_real(trace_damping, who, "trace_damping", 0.0, float("inf"), high_open=True)
+    if score_clip is not None:
+        if isinstance(score_clip, bool) or not isinstance(score_clip, (int, float)) or not 0 < score_clip < float("inf"):
+            raise ValueError(f"{who}: `score_clip` must be None or a finite float > 0, got {score_clip!r}.")
+        if mode == "lazy" or jacobian == "structured":
+            raise ValueError(f"{who}: `score_clip` needs the per-sample rows: modes 'dense', 'sample_space' or 'auto', "
+                             "jacobian 'generic' or 'auto'.")
+    if not isinstance(prune, bool):
+        raise ValueError(f"{who}: `prune` must be True or False, got {prune!r}.")
     if trace_damping > 0 and (mode == "lazy" or (mode == "auto" and isinstance(solver, CG))):
         raise ValueError(f"{who}: `trace_damping` needs tr S from a formed matrix (modes 'dense', 'sample_space' or "
                          "'auto' without a CG solver); mode 'lazy' forms nothing.")
@@ -211,7 +222,8 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     zero_damping = isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping == 0
     return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
                     not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
-                    float(diag_damping), _check_solve_dtype(solve_dtype, who))
+                    float(diag_damping), _check_solve_dtype(solve_dtype, who),
+                    None if score_clip is None else float(score_clip), prune)
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
@@ -290,13 +302,15 @@ def _wants_layers(jacobian: str, apply_fn, params, batch) -> bool:
 
 
 def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig, who: str, mean_fn=None):
+    """The Jacobian representation: the layers' statistics or the explicit (optionally clipped) rows."""
     rows = log_psi_rows(apply_fn, batch, config.holomorphic, who)
     jax.eval_shape(rows, params)  # trace-time checks of the output shape on the whole batch
     one_sample = log_psi_one_sample(apply_fn, config.holomorphic, who)
     if structured:
         rows_of = lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
         return LayerJacobian.build(rows_of, one_sample, params, batch, config.holomorphic, config.axis_name)
-    return DenseJacobian.build(one_sample, params, batch, config.holomorphic, config.axis_name, mean_fn)
+    return DenseJacobian.build(one_sample, params, batch, config.holomorphic, config.axis_name, mean_fn,
+                               config.score_clip)
 
 
 # --------------------------------------------------------------------------- parameter-space solves
@@ -472,6 +486,8 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
     if config.momentum > 0.0 and previous is None:
         raise ValueError(f"{who}: `momentum` > 0 needs `previous`, the last solution.")
 
+    if config.score_clip is not None:  # clipped rows: the generic per-sample rows
+        config = dataclasses.replace(config, jacobian="generic")
     if weights is not None:  # weighted rows: the generic per-sample rows
         if jnp.shape(weights) != (n_local,) or jnp.iscomplexobj(weights):
             raise ValueError(f"{who}: `weights` must be real, one per sample of `batch`, shape ({n_local},); got "
@@ -544,6 +560,9 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
                                            num_params, ratios)
     if scale is not None:
         x = _times(scale, x)
+    if config.prune:  # leaves log psi does not depend on (found at trace time) get a zero update
+        x = jax.tree.map(lambda dead, xi: jnp.zeros_like(xi) if dead else xi,
+                         inactive_leaves(apply_fn, params, batch), x)
     return SolveOutcome(poison(x, ok), info, config.mode, jnp.asarray(used), metric_values)
 
 
@@ -570,6 +589,8 @@ def sr_solve(
     metric: Optional[Any] = None,
     weights: Optional[jax.Array] = None,
     solve_dtype: Optional[Any] = None,
+    score_clip: Optional[float] = None,
+    prune: bool = False,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 
@@ -641,6 +662,14 @@ def sr_solve(
         inputs are promoted, and the model, the scores and the solve run in double
         precision (needs ``jax_enable_x64``); ``x`` comes back in the gradient's dtype
         (quantax's default).
+      score_clip: ``None`` or ``c > 0``: each sample's raw score row is scaled by
+        ``min(1, c / a_i)``, ``a_i`` the mean absolute entry of the row, before centring
+        (JaQMC's ``score_norm_clip``); the energies' force is then that of the clipped
+        rows. Generic rows, modes dense and sample_space.
+      prune: give the parameter leaves that ``log psi`` does not depend on (found at trace
+        time, :func:`fishr.scores.inactive_leaves`; listed by :func:`fishr.capture.report`)
+        a zero update instead of ``g / damping``. They still take part in the solve (as zero
+        columns, which change nothing else).
 
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
@@ -649,7 +678,8 @@ def sr_solve(
     who = "fishr.sr_solve"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
-                       trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype)
+                       trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
+                       score_clip=score_clip, prune=prune)
     if metric is not None:
         check_tree_matches_params(metric, params, who, "`metric`")
     out = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn, local_energies,

@@ -79,6 +79,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from fishr.scores import inactive_leaves
+
 __all__ = [
     "CAPTURED_MODULES",
     "ConvSpec",
@@ -715,6 +717,7 @@ class CoverageRow(NamedTuple):
 CAPTURED_TREATMENT = "kronecker factors (K-FAC) / layer statistics (structured SR)"
 UNCOVERED_TREATMENT = "identity (K-FAC) / explicit per-sample rows (structured SR)"
 NORM_TREATMENT = "diagonal block (K-FAC) / explicit per-sample rows (structured SR)"
+INACTIVE_TREATMENT = "not used by the model: zero update with SR's prune=True"
 
 
 def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[CoverageRow, ...]:
@@ -726,6 +729,7 @@ def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[Cover
     """
     plan = discover_layers(fn, params, *args, norms=True)
     paths = jax.tree_util.tree_leaves_with_path(params)
+    inactive = jax.tree.leaves(inactive_leaves(lambda p, a: fn(p, *a), params, args))
     by_leaf: dict[int, tuple[Any, str]] = {}
     for layer in plan.layers:
         by_leaf[layer.kernel_index] = (layer, "kernel")
@@ -740,6 +744,7 @@ def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[Cover
         owner, role = by_leaf.get(i, (None, None))
         is_layer = isinstance(owner, LayerInfo)
         treatment = CAPTURED_TREATMENT if is_layer else NORM_TREATMENT if owner is not None else UNCOVERED_TREATMENT
+        treatment = INACTIVE_TREATMENT if inactive[i] else treatment
         rows.append(CoverageRow(
             path=jax.tree_util.keystr(path), shape=tuple(jnp.shape(leaf)),
             layer=None if owner is None else owner.name, kind=None if owner is None else owner.kind, role=role,

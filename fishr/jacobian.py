@@ -241,8 +241,14 @@ class DenseJacobian(NamedTuple):
     axis_name: AxisName = None
 
     @classmethod
-    def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None) -> "DenseJacobian":
+    def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None,
+              row_clip: Optional[float] = None) -> "DenseJacobian":
+        """The centred rows; with ``row_clip = c`` each raw row is first scaled by
+        ``min(1, c / a_i)``, ``a_i = mean_p |O_ip|`` (JaQMC's score clipping), then centred."""
         rows = per_sample_rows(one_sample, params, samples, holomorphic)
+        if row_clip is not None:
+            size = jnp.mean(jnp.abs(rows), axis=(1, 2), keepdims=True)
+            rows = rows * jnp.minimum(1.0, row_clip / jnp.maximum(size, jnp.finfo(size.dtype).tiny)).astype(rows.dtype)
         return cls(_centre(rows, axis_name, mean_fn), ravel_pytree(params)[1], axis_name)
 
     @property

@@ -42,8 +42,8 @@ from fishr import distributed
 from fishr._validate import check_choice, local_batch_size
 from fishr.distributed import AxisName
 
-__all__ = ["FISHERS", "LIKELIHOODS", "log_psi_one_sample", "log_psi_rows", "make_score_fn", "mean_loss",
-           "split_batch"]
+__all__ = ["FISHERS", "LIKELIHOODS", "inactive_leaves", "log_psi_one_sample", "log_psi_rows", "make_score_fn",
+           "mean_loss", "split_batch"]
 
 Likelihood = Optional[Literal["categorical", "gaussian"]]
 Fisher = Literal["true", "empirical"]
@@ -94,6 +94,30 @@ def log_psi_one_sample(apply_fn: ApplyFn, holomorphic: bool, who: str = "fishr.s
 
 
 # --------------------------------------------------------------------------- K-FAC: log-likelihoods
+
+
+def inactive_leaves(apply_fn: ApplyFn, params: Any, batch: Any) -> Any:
+    """A pytree of bools like ``params``: ``True`` for a leaf that ``apply_fn`` does not depend on.
+
+    Found at trace time from the jaxpr of the transposed JVP of ``log psi`` (what a
+    cotangent on the output reaches), never from values: a leaf that is used but has a
+    zero gradient on this batch is active. Costs one abstract trace, no FLOPs.
+    """
+    out = jax.eval_shape(lambda p: apply_fn(p, batch), params)
+
+    def pullback(p, cotangent):
+        return jax.vjp(lambda q: apply_fn(q, batch), p)[1](cotangent)[0]
+
+    closed = jax.make_jaxpr(pullback)(params, jnp.zeros(out.shape, out.dtype))
+    jaxpr = closed.jaxpr
+    n_params = len(jax.tree.leaves(params))
+    cot_vars = jaxpr.invars[n_params:]  # only what the cotangent reaches counts
+    reached = set(map(id, cot_vars))
+    for eqn in jaxpr.eqns:
+        if any(id(v) in reached for v in eqn.invars if not hasattr(v, "val")):
+            reached.update(map(id, eqn.outvars))
+    active = [not hasattr(v, "val") and id(v) in reached for v in jaxpr.outvars]
+    return jax.tree.unflatten(jax.tree.structure(params), [not a for a in active])
 
 
 def split_batch(batch: Any, likelihood: str, who: str = "fishr.kfac"):

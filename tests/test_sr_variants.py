@@ -390,3 +390,38 @@ def test_float64_solve_of_float32_inputs(mode):
         _close(flat(x).astype(np.float64), flat(ref), tol)
     with pytest.raises(ValueError, match="solve_dtype"):
         fishr.sr(mlp_log_psi, solve_dtype="float16")
+
+
+@pytest.mark.parametrize("mode", ["dense", "sample_space"])
+def test_score_clipping_equals_its_numpy_restatement(mode):
+    """Rows scaled by min(1, c / mean|O_i|) before centring; the sample-space force from the clipped rows."""
+    pr = _problem("real")
+    o = jacobian_rows(pr["log_psi"], pr["params"], pr["x"])
+    size = np.abs(o).mean(axis=1)
+    clip = float(np.median(size))  # half of the rows are clipped
+    oc = o * np.minimum(1.0, clip / size)[:, None]
+    ob = oc - oc.mean(0)
+    e = np.asarray(pr["energies"]) - np.mean(pr["energies"])
+    # the dense mode solves from the gradient passed (the raw force), sample_space from the energies
+    rhs = pr["g"] if mode == "dense" else 2 * ob.T @ e / N
+    ref = np.linalg.solve(ob.T @ ob / N + 1e-2 * np.eye(o.shape[1]), rhs)
+    x, _ = _solve(pr, True, mode=mode, solver=fishr.Cholesky(), score_clip=clip)
+    _close(x, ref, 1e-9)
+    with pytest.raises(ValueError, match="score_clip"):
+        fishr.sr(mlp_log_psi, mode="lazy", score_clip=1.0)
+
+
+def test_pruning_zeroes_the_leaves_log_psi_does_not_use():
+    """The 'phase' leaf of the real MLP is never used: found at trace time, zero update, reported."""
+    pr = _problem("real")
+    assert fishr.scores.inactive_leaves(pr["log_psi"], pr["params"], pr["x"]) == {
+        "dense1": {"b": False, "w": False}, "dense2": {"w": False}, "phase": {"w": True}}
+    grad = pr["unravel"](jnp.asarray(np.random.default_rng(3).normal(size=pr["g"].size)))  # a regulariser's share
+    kw = dict(mode="sample_space")
+    plain, _ = fishr.sr_solve(pr["log_psi"], grad, pr["params"], pr["x"], damping=1e-2, **kw)
+    pruned, _ = fishr.sr_solve(pr["log_psi"], grad, pr["params"], pr["x"], damping=1e-2, prune=True, **kw)
+    assert np.all(np.asarray(pruned["phase"]["w"]) == 0) and np.any(np.asarray(plain["phase"]["w"]) != 0)
+    _close(flat({k: v for k, v in pruned.items() if k != "phase"}),
+           flat({k: v for k, v in plain.items() if k != "phase"}), 1e-13)
+    rows = fishr.capture.report(pr["log_psi"], pr["params"], pr["x"])
+    assert [r.path for r in rows if r.treatment == fishr.capture.INACTIVE_TREATMENT] == ["['phase']['w']"]
