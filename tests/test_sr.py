@@ -1,5 +1,7 @@
 """Stochastic reconfiguration against a dense float64 NumPy reference of its own math."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,8 +48,8 @@ def test_modes_match_dense_solve(problem, mode, solver, damping):
 
 def test_modes_agree_with_each_other(problem):
     params, x, grad = problem
-    outs = [flat(fishr.sr_solve(mlp_log_psi, grad, params, x, damping=1e-2, mode=m, solver=s)[0])
-            for m, s in EXACT]
+    outs = [flat(jax.jit(functools.partial(fishr.sr_solve, mlp_log_psi, damping=1e-2, mode=m, solver=s))(
+        grad, params, x)[0]) for m, s in EXACT]
     for o in outs[1:]:
         assert rel_err(o, outs[0]) <= 1e-9
 
@@ -215,9 +217,10 @@ def test_float32_sample_space_refines_the_woodbury_solve(jacobian):
     e = jax.random.normal(jax.random.PRNGKey(2), (n,), jnp.float32)
     vmc_grad = lambda p, s, e: jax.vjp(lambda q: model.apply(q, s), p)[1](2 * (e - e.mean()) / n)[0]
     f64 = lambda t: jax.tree.map(lambda a: a.astype(jnp.float64), t)
-    ref, _ = fishr.sr_solve(model.apply, vmc_grad(f64(params), f64(x), f64(e)), f64(params), f64(x),
-                            damping=1e-3, mode="dense", solver=fishr.Cholesky())
-    out, _ = fishr.sr_solve(model.apply, vmc_grad(params, x, e), params, x, damping=1e-3, mode="sample_space",
-                            jacobian=jacobian)
+    ref, _ = jax.jit(functools.partial(fishr.sr_solve, model.apply, damping=1e-3, mode="dense",
+                                       solver=fishr.Cholesky()))(vmc_grad(f64(params), f64(x), f64(e)), f64(params),
+                                                                 f64(x))
+    out, _ = jax.jit(functools.partial(fishr.sr_solve, model.apply, damping=1e-3, mode="sample_space",
+                                       jacobian=jacobian))(vmc_grad(params, x, e), params, x)
     assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(out))
     assert rel_err(flat(out), flat(ref)) <= 2e-5

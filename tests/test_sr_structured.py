@@ -121,13 +121,14 @@ def test_kernel_tiles_equal_the_full_kernel(name):
 def test_kernel_factorisations_agree(monkeypatch, name, jacobian):
     """The sample-space solve by the tiled loop (the CPU's path; a float32 factor refined by
     preconditioned CG in float64) and by LAPACK on the assembled float64 kernel (accelerators)
-    give the same update to 1e-10 (uneven tiles: 650 samples)."""
-    log_psi, params, x, grad, holo = _case(name, n=650)
+    give the same update to 1e-10 (uneven tiles: 300 samples, 256-row tiles)."""
+    log_psi, params, x, grad, holo = _case(name, n=300)
     out = {}
     for kind in ("tiled", "lapack"):
         monkeypatch.setattr(sample_space_mod, "kernel_factorisation", lambda kind=kind: kind)
-        out[kind], info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-3, mode="sample_space",
-                                         holomorphic=holo, jacobian=jacobian)
+        out[kind], info = jax.jit(functools.partial(  # jit: the eager tiled loop is 3-5x slower
+            fishr.sr_solve, log_psi, damping=1e-3, mode="sample_space", holomorphic=holo, jacobian=jacobian))(
+            grad, params, x)
         assert float(info.residual_norm) <= 1e-8 * np.linalg.norm(flat(grad))
         assert bool(info.converged) and int(info.fallback) == 0
     assert rel_err(flat(out["tiled"]), flat(out["lapack"])) <= 1e-10
@@ -138,7 +139,8 @@ def test_single_precision_factor_falls_back_to_the_float64_factor():
     breaks down (or refines too slowly); the float64 kernel is factored instead (fallback 1,
     or 2 where its shift had to be raised too), and the update is finite and accurate."""
     log_psi, params, x, grad, holo = _case("mlp", n=650)
-    out, info = fishr.sr_solve(log_psi, grad, params, x, damping=1e-7, mode="sample_space")
+    out, info = jax.jit(functools.partial(fishr.sr_solve, log_psi, damping=1e-7, mode="sample_space"))(
+        grad, params, x)
     assert int(info.fallback) in (1, 2) and np.isfinite(flat(out)).all()
     o = np.asarray(_jacobian(False, log_psi, params, x, holo).flat_rows)
     ref = np.linalg.solve(o.T @ o / 650 + 1e-7 * np.eye(o.shape[1]), flat(grad))
@@ -205,7 +207,7 @@ def test_structured_rejected_for_dense_mode():
 def test_structured_multidevice(name, mode):
     log_psi, params, x, grad, holo = _case(name, n=32)
     kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured", solver=TIGHT if mode == "lazy" else None)
-    single, _ = fishr.sr_solve(log_psi, grad, params, x, **kw)
+    single, _ = jax.jit(functools.partial(fishr.sr_solve, log_psi, **kw))(grad, params, x)
     solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="d", **kw)[0]
 
     pmapped = jax.pmap(solve, axis_name="d", in_axes=(None, None, 0))(grad, params, x.reshape(NDEV, -1, x.shape[-1]))
