@@ -6,7 +6,9 @@ approximation ``F`` of the covariance of per-sample score gradients.
 Transforms (``optax.GradientTransformationExtraArgs``) and their pure solves:
 
 * :func:`sr` / :func:`sr_solve`: stochastic reconfiguration (lazy, dense and
-  sample-space modes, SPRING momentum); extra argument ``batch=``.
+  sample-space modes, SPRING momentum; robust SR, spectral and signal-to-noise solves
+  (:class:`Spectral`), conditioning control, MARCH and other diagonal metrics, sample
+  weights, score clipping, pruning: :mod:`fishr.spectral`); extra argument ``batch=``.
 * :func:`kfac`: block K-FAC for Flax dense layers (layers captured from an
   unmodified model); extra argument ``batch=``. Its pure functions are in
   :mod:`fishr.kronecker`.
