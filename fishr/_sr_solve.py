@@ -501,9 +501,13 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
             raise ValueError(f"{who}: a diagonal metric (march, diag_damping, metric=) needs jacobian='generic' or "
                              "'auto' (it rescales every column, which the layers' statistics cannot).")
         config = dataclasses.replace(config, jacobian="generic")
+    requested_solver = config.solver
     config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn)
     ok = damping_ok(damping)
     damping = jnp.where(ok, damping, jnp.nan)  # a traced bad damping gives NaN, never an anti-damped solve
+    if config.mode == "lazy" and (config.damping_rule.active or isinstance(requested_solver, Spectral)):
+        raise ValueError(f"{who}: mode='auto' picked 'lazy' (neither matrix fits), which has no `max_cond_num`, "
+                         "`trace_damping` or spectral solve: pass mode='dense' or 'sample_space' explicitly.")
     ratios = None
     if weights is not None:
         if config.mode == "lazy":

@@ -425,3 +425,15 @@ def test_pruning_zeroes_the_leaves_log_psi_does_not_use():
            flat({k: v for k, v in plain.items() if k != "phase"}), 1e-13)
     rows = fishr.capture.report(pr["log_psi"], pr["params"], pr["x"])
     assert [r.path for r in rows if r.treatment == fishr.capture.INACTIVE_TREATMENT] == ["['phase']['w']"]
+
+
+def test_auto_refuses_to_drop_a_variant_when_it_picks_lazy(monkeypatch):
+    """Where neither matrix fits, mode='auto' runs lazy CG, which has no damping rule or spectral solve."""
+    from fishr import _sr_solve as sr_solve_mod
+
+    monkeypatch.setattr(sr_solve_mod, "AUTO_MAX_DENSE_P", 1)
+    monkeypatch.setattr(sr_solve_mod, "AUTO_MAX_SAMPLE_SPACE_N", 1)
+    pr = _problem("real")
+    for kw in (dict(max_cond_num=10.0), dict(trace_damping=0.1), dict(solver=fishr.Spectral(rtol=0.1))):
+        with pytest.raises(ValueError, match="picked 'lazy'"):
+            fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"], **kw)
