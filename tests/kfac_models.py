@@ -24,6 +24,16 @@ class MLP(nn.Module):
         return x
 
 
+class DenseNormNet(nn.Module):
+    """Dense -> tanh -> LayerNorm -> Dense(3) in float64: a Kronecker block and a norm diagonal block."""
+
+    @nn.compact
+    def __call__(self, x):
+        x = nn.tanh(nn.Dense(6, param_dtype=jnp.float64)(x))
+        x = nn.LayerNorm(param_dtype=jnp.float64)(x)
+        return nn.Dense(3, param_dtype=jnp.float64)(x)
+
+
 def sin_score(model):
     """Per-sample score sum_k sin(z_k) of the model's output: a smooth nonlinear scalar per sample."""
     return lambda params, x: jnp.sum(jnp.sin(model.apply(params, x)), axis=-1)

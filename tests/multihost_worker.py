@@ -23,17 +23,9 @@ KFAC_STEPS = 3
 
 
 def _net():
-    import flax.linen as nn
-    import jax.numpy as jnp
+    from kfac_models import DenseNormNet  # imported after jax is set up
 
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.tanh(nn.Dense(6, param_dtype=jnp.float64)(x))
-            x = nn.LayerNorm(param_dtype=jnp.float64)(x)
-            return nn.Dense(3, param_dtype=jnp.float64)(x)
-
-    return Net()
+    return DenseNormNet()
 
 
 def _inputs():

@@ -66,14 +66,7 @@ def _mlp(params, x):
 
 
 def test_kfac_and_adaptive_kfac_under_jit_with_sharded_batch(mesh):
-    import flax.linen as nn
-
-    class Net(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            x = nn.tanh(nn.Dense(6, param_dtype=jnp.float64)(x))
-            x = nn.LayerNorm(param_dtype=jnp.float64)(x)
-            return nn.Dense(3, param_dtype=jnp.float64)(x)
+    from kfac_models import DenseNormNet as Net
 
     x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
     y = jax.random.randint(jax.random.PRNGKey(2), (32,), 0, 3)
