@@ -349,6 +349,8 @@ def _spectral_sample_space(jac, b, damping, solver, local_energies, axis_name, h
 
     if coeffs is None:
         x = of_vector(b)
+        if momentum_term is not None:
+            x = optax.tree.add(x, optax.tree.scale(damping, of_vector(momentum_term)))
     else:
         x = through(f, coeffs)
         if momentum_term is not None:
@@ -360,12 +362,13 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
                        holomorphic: bool = False, momentum_term=None, gamma=None,
                        rule: DampingRule = DampingRule(),
                        num_params: int = 0, ratios: Any = None) -> tuple[Any, SolveInfo, Any]:
-    """``(S + damping I)^{-1} b`` (or robust SR's ``G(S) b``) by the sample-space forms of the module docstring.
+    """``(S + d I)^{-1} (b + d w)`` (or robust SR's ``G(S) (b + d w)``) by the sample-space forms of the
+    module docstring, ``w = momentum_term`` (SPRING's term; ``None`` for none) and ``d`` the damping used
+    (after ``rule``), so that the momentum term follows a raised damping.
 
-    With ``local_energies`` the right-hand side is the VMC force they define plus
-    ``damping * momentum_term`` (SPRING's term; ``None`` for none), and ``b`` serves only
-    to measure ``info.residual_norm``: a ``b`` that is not that force (a regulariser
-    added to the gradient, say) shows there as a residual of its size.
+    With ``local_energies`` the right-hand side is the VMC force they define in place of
+    ``b``, and ``b`` serves only to measure ``info.residual_norm``: a ``b`` that is not that
+    force (a regulariser added to the gradient, say) shows there as a residual of its size.
 
     ``gamma``: robust SR (:func:`fishr.spectral.sr_gain`; ``None`` plain SR), applied as
     ``G(S) = (S + d)^{-1} + (gamma d^2 - d) (S + d)^{-2}`` with one factor;
@@ -381,6 +384,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
     """
     jac = jac.gather()  # every device now holds the statistics of all N samples
     n, c = _rows(jac)
+    w_input = momentum_term
 
     def s_matvec(v):
         return optax.tree.scale(1.0 / n, jac.rmatvec(jac.matvec(v)))
@@ -395,11 +399,17 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             return optax.tree.scale(1.0 / d, optax.tree.sub(v, jac.rmatvec(y)))
 
         if local_energies is None:
+            # (S + d)^{-1} (b + d w) = W(b) + w - Obar^H (K + N d)^{-1} Obar w: both columns in one solve
             u = jac.matvec(b)
+            if momentum_term is not None:
+                u = jnp.stack([u, jac.matvec(momentum_term)], axis=-1)
             y, info, approx, approx_ok, shift = kernel_solve(jac, shift, solver, u)
             damping = shift / n
-            x = woodbury(b, y, damping)
-            r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))  # one step of refinement
+            x = woodbury(b, y if momentum_term is None else y[..., 0], damping)
+            if momentum_term is not None:
+                x = optax.tree.add(x, optax.tree.sub(momentum_term, jac.rmatvec(y[..., 1])))
+            rhs = b if momentum_term is None else optax.tree.add_scale(b, damping, momentum_term)
+            r = optax.tree.sub(rhs, optax.tree.add_scale(s_matvec(x), damping, x))  # one step of refinement
             step = woodbury(r, approx(jac.matvec(r)), damping)
             x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
             if gamma is not None:  # G(S) b = x + (gamma d - 1) d (S + d)^{-1} x: a second factor (pass energies)
@@ -430,5 +440,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
                     momentum_term = optax.tree.scale(g * damping, momentum_term)
             if momentum_term is not None:
                 x = optax.tree.add(x, momentum_term)
+    if momentum_term is not None:  # the system solved: b + d w with the damping used
+        b = optax.tree.add_scale(b, damping, w_input)
     r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
     return x, info._replace(residual_norm=jnp.sqrt(tree_inner(r, r))), damping

@@ -343,12 +343,14 @@ def _local_energy_coefficients(local_energies, c: int, holomorphic: bool, axis_n
                                mean=lambda e: distributed.batch_mean(e, axis_name))
 
 
-def _solve_dense_spectral(jac: DenseJacobian, s, b_flat, damping, solver, config: SRConfig, local_energies,
+def _solve_dense_spectral(jac: DenseJacobian, s, rhs, damping, solver, config: SRConfig, local_energies,
                           ratios=None):
-    """``x = f(S) b`` from ``S = U diag(sigma) U^H`` (:mod:`fishr.spectral`; SNR from the local rows)."""
+    """``x = f(S) b`` from ``S = U diag(sigma) U^H`` (:mod:`fishr.spectral`; SNR from the local rows);
+    ``b = rhs(d)`` for the damping ``d`` used. Returns ``(x, d, b)`` (flat)."""
     sigma, u = jnp.linalg.eigh(s)
     sigma = jnp.maximum(sigma, 0)
     damping = config.damping_rule(damping, jnp.sum(sigma), jnp.max(sigma), jnp.min(sigma))
+    b_flat = rhs(damping)[1]
     weights = None
     if solver.snr is not None:
         if local_energies is None:
@@ -362,17 +364,25 @@ def _solve_dense_spectral(jac: DenseJacobian, s, b_flat, damping, solver, config
     f = spectral_filter(sigma, damping, gamma=config.gamma, rtol=solver.rtol, rtol_smooth=solver.rtol_smooth,
                         weights=weights)
     x = u @ (f * (u.conj().T @ b_flat))
-    return x, damping
+    return x, damping, b_flat
 
 
-def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig, local_energies=None, ratios=None):
+def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, config: SRConfig,
+                 local_energies=None, ratios=None):
+    """``(S + d)^{-1} (grads + d momentum_term)`` (or its variants) with ``d`` the damping used."""
     n_local = jac.rows.shape[0]
-    b_flat, _ = ravel_pytree(b)
     rows = jac.flat_rows
+
+    def rhs(d):
+        b = grads if momentum_term is None else optax.tree.add_scale(grads, d, momentum_term)
+        return b, ravel_pytree(b)[0]
+
     if isinstance(config.solver, CG):
         if config.damping_rule.active:  # tr S = mean_i |Obar_i|^2 (>= h_max), h_min >= 0
             trace = distributed.pmean(jnp.sum(jnp.abs(rows) ** 2) / n_local, config.axis_name)
             damping = config.damping_rule(damping, trace)
+        b, b_flat = rhs(damping)
+        x0 = config.solver.start(b, previous)
 
         def s_matvec(v):
             return distributed.pmean(jac.rmatvec_flat(jac.matvec_flat(v)) / n_local, config.axis_name)
@@ -385,12 +395,13 @@ def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig, local_ene
     if isinstance(solver, Eigh) and (config.gamma is not None or config.damping_rule.active):
         solver = Spectral()
     if isinstance(solver, Spectral):
-        x, damping = _solve_dense_spectral(jac, s, b_flat, damping, solver, config, local_energies, ratios)
+        x, damping, b_flat = _solve_dense_spectral(jac, s, rhs, damping, solver, config, local_energies, ratios)
         finite = jnp.all(jnp.isfinite(x))
         info = solve_info(jnp.linalg.norm(b_flat - (s @ x + damping * x)), finite)
         return jac.unravel(x), info, damping
     if config.damping_rule.active:  # Cholesky: h_max <= tr S, h_min >= 0
         damping = config.damping_rule(damping, jnp.real(jnp.trace(s)))
+    b_flat = rhs(damping)[1]
     if isinstance(solver, Cholesky) and config.gamma is not None:
         factor = cholesky_factor(s, damping)
         x1 = cholesky_factor_solve(factor, b_flat)
@@ -402,7 +413,9 @@ def _solve_dense(jac: DenseJacobian, b, x0, damping, config: SRConfig, local_ene
     if isinstance(solver, Cholesky):  # fallback 3: the spectral pseudo-inverse where the factor failed
         def pseudo_inverse(_):
             rtol = s.shape[0] * float(jnp.finfo(s.dtype).eps)
-            y, _ = _solve_dense_spectral(jac, s, b_flat, damping, Spectral(rtol=rtol), config, None)
+            plain = dataclasses.replace(config, damping_rule=DampingRule())  # the damping is final already
+            y, _, _ = _solve_dense_spectral(jac, s, lambda d: (None, b_flat), damping, Spectral(rtol=rtol), plain,
+                                            None)
             return y, solve_info(jnp.linalg.norm(b_flat - (s @ y + damping * y)), jnp.all(jnp.isfinite(y)),
                                  fallback=3)
 
@@ -546,20 +559,16 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         grads = _times(scale, grads)
         previous = None if previous is None else _times(scale, previous, divide=True)
 
-    b = grads
-    if config.momentum > 0.0:
-        b = optax.tree.add_scale(grads, damping * config.momentum, previous)
+    # SPRING's term damping * momentum * previous, with the damping used (after the damping rule)
+    momentum_term = optax.tree.scale(config.momentum, previous) if config.momentum > 0.0 else None
     if config.mode == "lazy":
+        b = grads if momentum_term is None else optax.tree.add_scale(grads, damping, momentum_term)
         x, info, used = _solve_lazy(jac, n_local, b, config.solver.start(b, previous), damping, config)
     elif config.mode == "dense":
-        x0 = config.solver.start(b, previous) if isinstance(config.solver, CG) else None
-        x, info, used = _solve_dense(jac, b, x0, damping, config, local_energies, ratios)
+        x, info, used = _solve_dense(jac, grads, momentum_term, previous, damping, config, local_energies, ratios)
     else:
-        momentum_term = None
-        if local_energies is not None and config.momentum > 0.0:
-            momentum_term = optax.tree.scale(config.momentum, previous)
         num_params = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
-        x, info, used = solve_sample_space(jac, b, damping, config.solver, local_energies, config.axis_name,
+        x, info, used = solve_sample_space(jac, grads, damping, config.solver, local_energies, config.axis_name,
                                            config.holomorphic, momentum_term, config.gamma, config.damping_rule,
                                            num_params, ratios)
     if scale is not None:

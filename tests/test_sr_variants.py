@@ -437,3 +437,20 @@ def test_auto_refuses_to_drop_a_variant_when_it_picks_lazy(monkeypatch):
     for kw in (dict(max_cond_num=10.0), dict(trace_damping=0.1), dict(solver=fishr.Spectral(rtol=0.1))):
         with pytest.raises(ValueError, match="picked 'lazy'"):
             fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"], **kw)
+
+
+@pytest.mark.parametrize("mode,solver,energies", [("dense", fishr.Cholesky(), False), ("dense", TIGHT, False),
+                                                  ("dense", fishr.Spectral(), False),
+                                                  ("sample_space", fishr.Cholesky(), False),
+                                                  ("sample_space", fishr.Cholesky(), True),
+                                                  ("sample_space", fishr.Spectral(), False)],
+                         ids=["dense-chol", "dense-cg", "dense-spec", "ss-chol-g", "ss-chol-e", "ss-spec-g"])
+def test_spring_term_uses_the_damping_used(mode, solver, energies):
+    """With a damping rule, x = (S + d')^{-1} (g + d' mu x_prev) for the raised d' in every path."""
+    pr = _problem("real")
+    previous = np.random.default_rng(0).normal(size=pr["g"].size)
+    kw = dict(mode=mode, solver=solver, momentum=0.5, previous=pr["unravel"](jnp.asarray(previous)),
+              trace_damping=0.01, damping=1e-3)
+    x, _ = _solve(pr, energies, **kw)
+    used = 1e-3 + 0.01 * np.trace(pr["s"])
+    _close(x, _reference(pr, used, b=pr["g"] + used * 0.5 * previous), 1e-6 if mode == "sample_space" else 1e-9)
