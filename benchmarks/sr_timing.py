@@ -163,9 +163,10 @@ def methods(model, params, s, e_loc, grad, have_nk: bool, dense_chol_max_p: int 
     return out
 
 
-def time_interleaved(fns: dict, repeats: int) -> dict:
-    """Warm up each callable, then ``repeats`` interleaved rounds; name -> (median, min, max) ms."""
-    for fn in fns.values():
+def time_interleaved(fns: dict, repeats: int, warm_up: bool = True) -> dict:
+    """Warm up each callable (unless the caller did), then ``repeats`` interleaved rounds;
+    name -> (median, min, max) ms."""
+    for fn in fns.values() if warm_up else ():
         jax.block_until_ready(fn())
     times = {name: [] for name in fns}
     for _ in range(repeats):

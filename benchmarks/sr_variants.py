@@ -90,6 +90,7 @@ import optax
 
 import fishr
 from benchmarks.spin_chains import MLP, metropolis
+from benchmarks.sr_timing import time_interleaved
 from benchmarks.vmc import energy_gradient, netket_available
 
 DAMPING_A = 1e-3
@@ -397,14 +398,7 @@ def time_methods(fns: dict, repeats: int) -> tuple[dict, dict, dict, dict]:
         first[name] = time.perf_counter() - t0
         outputs[name] = _flat64(x)
         dtypes[name] = ",".join(sorted({str(leaf.dtype) for leaf in jax.tree.leaves(x)}))
-    times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(1e3 * (time.perf_counter() - t0))
-    warm = {name: (float(np.median(t)), float(np.min(t)), float(np.max(t))) for name, t in times.items()}
-    return first, warm, outputs, dtypes
+    return first, time_interleaved(fns, repeats, warm_up=False), outputs, dtypes
 
 
 def cost_ratios(warm: dict) -> dict:
