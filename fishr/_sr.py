@@ -9,9 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from fishr._metric import MARCH_MODES, march_diff_update, march_var_update, metric_fn
-from fishr._sr_solve import MODES, ApplyFn, JacobianKind, Mode, solve_with_config, sr_config
+from fishr._sr_solve import MODES, ApplyFn, JacobianKind, Mode, runs_lazy, solve_with_config, sr_config
 from fishr._validate import check_choice, check_real, shared_damping, tree_all_finite
-from fishr.solvers import CG
 from fishr.distributed import AxisName
 from fishr.linalg import SolveInfo, solve_info
 
@@ -132,7 +131,7 @@ def sr(
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)
-    if march == "var" and (mode == "lazy" or (mode == "auto" and isinstance(solver, CG))):
+    if march == "var" and runs_lazy(mode, solver):
         raise ValueError(f"{who}: march='var' needs the per-sample rows (modes 'dense', 'sample_space' or 'auto' "
                          "without a CG solver); use march='diff' in mode 'lazy'.")
 

@@ -119,7 +119,7 @@ from fishr.jacobian import (DenseJacobian, LayerJacobian, LinearizedJacobian, Sc
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
 from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, Spectral, check_solver
-from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
+from fishr.spectral import DampingRule, robust_correction, snr_weights, spectral_filter
 
 __all__ = ["JACOBIANS", "MODES", "MODE_CHOICES", "SRConfig", "auto_mode", "sr_config", "sr_solve"]
 
@@ -153,6 +153,11 @@ class SRConfig:
     solve_dtype: Optional[str] = None
     score_clip: Optional[float] = None
     prune: bool = False
+
+
+def runs_lazy(mode: str, solver: Any) -> bool:
+    """Whether SR with these options runs lazy CG whatever the shapes (nothing is formed)."""
+    return mode == "lazy" or (mode == "auto" and isinstance(solver, CG))
 
 
 def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
@@ -202,7 +207,7 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     if max_cond_num is not None:
         if isinstance(max_cond_num, bool) or not isinstance(max_cond_num, (int, float)) or not 1 < max_cond_num < float("inf"):
             raise ValueError(f"{who}: `max_cond_num` must be None or a finite float > 1, got {max_cond_num!r}.")
-        if mode == "lazy" or (mode == "auto" and isinstance(solver, CG)):
+        if runs_lazy(mode, solver):
             raise ValueError(f"{who}: `max_cond_num` needs a formed matrix (modes 'dense', 'sample_space' or 'auto' "
                              "without a CG solver); mode 'lazy' has no cheap bound on the eigenvalues.")
         max_cond_num = float(max_cond_num)
@@ -215,7 +220,7 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
                              "jacobian 'generic' or 'auto'.")
     if not isinstance(prune, bool):
         raise ValueError(f"{who}: `prune` must be True or False, got {prune!r}.")
-    if trace_damping > 0 and (mode == "lazy" or (mode == "auto" and isinstance(solver, CG))):
+    if trace_damping > 0 and runs_lazy(mode, solver):
         raise ValueError(f"{who}: `trace_damping` needs tr S from a formed matrix (modes 'dense', 'sample_space' or "
                          "'auto' without a CG solver); mode 'lazy' forms nothing.")
     gamma = gamma if gamma is None or isinstance(gamma, str) else float(gamma)
@@ -322,7 +327,7 @@ def _cg_twice(config: SRConfig, operator_of, b, x0, damping):
     if config.gamma is None:
         return x, info
     x2, info2 = config.solver.solve(operator_of(damping), x, x)
-    scale = robust_gamma(config.gamma, damping) * damping**2 - damping
+    scale = robust_correction(config.gamma, damping)
     info = info._replace(iterations=info.iterations + info2.iterations, converged=info.converged & info2.converged)
     return optax.tree.add_scale(x, scale, x2), info
 
@@ -405,7 +410,7 @@ def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, co
     if isinstance(solver, Cholesky) and config.gamma is not None:
         factor = cholesky_factor(s, damping)
         x1 = cholesky_factor_solve(factor, b_flat)
-        x = x1 + (robust_gamma(config.gamma, damping) * damping**2 - damping) * cholesky_factor_solve(factor, x1)
+        x = x1 + robust_correction(config.gamma, damping) * cholesky_factor_solve(factor, x1)
         x = jnp.where(jnp.all(jnp.isfinite(factor)), x, jnp.nan)
         info = solve_info(jnp.linalg.norm(b_flat - (s @ x1 + damping * x1)), jnp.all(jnp.isfinite(x)))
     else:

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 from fishr import distributed
 from fishr.distributed import AxisName
 
-__all__ = ["DampingRule", "conditioned_damping", "robust_gamma", "sr_gain", "snr_weights", "spectral_filter"]
+__all__ = ["DampingRule", "conditioned_damping", "robust_correction", "robust_gamma", "sr_gain", "snr_weights",
+           "spectral_filter"]
 
 
 def robust_gamma(gamma: Any, damping: Any) -> Any:
@@ -48,6 +49,11 @@ def robust_gamma(gamma: Any, damping: Any) -> Any:
     if isinstance(gamma, str):  # "sqrt", validated by the caller
         return jax.lax.rsqrt(jnp.asarray(damping, jnp.result_type(float)))
     return gamma
+
+
+def robust_correction(gamma: Any, damping: Any) -> Any:
+    """``gamma d^2 - d``: robust SR's ``G(S) = (S + d)^{-1} + (gamma d^2 - d) (S + d)^{-2}`` (0 for plain SR)."""
+    return robust_gamma(gamma, damping) * damping**2 - damping
 
 
 def sr_gain(sigma: jax.Array, damping: Any, gamma: Any = None) -> jax.Array:
