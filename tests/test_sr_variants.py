@@ -232,6 +232,17 @@ def test_variant_options_are_validated():
         fishr.sr(mlp_log_psi, mode="lazy", march="var")
     with pytest.raises(ValueError, match="damping"):  # a shift relative to the diagonal needs a base damping
         fishr.sr(mlp_log_psi, damping=0.0, diag_damping=0.1)
+    for bad in (0.0, -1.0, float("inf"), True):
+        with pytest.raises(ValueError, match="`score_clip`"):
+            fishr.sr(mlp_log_psi, score_clip=bad)
+    with pytest.raises(ValueError, match="`prune`"):
+        fishr.sr(mlp_log_psi, prune=1)
+    pr = _problem("real")
+    for bad in (jnp.ones((N + 1,)), jnp.ones((N,), jnp.complex128)):
+        with pytest.raises(ValueError, match="`weights`"):
+            fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"], mode="sample_space", weights=bad)
+    with pytest.raises(ValueError, match="`weights`"):
+        fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"], mode="lazy", weights=jnp.ones((N,)))
 
 
 def test_variants_on_four_devices_equal_one_device():
