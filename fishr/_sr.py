@@ -65,6 +65,7 @@ def sr(
     solve_dtype: Optional[Any] = None,
     score_clip: Optional[float] = None,
     prune: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 
@@ -112,6 +113,8 @@ def sr(
       score_clip: ``None`` or ``c > 0``: clip each sample's score row to a mean absolute
         entry of at most ``c`` before centring (JaQMC's; see :func:`fishr.sr_solve`).
       prune: zero update for parameter leaves ``log psi`` does not use (found at trace time).
+      chunk_size: ``None`` or the number of samples per pass over the batch, to bound peak
+        memory (:func:`fishr.sr_solve`; lazy CG then recomputes the forward pass per product).
 
     Non-finite values: if the solution has any NaN/inf (from a non-finite gradient,
     sample or ``log psi``, a negative or non-finite traced damping or schedule value,
@@ -127,7 +130,8 @@ def sr(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune)
+                       score_clip=score_clip, prune=prune,
+                       chunk_size=chunk_size)
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)

@@ -114,7 +114,8 @@ from fishr._validate import (check_choice, check_damping, check_real, check_tree
                              local_batch_size, poison)
 from fishr.capture import discover_layers
 from fishr.distributed import AxisName
-from fishr.jacobian import (DenseJacobian, LayerJacobian, LinearizedJacobian, ScaledJacobian, kernel_cost_per_pair,
+from fishr.chunking import check_chunk_size, num_chunks
+from fishr.jacobian import (ChunkedLinearizedJacobian, DenseJacobian, LayerJacobian, LinearizedJacobian, ScaledJacobian, kernel_cost_per_pair,
                             layers_pay_off)
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
 from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
@@ -153,6 +154,7 @@ class SRConfig:
     solve_dtype: Optional[str] = None
     score_clip: Optional[float] = None
     prune: bool = False
+    chunk_size: Optional[int] = None  # samples per chunk of the score passes (fishr.chunking)
 
 
 def runs_lazy(mode: str, solver: Any) -> bool:
@@ -177,7 +179,7 @@ def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
 def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, momentum: Any, holomorphic: Any,
               axis_name: AxisName, gamma: Any = None, max_cond_num: Any = None,
               trace_damping: Any = 0.0, diag_damping: Any = 0.0, solve_dtype: Any = None, score_clip: Any = None,
-              prune: Any = False) -> SRConfig:
+              prune: Any = False, chunk_size: Any = None) -> SRConfig:
     """Validate SR's options (naming ``who`` in every error) and fill in the mode's default solver."""
     check_choice(mode, MODE_CHOICES, who, "mode")
     pseudo_inverse = isinstance(solver, Spectral) and solver.has_cutoff
@@ -228,7 +230,7 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
                     not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
                     float(diag_damping), _check_solve_dtype(solve_dtype, who),
-                    None if score_clip is None else float(score_clip), prune)
+                    None if score_clip is None else float(score_clip), prune, check_chunk_size(chunk_size, who))
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
@@ -313,9 +315,10 @@ def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig,
     one_sample = log_psi_one_sample(apply_fn, config.holomorphic, who)
     if structured:
         rows_of = lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
-        return LayerJacobian.build(rows_of, one_sample, params, batch, config.holomorphic, config.axis_name)
+        return LayerJacobian.build(rows_of, one_sample, params, batch, config.holomorphic, config.axis_name,
+                                   config.chunk_size)
     return DenseJacobian.build(one_sample, params, batch, config.holomorphic, config.axis_name, mean_fn,
-                               config.score_clip)
+                               config.score_clip, config.chunk_size)
 
 
 # --------------------------------------------------------------------------- parameter-space solves
@@ -538,6 +541,10 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
 
     if config.mode == "lazy" and config.jacobian == "structured":
         jac = _build_jacobian(True, apply_fn, params, batch, config, who)
+    elif config.mode == "lazy" and num_chunks(n_local, config.chunk_size) > 1:
+        rows_of = lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
+        jac = ChunkedLinearizedJacobian(rows_of, params, batch, config.chunk_size, config.holomorphic,
+                                        config.axis_name, mean_fn)
     elif config.mode == "lazy":
         jac = LinearizedJacobian(log_psi_rows(apply_fn, batch, config.holomorphic, who), params,
                                  config.holomorphic, config.axis_name, mean_fn)
@@ -609,6 +616,7 @@ def sr_solve(
     solve_dtype: Optional[Any] = None,
     score_clip: Optional[float] = None,
     prune: bool = False,
+    chunk_size: Optional[int] = None,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 
@@ -688,6 +696,14 @@ def sr_solve(
         time, :func:`fishr.scores.inactive_leaves`; listed by :func:`fishr.capture.report`)
         a zero update instead of ``g / damping``. They still take part in the solve (as zero
         columns, which change nothing else).
+      chunk_size: ``None`` (the whole local batch in one pass) or ``m >= 1``: the passes over
+        the samples run ``m`` samples at a time (:mod:`fishr.chunking`), so the model's
+        intermediates are held for one chunk only. Lazy: each product recomputes the
+        forward pass chunk by chunk instead of keeping the batch's linearisation (about 2x
+        the arithmetic, memory independent of ``N``); dense and sample_space: the
+        per-sample Jacobian and the layer statistics are built chunk by chunk (what they
+        keep is the same: ``N x P`` rows for the generic Jacobian, ``N x (k + m)`` per
+        layer for the structured one). Equal to the unchunked solve up to rounding.
 
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
@@ -697,7 +713,7 @@ def sr_solve(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune)
+                       score_clip=score_clip, prune=prune, chunk_size=chunk_size)
     if metric is not None:
         check_tree_matches_params(metric, params, who, "`metric`")
     out = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn, local_energies,

@@ -57,10 +57,11 @@ from jax.flatten_util import ravel_pytree
 import numpy as np
 
 from fishr import distributed, linalg
+from fishr.chunking import map_chunks, sum_chunks
 from fishr.capture import LayerPlan, augment_bias, linearize_layers
 from fishr.distributed import AxisName
 
-__all__ = ["DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian", "kernel_cost_per_pair",
+__all__ = ["ChunkedLinearizedJacobian", "DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian", "kernel_cost_per_pair",
            "kernel_from_tiles", "layer_kernel_is_structured", "layers_pay_off", "tiled_kernel"]
 
 
@@ -176,6 +177,39 @@ class LinearizedJacobian:
         return w
 
 
+class ChunkedLinearizedJacobian:
+    """``Obar`` by a JVP / VJP of ``scores(params, chunk)`` over chunks of the batch (:mod:`fishr.chunking`).
+
+    Nothing of the whole batch is kept between products: each product runs the forward
+    pass again, chunk by chunk, so peak memory is one chunk's linearisation (NetKet's
+    ``chunk_size`` trade: about twice the arithmetic of :class:`LinearizedJacobian` per
+    product, memory independent of the batch).
+    """
+
+    def __init__(self, scores: Callable[[Any, Any], jax.Array], params: Any, batch: Any, chunk_size: int,
+                 holomorphic: bool, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
+        self._scores, self._params, self._batch, self._chunk_size = scores, params, batch, chunk_size
+        self._holomorphic = holomorphic
+        self._axis_name = axis_name
+        self._mean_fn = mean_fn
+
+    def matvec(self, v: Any) -> jax.Array:
+        jvp = lambda xs: jax.jvp(lambda p: self._scores(p, xs), (self._params,), (v,))[1]
+        return _centre(map_chunks(jvp, self._batch, self._chunk_size), self._axis_name, self._mean_fn)
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        u = _centre(u, self._axis_name, self._mean_fn)
+        if self._holomorphic:  # O^H u = conj(O^T conj(u)); JAX's VJP does not conjugate
+            u = u.conj()
+
+        def vjp(xs, us):
+            _, pullback = jax.vjp(lambda p: self._scores(p, xs), self._params)
+            return pullback(us.astype(jax.eval_shape(self._scores, self._params, xs).dtype))[0]
+
+        w = sum_chunks(vjp, self._batch, u, self._chunk_size)
+        return jax.tree.map(jnp.conj, w) if self._holomorphic else w
+
+
 class ScaledJacobian:
     """``Obar diag(scale)`` for a Jacobian with ``matvec`` / ``rmatvec`` (the reparametrisation
     ``theta = scale * theta~``; ``scale`` a real pytree like the parameters)."""
@@ -217,14 +251,17 @@ def _rows_gram(rows: jax.Array, other: Optional[jax.Array] = None) -> jax.Array:
     return _flat_rows(rows) @ _flat_rows(rows if other is None else other).conj().T
 
 
-def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, samples: Any, holomorphic: bool):
+def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, samples: Any, holomorphic: bool,
+                    chunk_size: Optional[int] = None):
     """Rows ``(n, C, P)`` of ``d one_sample(params, x_i) / d params`` in ``ravel_pytree`` order.
 
     ``one_sample(params, x) -> (C,)``; ``vmap`` over samples of its reverse-mode
-    Jacobian, taken on the parameter pytree.
+    Jacobian, taken on the parameter pytree, ``chunk_size`` samples at a time
+    (:func:`fishr.chunking.map_chunks`; the rows themselves are ``n x C x P`` either way).
     """
     flat, _ = ravel_pytree(params)
-    jac_tree = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))(params, samples)
+    per_chunk = jax.vmap(jax.jacrev(one_sample, holomorphic=holomorphic), in_axes=(None, 0))
+    jac_tree = map_chunks(lambda xs: per_chunk(params, xs), samples, chunk_size)
     leaves = jax.tree.leaves(jac_tree)  # each (n, C, *leaf_shape)
     if not leaves:
         n = jax.tree.leaves(samples)[0].shape[0]
@@ -242,10 +279,10 @@ class DenseJacobian(NamedTuple):
 
     @classmethod
     def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None,
-              row_clip: Optional[float] = None) -> "DenseJacobian":
+              row_clip: Optional[float] = None, chunk_size: Optional[int] = None) -> "DenseJacobian":
         """The centred rows; with ``row_clip = c`` each raw row is first scaled by
         ``min(1, c / a_i)``, ``a_i = mean_p |O_ip|`` (JaQMC's score clipping), then centred."""
-        rows = per_sample_rows(one_sample, params, samples, holomorphic)
+        rows = per_sample_rows(one_sample, params, samples, holomorphic, chunk_size)
         if row_clip is not None:
             size = jnp.mean(jnp.abs(rows), axis=(1, 2), keepdims=True)
             rows = rows * jnp.minimum(1.0, row_clip / jnp.maximum(size, jnp.finfo(size.dtype).tiny)).astype(rows.dtype)
@@ -384,39 +421,51 @@ class LayerJacobian(NamedTuple):
     axis_name: AxisName = None
 
     @classmethod
-    def build(cls, scores: Callable[[Any, Any], jax.Array], one_sample, params, samples, holomorphic, axis_name):
+    def build(cls, scores: Callable[[Any, Any], jax.Array], one_sample, params, samples, holomorphic, axis_name,
+              chunk_size: Optional[int] = None):
         """One forward and ``C`` backward passes over the batch, plus rows for uncovered leaves.
 
         ``scores(params, samples) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives
         the uncovered parameters' rows. The samples must be an argument of
         ``scores`` (not closed over) for the first layer's input to be captured.
+        ``chunk_size``: the passes run over chunks of that many samples
+        (:func:`fishr.chunking.map_chunks`), so the model's intermediates (attention
+        maps, activations of uncaptured layers) are held for one chunk only; the
+        statistics kept are those of the whole batch either way.
         """
-        lin = linearize_layers(scores, params, samples)
-        c = lin.outputs.shape[1]
-        per_component = []
-        for comp in range(c):
-            cot = jnp.zeros_like(lin.outputs).at[:, comp].set(1)
-            per_component.append(lin.pullback(cot))
-        d = tuple(jnp.stack([pc[l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
-        a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
-
         leaves, treedef = jax.tree.flatten(params)
-        uncovered = [leaves[i] for i in lin.plan.uncovered]
+        plans = []  # the static plan, recorded when the (per-chunk) capture is traced
 
-        def one_sample_rest(rest_leaves, x):
-            full = list(leaves)
-            for i, leaf in zip(lin.plan.uncovered, rest_leaves):
-                full[i] = leaf
-            return one_sample(jax.tree.unflatten(treedef, full), x)
+        def statistics(xs):
+            lin = linearize_layers(scores, params, xs)
+            plans.append(lin.plan)
+            c = lin.outputs.shape[1]
+            per_component = []
+            for comp in range(c):
+                cot = jnp.zeros_like(lin.outputs).at[:, comp].set(1)
+                per_component.append(lin.pullback(cot))
+            d = tuple(jnp.stack([pc[l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
+            a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
+            uncovered = [leaves[i] for i in lin.plan.uncovered]
 
-        if uncovered:
-            rest = per_sample_rows(one_sample_rest, uncovered, samples, holomorphic)
-        else:  # every parameter is in a captured layer: no per-sample pass at all
-            rest = jnp.zeros((lin.outputs.shape[0], c, 0), ravel_pytree(params)[0].dtype)
+            def one_sample_rest(rest_leaves, x):
+                full = list(leaves)
+                for i, leaf in zip(lin.plan.uncovered, rest_leaves):
+                    full[i] = leaf
+                return one_sample(jax.tree.unflatten(treedef, full), x)
+
+            if uncovered:
+                rest = per_sample_rows(one_sample_rest, uncovered, xs, holomorphic)
+            else:  # every parameter is in a captured layer: no per-sample pass at all
+                rest = jnp.zeros((lin.outputs.shape[0], c, 0), ravel_pytree(params)[0].dtype)
+            return a, d, rest
+
+        a, d, rest = map_chunks(statistics, samples, chunk_size)
+        plan = plans[-1]
         return cls(
-            plan=lin.plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree(uncovered)[1], treedef=treedef,
-            shapes=tuple(jnp.shape(l) for l in leaves), dtypes=tuple(jnp.result_type(l) for l in leaves),
-            axis_name=axis_name,
+            plan=plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree([leaves[i] for i in plan.uncovered])[1],
+            treedef=treedef, shapes=tuple(jnp.shape(l) for l in leaves),
+            dtypes=tuple(jnp.result_type(l) for l in leaves), axis_name=axis_name,
         )
 
     @property
