@@ -56,8 +56,9 @@ non-positive pivot) or its CG does not converge, a fallback runs under ``lax.con
    ``K + N damping`` (for double-precision input, after 1 needed it too).
 
 If none converges the update is NaN (the transform then keeps its state).
-With several devices the statistics of all samples are gathered (:meth:`gather`)
-and every device solves the same ``N x N`` system.
+With several devices the layers' statistics of all samples are gathered (:meth:`gather`);
+generic rows stay on their device and only the kernel's blocks are gathered
+(:class:`fishr.jacobian.ShardedRowsJacobian`). Every device solves the same ``N x N`` system.
 """
 
 from __future__ import annotations
@@ -139,6 +140,8 @@ def _over_columns(fn: Callable, y: jax.Array) -> Any:
 
 def _rows(jac) -> tuple[int, int]:
     """``(N, C)`` of a gathered Jacobian."""
+    if hasattr(jac, "rows_shape"):  # rows spread over devices
+        return jac.rows_shape
     stats = jac.rows if hasattr(jac, "rows") else jac.rest
     return stats.shape[0], stats.shape[1]
 

@@ -61,7 +61,8 @@ from fishr.chunking import map_chunks, sum_chunks
 from fishr.capture import LayerPlan, augment_bias, linearize_layers
 from fishr.distributed import AxisName
 
-__all__ = ["ChunkedLinearizedJacobian", "DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian", "kernel_cost_per_pair",
+__all__ = ["ChunkedLinearizedJacobian", "DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian",
+           "ShardedRowsJacobian", "kernel_cost_per_pair",
            "kernel_from_tiles", "layer_kernel_is_structured", "layers_pay_off", "tiled_kernel"]
 
 
@@ -323,8 +324,12 @@ class DenseJacobian(NamedTuple):
         """The same rows rounded to single precision (for a preconditioning factor)."""
         return self._replace(rows=self.rows.astype(_single(self.rows.dtype)))
 
-    def gather(self) -> "DenseJacobian":
-        return DenseJacobian(distributed.all_gather_batch(self.rows, self.axis_name), self.unravel, None)
+    def gather(self) -> Any:
+        """What a sample-space solve over all devices needs: without devices ``self``, else a
+        :class:`ShardedRowsJacobian` that keeps the local rows and gathers only kernel blocks."""
+        if distributed.device_count(self.axis_name) == 1:
+            return self._replace(axis_name=None)
+        return ShardedRowsJacobian(self.rows, self.unravel, self.axis_name)
 
     def score_variance(self) -> jax.Array:
         """``diag S = mean_i sum_c |Obar_icp|^2`` over all samples (flat ``(P,)``, real)."""
@@ -333,6 +338,84 @@ class DenseJacobian(NamedTuple):
     def scaled(self, scale: Any) -> "DenseJacobian":
         """The Jacobian of the reparametrisation ``theta = scale * theta~``: columns times ``scale`` (a pytree)."""
         return self._replace(rows=self.rows * ravel_pytree(scale)[0].astype(self.rows.dtype))
+
+
+GATHER_ELEMENTS = 1 << 24  # entries of one gathered column slab of the rows (64 MiB in float32)
+
+
+class ShardedRowsJacobian(NamedTuple):
+    """``Obar`` over all devices from each device's own centred rows, never gathered whole.
+
+    For sample-space solves: products and the kernel are those of the global ``(N C) x P``
+    matrix whose rows device ``k`` holds for samples ``k n_loc ... (k + 1) n_loc - 1``:
+
+    * ``matvec(v)``: the local ``Obar_k v``, gathered (``N x C``);
+    * ``rmatvec(u)``: ``sum_k Obar_k^H u_k`` (``psum``) for a global ``u`` (``N x C``);
+    * the kernel: each device forms its block row ``Obar_k Obar^H`` from column slabs of
+      ``Obar`` gathered ``GATHER_ELEMENTS`` entries at a time (so a device never holds
+      ``N x P`` rows, and computes ``1 / D`` of the kernel), then the block rows are
+      gathered (the ``(N C) x (N C)`` kernel that every device factors).
+    """
+
+    rows: jax.Array
+    unravel: Callable[[jax.Array], Any]
+    axis_name: AxisName
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        """``(N, C)``: all devices' samples and the score components."""
+        n_local, c = self.rows.shape[:2]
+        return n_local * distributed.device_count(self.axis_name), c
+
+    def matvec_flat(self, v: jax.Array) -> jax.Array:
+        return distributed.all_gather_batch(_rows_matvec(self.rows, v), self.axis_name)
+
+    def rmatvec_flat(self, u: jax.Array) -> jax.Array:
+        n_local = self.rows.shape[0]
+        own = jax.lax.dynamic_slice_in_dim(u, distributed.device_index(self.axis_name) * n_local, n_local, axis=0)
+        return distributed.psum(_rows_rmatvec(self.rows, own), self.axis_name)
+
+    def matvec(self, v: Any) -> jax.Array:
+        return self.matvec_flat(ravel_pytree(v)[0])
+
+    def rmatvec(self, u: jax.Array) -> Any:
+        return self.unravel(self.rmatvec_flat(u))
+
+    def gram(self) -> jax.Array:
+        """``Obar Obar^H``, ``(N C) x (N C)``, the same on every device."""
+        local = _flat_rows(self.rows)
+        rows, num_params = local.shape
+        width = max(1, min(num_params, GATHER_ELEMENTS // (rows * distributed.device_count(self.axis_name))))
+        full = num_params // width
+
+        def slab(p0, size):
+            cols = jax.lax.dynamic_slice_in_dim(local, p0, size, axis=1)
+            return cols @ distributed.all_gather_batch(cols, self.axis_name).conj().T
+
+        block_row = jax.lax.fori_loop(0, full, lambda k, acc: acc + slab(k * width, width),
+                                      jnp.zeros((rows, rows * distributed.device_count(self.axis_name)),
+                                                local.dtype))
+        if num_params > full * width:
+            block_row = block_row + slab(full * width, num_params - full * width)
+        return distributed.all_gather_batch(block_row, self.axis_name)
+
+    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+        """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`)."""
+        n, c = self.rows_shape
+        kernel = self.gram()
+
+        def make_block(m, n_pad):
+            padded = jnp.pad(kernel, [(0, (n_pad - n) * c)] * 2)
+            return lambda i0, j0: jax.lax.dynamic_slice(padded, (i0 * c, j0 * c), (m * c, m * c))
+
+        return tiled_kernel(n, c, self.rows.dtype, make_block, ts)
+
+    def single_precision(self) -> "ShardedRowsJacobian":
+        """The same rows rounded to single precision (for a preconditioning factor)."""
+        return self._replace(rows=self.rows.astype(_single(self.rows.dtype)))
+
+    def gather(self) -> "ShardedRowsJacobian":
+        return self
 
 
 # --------------------------------------------------------------------------- captured layers
