@@ -110,12 +110,13 @@ import optax
 from fishr import distributed
 from fishr._metric import metric_fn
 from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
-from fishr._validate import (check_choice, check_damping, check_real, check_tree_matches_params, damping_ok,
-                             local_batch_size, poison)
+from fishr._validate import (check_choice, check_damping, check_positive, check_real, check_tree_matches_params,
+                             damping_ok, local_batch_size, poison)
 from fishr.capture import discover_layers
-from fishr.distributed import AxisName
 from fishr.chunking import check_chunk_size, num_chunks
-from fishr.jacobian import (ChunkedLinearizedJacobian, DenseJacobian, LayerJacobian, LinearizedJacobian, ScaledJacobian, kernel_cost_per_pair,
+from fishr.distributed import AxisName
+from fishr.jacobian import (ChunkedLinearizedJacobian, DenseJacobian, LayerJacobian, LinearizedJacobian,
+                            ScaledJacobian, kernel_cost_per_pair,
                             layers_pay_off)
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
 from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
@@ -202,21 +203,16 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     check_real(momentum, who, "momentum", 0.0, 1.0, high_open=True)
     if not isinstance(holomorphic, bool):
         raise ValueError(f"{who}: `holomorphic` must be True or False, got {holomorphic!r}.")
-    if gamma is not None and gamma != "sqrt" and (isinstance(gamma, bool) or not isinstance(gamma, (int, float))
-                                                  or not gamma > 0 or gamma == float("inf")):
-        raise ValueError(f"{who}: `gamma` must be None (plain SR), 'sqrt' (damping^-1/2) or a finite float > 0; "
-                         f"got {gamma!r}.")
-    if max_cond_num is not None:
-        if isinstance(max_cond_num, bool) or not isinstance(max_cond_num, (int, float)) or not 1 < max_cond_num < float("inf"):
-            raise ValueError(f"{who}: `max_cond_num` must be None or a finite float > 1, got {max_cond_num!r}.")
-        if runs_lazy(mode, solver):
-            raise ValueError(f"{who}: `max_cond_num` needs a formed matrix (modes 'dense', 'sample_space' or 'auto' "
-                             "without a CG solver); mode 'lazy' has no cheap bound on the eigenvalues.")
-        max_cond_num = float(max_cond_num)
+    if gamma != "sqrt":
+        gamma = check_positive(gamma, who, "gamma", expected="None (plain SR), 'sqrt' (damping^-1/2) or a finite "
+                               "float > 0")
+    max_cond_num = check_positive(max_cond_num, who, "max_cond_num", above=1.0)
+    if max_cond_num is not None and runs_lazy(mode, solver):
+        raise ValueError(f"{who}: `max_cond_num` needs a formed matrix (modes 'dense', 'sample_space' or 'auto' "
+                         "without a CG solver); mode 'lazy' has no cheap bound on the eigenvalues.")
     check_real(trace_damping, who, "trace_damping", 0.0, float("inf"), high_open=True)
+    score_clip = check_positive(score_clip, who, "score_clip")
     if score_clip is not None:
-        if isinstance(score_clip, bool) or not isinstance(score_clip, (int, float)) or not 0 < score_clip < float("inf"):
-            raise ValueError(f"{who}: `score_clip` must be None or a finite float > 0, got {score_clip!r}.")
         if mode == "lazy" or jacobian == "structured":
             raise ValueError(f"{who}: `score_clip` needs the per-sample rows: modes 'dense', 'sample_space' or 'auto', "
                              "jacobian 'generic' or 'auto'.")
@@ -225,12 +221,11 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     if trace_damping > 0 and runs_lazy(mode, solver):
         raise ValueError(f"{who}: `trace_damping` needs tr S from a formed matrix (modes 'dense', 'sample_space' or "
                          "'auto' without a CG solver); mode 'lazy' forms nothing.")
-    gamma = gamma if gamma is None or isinstance(gamma, str) else float(gamma)
     zero_damping = isinstance(damping, (int, float)) and not isinstance(damping, bool) and damping == 0
     return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
                     not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
-                    float(diag_damping), _check_solve_dtype(solve_dtype, who),
-                    None if score_clip is None else float(score_clip), prune, check_chunk_size(chunk_size, who))
+                    float(diag_damping), _check_solve_dtype(solve_dtype, who), score_clip, prune,
+                    check_chunk_size(chunk_size, who))
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,

@@ -15,7 +15,7 @@ Two kinds of check, by when the value is known:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -26,6 +26,7 @@ __all__ = [
     "check_damping",
     "check_int",
     "check_key",
+    "check_positive",
     "check_real",
     "check_tree_matches_params",
     "concrete_value",
@@ -127,6 +128,18 @@ def check_real(value: Any, who: str, name: str, low: float, high: float, *, high
     if not ok:
         interval = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
         raise ValueError(f"{who}: `{name}` must be a float in {interval}, got {value!r}.")
+
+
+def check_positive(value: Any, who: str, name: str, above: float = 0.0, expected: Optional[str] = None
+                   ) -> Optional[float]:
+    """``None``, or ``value`` as a float when it is a finite real number ``> above``; else a
+    ``ValueError`` naming ``name`` and ``expected`` (default ``"None or a finite float > above"``)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > above:
+        return float(value)
+    expected = expected or f"None or a finite float > {above:g}"
+    raise ValueError(f"{who}: `{name}` must be {expected}, got {value!r}.")
 
 
 def check_choice(value: Any, choices: Sequence[Any], who: str, name: str) -> None:

@@ -19,17 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fishr._validate import check_int
+
 __all__ = ["check_chunk_size", "map_chunks", "num_chunks", "sum_chunks"]
 
 
 def check_chunk_size(chunk_size: Any, who: str) -> Optional[int]:
-    """``None`` or a positive int, else a ``ValueError`` naming ``chunk_size``."""
-    if chunk_size is None:
-        return None
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"{who}: `chunk_size` must be None (the whole local batch at once) or an int >= 1 "
-                         f"(samples per chunk), got {chunk_size!r}.")
-    return chunk_size
+    """``None`` (the whole local batch at once) or a positive int, else a ``ValueError`` naming ``chunk_size``."""
+    check_int(chunk_size, who, "chunk_size", 1, allow_none=True)
+    return None if chunk_size is None else int(chunk_size)
 
 
 def num_chunks(n: int, chunk_size: Optional[int]) -> int:

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fishr import linalg
-from fishr._validate import check_choice, check_int
+from fishr._validate import check_choice, check_int, check_positive, check_real
 from fishr.linalg import SolveInfo, solve_info
 
 __all__ = ["CG", "Cholesky", "DirectSolver", "Eigh", "Solver", "Spectral"]
@@ -188,12 +188,8 @@ class Spectral:
 
     def __post_init__(self):
         for name in ("rtol", "rtol_smooth"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-                raise ValueError(f"fishr.Spectral: `{name}` must be a float in [0, 1), got {value!r}.")
-        if self.snr is not None and (isinstance(self.snr, bool) or not isinstance(self.snr, (int, float))
-                                     or not np.isfinite(self.snr) or self.snr <= 0):
-            raise ValueError(f"fishr.Spectral: `snr` must be None or a finite float > 0, got {self.snr!r}.")
+            check_real(getattr(self, name), "fishr.Spectral", name, 0.0, 1.0, high_open=True)
+        check_positive(self.snr, "fishr.Spectral", "snr")
 
     @property
     def has_cutoff(self) -> bool:
