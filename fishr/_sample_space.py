@@ -274,7 +274,20 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Calla
         r = u - operator(y)
         return y, solve_info(jnp.sqrt(tree_inner(r, r)), good & meets_backward_error(r, y, a_norm, rows)), good
 
-    y, info, good = twice(first_one)
+    def first_pair():
+        """Robust SR's two solves in one CG over two columns: the follow-up is made from the direct
+        solve ``y1a`` of the first column and corrected after by the factor alone,
+        ``y2 = y2a + F (follow(y1) - follow(y1a))`` (``follow`` is affine, so the correction is
+        ``F (shift (y1 - y1a))``, small: the factor's error on it is of second order). For a
+        factor in the working precision."""
+        y1a = _apply_factor(factor, rhs, rows)
+        both, info, good = first_one(jnp.stack([rhs, follow(y1a, shift).astype(work)], axis=-1))
+        y1, y2a = both[..., 0], both[..., 1]
+        correction = (follow(y1, shift) - follow(y1a, shift)).astype(work)
+        return (y1, y2a + _apply_factor(factor, correction, rows)), info, good
+
+    # a single-precision factor of double input stays with two CG solves: its y1a is far from y1
+    y, info, good = twice(first_one) if follow is None or rhs.ndim != 2 or single else first_pair()
 
     def fallback(_):
         if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)

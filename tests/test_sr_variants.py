@@ -465,3 +465,40 @@ def test_spring_term_uses_the_damping_used(mode, solver, energies):
     x, _ = _solve(pr, energies, **kw)
     used = 1e-3 + 0.01 * np.trace(pr["s"])
     _close(x, _reference(pr, used, b=pr["g"] + used * 0.5 * previous), 1e-6 if mode == "sample_space" else 1e-9)
+
+
+@pytest.mark.parametrize("jacobian", ["structured", "generic"])
+def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
+    """float32 (factor in the working precision): robust SR's second solve rides along the first CG
+    and is corrected by the factor; against a float64 solve it is as accurate as two separate solves."""
+    from fishr._sample_space import kernel_solve
+    from fishr.jacobian import DenseJacobian, LayerJacobian
+    from flax_models import MLP
+
+    model = MLP(width=12)
+    x = jax.random.normal(jax.random.PRNGKey(1), (96, 3), jnp.float32)
+    params = model.init(jax.random.PRNGKey(0), x[:2])
+    rows = lambda p, s: model.apply(p, s)[:, None]
+    one = lambda p, s: model.apply(p, s[None])[:1]
+    build = lambda p, s: (LayerJacobian.build(rows, one, p, s, False, None) if jacobian == "structured"
+                          else DenseJacobian.build(one, p, s, False, None))
+    rhs = jax.random.normal(jax.random.PRNGKey(2), (96, 1), jnp.float32)
+    w = jax.random.normal(jax.random.PRNGKey(3), (96, 1), jnp.float32)
+    shift = 96 * 1e-4
+    follow = lambda y1, sh: sh * y1 - w
+
+    jac = build(params, x)
+    (y1, y2), info, good = jax.jit(lambda: (lambda o: (o[0], o[1], o[3]))(
+        kernel_solve(jac, shift, fishr.Cholesky(), rhs, follow)))()
+    single = jax.jit(lambda u: kernel_solve(jac, shift, fishr.Cholesky(), u)[0])
+    z1 = single(rhs)
+    z2 = single(follow(z1, shift))
+    up = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
+    k = np.asarray(build(up(params), up(x)).gram())
+    exact1 = np.linalg.solve(k + shift * np.eye(96), np.asarray(rhs, np.float64))
+    exact2 = np.linalg.solve(k + shift * np.eye(96), shift * exact1 - np.asarray(w, np.float64))
+    err = lambda a, b: np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b))
+    assert bool(good) and int(info.fallback) == 0
+    assert err(y1, exact1) <= 2 * err(z1, exact1) + 1e-6
+    assert err(y2, exact2) <= 2 * err(z2, exact2) + 1e-6
+    assert err(y2, exact2) < 1e-3
