@@ -19,6 +19,11 @@ and returns ``x = (S + damping I)^{-1} g`` for a gradient pytree ``g``.
   sample's row stacked, still divided by the number of samples ``N``.
 * ``holomorphic=True``: complex parameters and a holomorphic ``log psi``;
   ``S = Obar^H Obar / N`` is Hermitian and the solve is complex.
+* Complex parameters with ``holomorphic=False`` (a ``log psi`` that is not holomorphic in
+  them): each complex entry ``a + i b`` is the real pair ``(a, b)`` and SR runs on those
+  ``2 P`` real coordinates as above (:mod:`fishr._complex_params`); the gradient is
+  ``dL/da + i dL/db`` (the conjugate of ``jax.grad``), the solution ``x_a + i x_b``.
+  Generic Jacobian; no diagonal metric.
 
 Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
 -----------------------------------------------------------------
@@ -108,6 +113,7 @@ from jax.flatten_util import ravel_pytree
 import optax
 
 from fishr import distributed
+from fishr._complex_params import has_complex, join_pairs, split_pairs
 from fishr._metric import metric_fn
 from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
 from fishr._validate import (check_choice, check_damping, check_positive, check_real, check_tree_matches_params,
@@ -283,11 +289,6 @@ def _check_holomorphic(params: Any, holomorphic: bool, who: str) -> None:
         raise ValueError(
             f"{who}: holomorphic=True needs complex `params` (every leaf complex); "
             "for real parameters with a complex log psi use holomorphic=False."
-        )
-    if not holomorphic and any(complex_leaves):
-        raise ValueError(
-            f"{who}: complex `params` need holomorphic=True (a holomorphic log psi); "
-            "for a non-holomorphic model split each complex parameter into real and imaginary parts."
         )
 
 
@@ -489,6 +490,20 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
                        weights: Optional[jax.Array] = None) -> SolveOutcome:
     """:func:`solve_with_config` in the inputs' own precision."""
     check_tree_matches_params(grads, params, who)
+    if not config.holomorphic and has_complex(params):  # non-holomorphic: SR on the real pairs (a, b)
+        if metric is not None:
+            raise ValueError(f"{who}: a diagonal metric (march, diag_damping, metric=) is not supported with complex "
+                             "`params` and holomorphic=False; split the parameters into real ones yourself.")
+        if config.jacobian == "structured":
+            raise ValueError(f"{who}: jacobian='structured' needs real `params` or holomorphic=True; complex "
+                             "parameters of a non-holomorphic log psi take the generic Jacobian.")
+        if previous is not None:
+            check_tree_matches_params(previous, params, who, "`previous`")
+        pairs = lambda tree: None if tree is None else split_pairs(tree, params)
+        out = _solve_with_config(dataclasses.replace(config, jacobian="generic"),
+                                 lambda p, b: apply_fn(join_pairs(p, params), b), pairs(grads), pairs(params), batch,
+                                 damping, pairs(previous), who, mean_fn, local_energies, None, weights)
+        return out._replace(x=join_pairs(out.x, params))
     _check_holomorphic(params, config.holomorphic, who)
     n_local = local_batch_size(batch, who)
     if local_energies is not None and jnp.shape(local_energies) != (n_local,):
@@ -636,7 +651,9 @@ def sr_solve(
       momentum: SPRING momentum ``mu`` in ``[0, 1)``; needs ``previous`` when > 0.
       previous: the previous solution ``x_{k-1}`` (pytree like ``params``), for momentum
         and for ``CG(initial_guess="previous")``.
-      holomorphic: complex parameters and a holomorphic ``log psi``.
+      holomorphic: complex parameters and a holomorphic ``log psi``. Complex parameters with
+        ``holomorphic=False`` are solved as real pairs (module docs; pass the gradient
+        ``dL/da + i dL/db``, the conjugate of ``jax.grad``).
       jacobian: how ``Obar`` is represented (modes ``"lazy"`` and ``"sample_space"``):
         ``"structured"`` from the statistics of the Flax Dense/DenseGeneral layers that
         :mod:`fishr.capture` finds in ``apply_fn`` (exact; see :mod:`fishr.jacobian`),

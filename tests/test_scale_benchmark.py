@@ -13,7 +13,7 @@ def test_num_params_matches_the_model():
 
 
 def test_worker_solves_and_reports(tmp_path):
-    rows = scale.run(quick=True, sizes=(40,), width=8, chunk=16, tools=("fishr", "fishr chunked"),
+    rows = scale.run(quick=True, sizes=(40,), widths=(8,), chunk=16, tools=("fishr", "fishr chunked"),
                      budget_gb=8.0, time_limit=240.0, out_dir=str(tmp_path))
     assert [r["status"] for r in rows] == ["ok"] * 2
     for r in rows:

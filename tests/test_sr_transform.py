@@ -231,8 +231,10 @@ def test_holomorphic_flag_must_match_params(problem):
     with pytest.raises(ValueError, match="holomorphic=True needs complex `params`"):
         fishr.sr_solve(mlp_log_psi, grad, params, x, holomorphic=True)
     cparams = jax.tree.map(lambda p: p.astype(jnp.complex128), params)
-    with pytest.raises(ValueError, match="complex `params` need holomorphic=True"):
-        fishr.sr_solve(mlp_log_psi, cparams, cparams, x)
+    with pytest.raises(ValueError, match="structured.*holomorphic=True"):  # complex, not holomorphic: generic only
+        fishr.sr_solve(mlp_log_psi, cparams, cparams, x, jacobian="structured", mode="sample_space")
+    with pytest.raises(ValueError, match="metric.*holomorphic=False"):
+        fishr.sr_solve(mlp_log_psi, cparams, cparams, x, diag_damping=0.1, mode="dense")
 
 
 # ----------------------------------------------------------------- non-finite values

@@ -502,3 +502,43 @@ def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
     assert err(y1, exact1) <= 2 * err(z1, exact1) + 1e-6
     assert err(y2, exact2) <= 2 * err(z2, exact2) + 1e-6
     assert err(y2, exact2) < 1e-3
+
+
+def _nonholomorphic_log_psi(params, x):
+    """Complex parameters, not holomorphic in them (|v0|^2 and Re v1)."""
+    return (jnp.sum(jnp.log(jnp.cosh(x @ params["w"])), axis=-1) + x[:, 0] * jnp.abs(params["v"][0]) ** 2
+            + 1j * x[:, 1] * jnp.real(params["v"][1]))
+
+
+@pytest.mark.parametrize("mode,solver", [("lazy", TIGHT), ("dense", fishr.Cholesky()), ("sample_space", None)])
+def test_non_holomorphic_complex_params_are_sr_on_real_pairs(mode, solver):
+    """theta = a + i b solved as the real pair (a, b): S = Re(Obar^H Obar) / N over 2P real coordinates,
+    gradient dL/da + i dL/db in, x_a + i x_b out (float64 reference of the pair function)."""
+    params = holomorphic_params(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (N, 3))
+    energies = jax.random.normal(jax.random.PRNGKey(3), (N,)) + 0.3j * jax.random.normal(jax.random.PRNGKey(4), (N,))
+    grads = jax.tree.map(lambda p: jax.random.normal(jax.random.PRNGKey(5), p.shape) * (1 + 0.5j), params)
+    # the reference: real parameters r = (Re theta, Im theta) per leaf, flattened by hand
+    leaves, treedef = jax.tree.flatten(params)
+    sizes = [leaf.size for leaf in leaves]
+
+    def of_pairs(r, xs):
+        parts, k = [], 0
+        for leaf, size in zip(leaves, sizes):
+            parts.append((r[k:k + size] + 1j * r[k + size:k + 2 * size]).reshape(leaf.shape))
+            k += 2 * size
+        return _nonholomorphic_log_psi(jax.tree.unflatten(treedef, parts), xs)
+
+    to_pairs = lambda tree: np.concatenate([np.concatenate([np.ravel(l.real), np.ravel(l.imag)])
+                                            for l in jax.tree.leaves(tree)])
+    o = jacobian_rows(lambda r, xs: of_pairs(r, xs), jnp.asarray(to_pairs(params)), x)
+    ob = o - o.mean(0)
+    s = (ob.conj().T @ ob).real / N
+    e = np.asarray(energies) - np.mean(energies)
+    force = 2 * (ob.conj().T @ e).real / N
+    b = force if mode == "sample_space" else to_pairs(grads)
+    expected = np.linalg.solve(s + 1e-3 * np.eye(s.shape[0]), b)
+    kw = dict(local_energies=energies) if mode == "sample_space" else {}
+    got, _ = fishr.sr_solve(_nonholomorphic_log_psi, grads, params, x, damping=1e-3, mode=mode, solver=solver, **kw)
+    assert all(jnp.iscomplexobj(leaf) for leaf in jax.tree.leaves(got))
+    np.testing.assert_allclose(to_pairs(got), expected, rtol=0, atol=1e-9 * np.max(np.abs(expected)))
