@@ -20,8 +20,8 @@ energies; every tool computes the same exact SR update
   a Cholesky solve (NetKet's memory-bounded MinSR; optional, ``pip install -e ".[bench]"``).
 
 Run: ``python -m benchmarks.scale [--quick]`` (quick: ``N`` up to 1,024, ``w = 64``, a
-minute); the full preset is ``N = 4,096 ... 16,384`` at ``w = 512`` in float32, tens of
-minutes on 2 cores. Results go to ``benchmarks/results/scale_{quick,full}.{md,json}``.
+minute); the full preset is ``N = 4,096 ... 16,384`` at ``w = 128`` (``P = 35,329``) and
+``w = 512`` (``P = 534,529``) in float32, chunks of 256, tens of minutes on 2 cores. Results go to ``benchmarks/results/scale_{quick,full}.{md,json}``.
 """
 
 from __future__ import annotations
@@ -34,8 +34,8 @@ import sys
 import time
 
 TOOLS = ("fishr", "fishr chunked", "netket srt_onthefly")
-QUICK = {"sizes": (256, 1024), "width": 64, "chunk": 256, "time_limit": 300.0}
-FULL = {"sizes": (4096, 8192, 16384), "width": 512, "chunk": 1024, "time_limit": 1200.0}
+QUICK = {"sizes": (256, 1024), "widths": (64,), "chunk": 256, "time_limit": 300.0}
+FULL = {"sizes": (4096, 8192, 16384), "widths": (128, 512), "chunk": 256, "time_limit": 900.0}
 
 
 def num_params(width: int, d_in: int = 16) -> int:
@@ -176,25 +176,24 @@ def markdown(rows: list, budget_gb: float) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = True, sizes=None, width=None, chunk=None, tools=TOOLS, f64: bool = False,
+def run(quick: bool = True, sizes=None, widths=None, chunk=None, tools=TOOLS, f64: bool = False,
         budget_gb: float = 8.0, time_limit=None, out_dir=None) -> list:
     preset = QUICK if quick else FULL
     sizes = preset["sizes"] if sizes is None else sizes
-    width = preset["width"] if width is None else width
+    widths = preset["widths"] if widths is None else widths
     chunk = preset["chunk"] if chunk is None else chunk
     time_limit = preset["time_limit"] if time_limit is None else time_limit
     rows = []
-    for tool in tools:
-        for n in sizes:
-            row = measure(tool, n, width, chunk, f64, budget_gb * 2**30, time_limit)
-            rows.append(row)
-            print(f"[scale] {tool:20s} N={n:6d} P={row['P']:,} first={row.get('first_s', float('nan')):7.1f}s "
-                  f"warm={row.get('warm_s', float('nan')):7.2f}s peak RSS={row['peak_rss_gb']:.2f} GiB "
-                  f"{row['status']}", flush=True)
-            if row["status"] == "not installed":
-                break
-            if row["status"] in ("over budget", "time limit"):  # larger problems cannot do better
-                break
+    for width in widths:
+        for tool in tools:
+            for n in sizes:
+                row = measure(tool, n, width, chunk, f64, budget_gb * 2**30, time_limit)
+                rows.append(row)
+                print(f"[scale] {tool:20s} N={n:6d} P={row['P']:,} first={row.get('first_s', float('nan')):7.1f}s "
+                      f"warm={row.get('warm_s', float('nan')):7.2f}s peak RSS={row['peak_rss_gb']:.2f} GiB "
+                      f"{row['status']}", flush=True)
+                if row["status"] in ("not installed", "over budget", "time limit"):  # larger N cannot do better
+                    break
     table = markdown(rows, budget_gb)
     print(table)
     if out_dir:
@@ -212,7 +211,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="small preset (about a minute)")
     parser.add_argument("--f64", action="store_true", help="float64 (default float32)")
     parser.add_argument("--sizes", type=int, nargs="*", default=None, help="N values (default: the preset's)")
-    parser.add_argument("--width", type=int, default=None, help="MLP width (512: P = 534,529)")
+    parser.add_argument("--widths", type=int, nargs="*", default=None, help="MLP widths (512: P = 534,529)")
     parser.add_argument("--chunk", type=int, default=None, help="chunk_size of the chunked tools")
     parser.add_argument("--tools", nargs="*", default=list(TOOLS), choices=TOOLS)
     parser.add_argument("--budget-gb", type=float, default=8.0, help="peak RSS budget per process (GiB)")
@@ -224,7 +223,7 @@ def main(argv=None) -> int:
         tool, n, width, chunk = args.worker
         print(json.dumps(worker(tool, int(n), int(width), int(chunk), args.f64)), flush=True)
         return 0
-    run(args.quick, args.sizes, args.width, args.chunk, tuple(args.tools), args.f64, args.budget_gb,
+    run(args.quick, args.sizes, args.widths, args.chunk, tuple(args.tools), args.f64, args.budget_gb,
         args.time_limit, args.out)
     return 0
 

@@ -478,6 +478,14 @@ def layers_pay_off(plan: LayerPlan, num_params: int, c: int = 1) -> bool:
     return 2 * kernel_cost_per_pair(plan, num_params, c) <= kernel_cost_per_pair(None, num_params, c)
 
 
+def _rest_leaves(plan: LayerPlan) -> tuple[int, ...]:
+    """The leaves with explicit rows in :class:`LayerJacobian`, in the order of ``rest``'s columns: the
+    uncovered ones (rows by per-sample gradients), then each norm's scale and bias (rows from its
+    captured ``xhat`` and output gradients)."""
+    norms = tuple(i for m in plan.norms for i in (m.scale_index, m.bias_index) if i is not None)
+    return tuple(plan.uncovered) + norms
+
+
 class LayerJacobian(NamedTuple):
     """``Obar`` from captured layer statistics, exact (see the module docstring).
 
@@ -485,7 +493,9 @@ class LayerJacobian(NamedTuple):
       plan: the static :class:`fishr.capture.LayerPlan`.
       a: per layer, inputs with the bias column, ``(n, T, k)``.
       d: per layer, output gradients per component, ``(n, C, T, m)``.
-      rest: explicit rows ``(n, C, P_rest)`` of the uncovered parameters (uncentred).
+      rest: explicit rows ``(n, C, P_rest)`` (uncentred) of the uncovered parameters (per-sample
+        gradients) and of LayerNorm / RMSNorm scales and biases (``sum_t xhat_t d_t`` and
+        ``sum_t d_t`` from the same capture, no per-sample pass), see :func:`_rest_leaves`.
       unravel_rest: flat ``P_rest`` vector -> list of uncovered leaves.
       treedef: the parameters' tree structure.
       shapes: the parameters' leaf shapes.
@@ -520,14 +530,14 @@ class LayerJacobian(NamedTuple):
         plans = []  # the static plan, recorded when the (per-chunk) capture is traced
 
         def statistics(xs):
-            lin = linearize_layers(scores, params, xs)
+            lin = linearize_layers(scores, params, xs, norms=True)
             plans.append(lin.plan)
             c = lin.outputs.shape[1]
             per_component = []
             for comp in range(c):
                 cot = jnp.zeros_like(lin.outputs).at[:, comp].set(1)
-                per_component.append(lin.pullback(cot))
-            d = tuple(jnp.stack([pc[l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
+                per_component.append(lin.pullback_all(cot))
+            d = tuple(jnp.stack([pc[0][l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
             a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
             uncovered = [leaves[i] for i in lin.plan.uncovered]
 
@@ -537,16 +547,22 @@ class LayerJacobian(NamedTuple):
                     full[i] = leaf
                 return one_sample(jax.tree.unflatten(treedef, full), x)
 
-            if uncovered:
-                rest = per_sample_rows(one_sample_rest, uncovered, xs, holomorphic)
-            else:  # every parameter is in a captured layer: no per-sample pass at all
-                rest = jnp.zeros((lin.outputs.shape[0], c, 0), ravel_pytree(params)[0].dtype)
+            n = lin.outputs.shape[0]
+            dtype = ravel_pytree(params)[0].dtype
+            parts = [per_sample_rows(one_sample_rest, uncovered, xs, holomorphic)] if uncovered else []
+            for j, norm in enumerate(lin.plan.norms):  # exact rows of LayerNorm / RMSNorm scale and bias
+                g = jnp.stack([pc[1][j] for pc in per_component], axis=1)  # (n, C, T, features)
+                if norm.scale_index is not None:
+                    parts.append(jnp.einsum("ntf,nctf->ncf", lin.norm_inputs[j], g).astype(dtype))
+                if norm.bias_index is not None:
+                    parts.append(jnp.sum(g, axis=2).astype(dtype))
+            rest = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((n, c, 0), dtype)
             return a, d, rest
 
         a, d, rest = map_chunks(statistics, samples, chunk_size)
         plan = plans[-1]
         return cls(
-            plan=plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree([leaves[i] for i in plan.uncovered])[1],
+            plan=plan, a=a, d=d, rest=rest, unravel_rest=ravel_pytree([leaves[i] for i in _rest_leaves(plan)])[1],
             treedef=treedef, shapes=tuple(jnp.shape(l) for l in leaves),
             dtypes=tuple(jnp.result_type(l) for l in leaves), axis_name=axis_name,
         )
@@ -564,7 +580,7 @@ class LayerJacobian(NamedTuple):
 
     def _uncentred_matvec(self, v: Any) -> jax.Array:
         leaves = jax.tree.leaves(v)
-        out = _rows_matvec(self.rest, ravel_pytree([leaves[i] for i in self.plan.uncovered])[0])
+        out = _rows_matvec(self.rest, ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0])
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             av = a @ self._layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
             out = out + jnp.einsum("ntm,nctm->nc", av, d)
@@ -579,7 +595,7 @@ class LayerJacobian(NamedTuple):
     def _uncentred_rmatvec(self, u: jax.Array) -> Any:
         """``O^H u`` (no centring) as a parameter pytree."""
         leaves: list = [None] * len(self.shapes)
-        for i, leaf in zip(self.plan.uncovered, self.unravel_rest(_rows_rmatvec(self.rest, u))):
+        for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(_rows_rmatvec(self.rest, u))):
             leaves[i] = leaf
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
