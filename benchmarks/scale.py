@@ -6,7 +6,7 @@ call pays its whole compile. The parent polls the child's RSS and stops it when 
 passes ``--budget-gb`` ("over budget") or runs past ``--time-limit`` ("time limit"), so
 the machine never swaps. For each tool the table gives, per problem: first call (trace,
 compile and one solve), one warm call, peak RSS, and at the end the largest problem it
-solved under the budget.
+solved under the budget. Warm calls: the median and min-max of 3 in the same process.
 
 The problem: an MLP ``log psi`` (16 inputs, three tanh ``Dense`` layers of width ``w``,
 one output; ``w = 512`` is ``P = 534,529``), ``N`` Gaussian samples and synthetic local
@@ -33,6 +33,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 TOOLS = ("fishr", "fishr chunked", "netket srt_onthefly")
 QUICK = {"sizes": (256, 1024), "widths": (64,), "chunk": 256, "time_limit": 300.0}
 FULL = {"sizes": (4096, 8192, 16384), "widths": (128, 512), "chunk": 256, "time_limit": 900.0}
@@ -46,8 +48,8 @@ def num_params(width: int, d_in: int = 16) -> int:
 # --------------------------------------------------------------------------- one workload (child process)
 
 
-def worker(tool: str, n: int, width: int, chunk: int, f64: bool) -> dict:
-    """Build the problem, time the first and one warm call of ``tool``; returns the measurements."""
+def worker(tool: str, n: int, width: int, chunk: int, f64: bool, repeats: int = 3) -> dict:
+    """Build the problem, time the first call and ``repeats`` warm calls of ``tool``; returns the measurements."""
     import jax
 
     if f64:
@@ -89,15 +91,18 @@ def worker(tool: str, n: int, width: int, chunk: int, f64: bool) -> dict:
     t0 = time.perf_counter()
     out = jax.block_until_ready(solve(params, x, energies))
     first = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    out = jax.block_until_ready(solve(params, x, energies))
-    warm = time.perf_counter() - t0
+    warm = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(solve(params, x, energies))
+        warm.append(time.perf_counter() - t0)
     device_peak = None
     stats = jax.devices()[0].memory_stats() if jax.devices()[0].platform != "cpu" else None
     if stats:
         device_peak = stats.get("peak_bytes_in_use")
     norm = float(sum(jnp.sum(jnp.abs(leaf) ** 2) for leaf in jax.tree.leaves(out)) ** 0.5)
-    return {"first_s": first, "warm_s": warm, "device_peak_bytes": device_peak, "update_norm": norm,
+    return {"first_s": first, "warm_s": float(np.median(warm)), "warm_min_s": min(warm), "warm_max_s": max(warm),
+            "device_peak_bytes": device_peak, "update_norm": norm,
             "finite": bool(jnp.isfinite(norm))}
 
 
@@ -160,11 +165,11 @@ def largest_under_budget(rows: list, tool: str):
 
 
 def markdown(rows: list, budget_gb: float) -> str:
-    lines = ["| tool | N | P | chunk | first call (s) | warm call (s) | peak RSS (GiB) | status |",
+    lines = ["| tool | N | P | chunk | first call (s) | warm call (s), median (min-max) | peak RSS (GiB) | status |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         first = f"{r['first_s']:.1f}" if "first_s" in r else "-"
-        warm = f"{r['warm_s']:.2f}" if "warm_s" in r else "-"
+        warm = f"{r['warm_s']:.2f} ({r['warm_min_s']:.2f}-{r['warm_max_s']:.2f})" if "warm_s" in r else "-"
         chunk = r["chunk"] if r["tool"] != "fishr" else "-"
         lines.append(f"| {r['tool']} | {r['N']:,} | {r['P']:,} | {chunk} | {first} | {warm} | "
                      f"{r['peak_rss_gb']:.2f} | {r['status']} |")

@@ -266,7 +266,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Calla
         if single:
             y, info = pcg(factor, u)
             return y, info, finite & info.converged
-        if hasattr(jac, "plan"):  # layers' kernel centred through row means: CG from the direct solve
+        if getattr(jac, "plan", None) is not None and jac.plan.layers:  # centred through row means: CG on
             y, info = pcg(factor, u, _apply_factor(factor, u, rows))
             return y, info, finite & info.converged
         y = _apply_factor(factor, u, rows)

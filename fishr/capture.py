@@ -699,8 +699,10 @@ class CoverageRow(NamedTuple):
       positions: ``T``, the positions per sample of the layer (``None`` if not captured).
       d_in, d_out: the layer's kernel as a ``(d_in, d_out)`` matrix (``None`` if not captured).
       treatment: what K-FAC and structured SR do with the leaf: Kronecker factors and
-        layer statistics for a captured layer; a diagonal block and explicit rows for a
-        norm's scale and bias; the identity and explicit rows otherwise.
+        layer statistics for a captured layer (explicit rows formed from the statistics
+        where the layer's many positions make them cheaper); a diagonal block and rows
+        from the captured statistics for a norm's scale and bias; the identity and
+        per-sample rows (a per-sample backward pass) otherwise.
     """
 
     path: str
@@ -714,9 +716,9 @@ class CoverageRow(NamedTuple):
     treatment: str
 
 
-CAPTURED_TREATMENT = "kronecker factors (K-FAC) / layer statistics (structured SR)"
+CAPTURED_TREATMENT = "kronecker factors (K-FAC) / layer statistics (structured SR; rows from them at many positions)"
 UNCOVERED_TREATMENT = "identity (K-FAC) / explicit per-sample rows (structured SR)"
-NORM_TREATMENT = "diagonal block (K-FAC) / explicit per-sample rows (structured SR)"
+NORM_TREATMENT = "diagonal block (K-FAC) / rows from the captured statistics (structured SR)"
 INACTIVE_TREATMENT = "not used by the model: zero update with SR's prune=True"
 
 

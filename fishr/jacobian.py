@@ -40,15 +40,19 @@ compiled program does not grow with ``n``.
     mean score is large next to its spread, so the kernel serves as the
     preconditioner of a solve whose products are exact (:mod:`fishr._sample_space`).
 
-    Per layer, :meth:`LayerJacobian.kernel_tiles` takes the cheaper of the structured
+    Per layer, :meth:`LayerJacobian.build` takes the cheaper of the structured
     kernel, ``n^2 T^2 (k + C^2 m)`` multiply-adds, and the generic one through
     the per-sample gradients ``G`` (``n C T k m`` to form them plus
-    ``(n C)^2 k m``), with ``k = d_in (+1)``, ``m = d_out``, ``T`` positions;
-    for ``T = 1`` the structured kernel always wins.
+    ``(n C)^2 k m``), with ``k = d_in (+1)``, ``m = d_out``, ``T`` positions
+    (for ``T = 1`` the structured kernel always wins): a layer where ``G`` is cheaper
+    (a transformer's, at many positions) becomes explicit rows ``G`` formed from its
+    statistics, centred exactly like the uncovered parameters' rows, with no per-sample
+    backward pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, NamedTuple, Optional
 
 import jax
@@ -426,18 +430,15 @@ def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: Optional
     """One layer's ``(O O^H)[ic, jc']`` for two sample ranges, shape ``(m_i, C, m_j, C)``.
 
     ``"gram-hadamard"`` (``T = 1``): ``(a_i . conj a_j)(d_ic . conj d_jc')``;
-    ``"positions"``: ``sum_{t,s} (a_it . conj a_js)(d_ict . conj d_jc's)``;
-    ``"gradients"``: the per-sample gradient rows ``G_i G_j^H``.
+    ``"positions"``: ``sum_{t,s} (a_it . conj a_js)(d_ict . conj d_jc's)``.
     """
     mi, mj = xi.shape[0], xj.shape[0]
     if kind == "gram-hadamard":
         ka = xi @ xj.conj().T
         return ka[:, None, :, None] * _rows_gram(yi, yj).reshape(mi, c, mj, c)
-    if kind == "positions":
-        ka = jnp.einsum("itk,jsk->itjs", xi, xj.conj())
-        kd = jnp.einsum("ictm,jesm->icjets", yi, yj.conj())
-        return jnp.einsum("itjs,icjets->icje", ka, kd)
-    return _rows_gram(xi, xj).reshape(mi, c, mj, c)
+    ka = jnp.einsum("itk,jsk->itjs", xi, xj.conj())
+    kd = jnp.einsum("ictm,jesm->icjets", yi, yj.conj())
+    return jnp.einsum("itjs,icjets->icje", ka, kd)
 
 
 def layer_kernel_is_structured(n: int, c: int, positions: int, k: int, m: int) -> bool:
@@ -494,7 +495,9 @@ class LayerJacobian(NamedTuple):
       a: per layer, inputs with the bias column, ``(n, T, k)``.
       d: per layer, output gradients per component, ``(n, C, T, m)``.
       rest: explicit rows ``(n, C, P_rest)`` (uncentred) of the uncovered parameters (per-sample
-        gradients) and of LayerNorm / RMSNorm scales and biases (``sum_t xhat_t d_t`` and
+        gradients), of the layers whose per-sample gradients are cheaper than their structured
+        kernel (many positions: folded into rows ``G_ic = sum_t a_it^T d_ict`` at build time, and
+        then in ``plan.uncovered``) and of LayerNorm / RMSNorm scales and biases (``sum_t xhat_t d_t`` and
         ``sum_t d_t`` from the same capture, no per-sample pass), see :func:`_rest_leaves`.
       unravel_rest: flat ``P_rest`` vector -> list of uncovered leaves.
       treedef: the parameters' tree structure.
@@ -528,10 +531,10 @@ class LayerJacobian(NamedTuple):
         """
         leaves, treedef = jax.tree.flatten(params)
         plans = []  # the static plan, recorded when the (per-chunk) capture is traced
+        n_global = distributed.batch_size(jax.tree.leaves(samples)[0].shape[0], axis_name)
 
         def statistics(xs):
             lin = linearize_layers(scores, params, xs, norms=True)
-            plans.append(lin.plan)
             c = lin.outputs.shape[1]
             per_component = []
             for comp in range(c):
@@ -540,6 +543,24 @@ class LayerJacobian(NamedTuple):
             d = tuple(jnp.stack([pc[0][l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
             a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
             uncovered = [leaves[i] for i in lin.plan.uncovered]
+            # layers at many positions whose structured kernel costs more than their per-sample gradients
+            # G_ic = sum_t a_it^T d_ict (a transformer's): explicit rows from the statistics (exactly centred)
+            fold = [layer.positions > 1 and not layer_kernel_is_structured(
+                n_global, c, layer.positions, layer.d_in + int(layer.has_bias), layer.d_out) for layer in lin.plan.layers]
+            folded_rows, folded_leaves = [], []
+            for l, layer in enumerate(lin.plan.layers):
+                if fold[l]:
+                    g = jnp.einsum("ntk,nctm->nckm", a[l], d[l])
+                    folded_rows.append(g[:, :, :layer.d_in].reshape(g.shape[0], c, -1))
+                    folded_leaves.append(layer.kernel_index)
+                    if layer.has_bias:
+                        folded_rows.append(g[:, :, layer.d_in])
+                        folded_leaves.append(layer.bias_index)
+            plans.append(dataclasses.replace(
+                lin.plan, layers=tuple(layer for l, layer in enumerate(lin.plan.layers) if not fold[l]),
+                uncovered=tuple(lin.plan.uncovered) + tuple(folded_leaves)))
+            a = tuple(x for l, x in enumerate(a) if not fold[l])
+            d = tuple(x for l, x in enumerate(d) if not fold[l])
 
             def one_sample_rest(rest_leaves, x):
                 full = list(leaves)
@@ -550,6 +571,7 @@ class LayerJacobian(NamedTuple):
             n = lin.outputs.shape[0]
             dtype = ravel_pytree(params)[0].dtype
             parts = [per_sample_rows(one_sample_rest, uncovered, xs, holomorphic)] if uncovered else []
+            parts += [rows.astype(dtype) for rows in folded_rows]
             for j, norm in enumerate(lin.plan.norms):  # exact rows of LayerNorm / RMSNorm scale and bias
                 g = jnp.stack([pc[1][j] for pc in per_component], axis=1)  # (n, C, T, features)
                 if norm.scale_index is not None:
@@ -649,17 +671,12 @@ class LayerJacobian(NamedTuple):
 
     def _kernel_factors(self) -> list:
         """Per layer, what its kernel blocks are products of (see :func:`_uncentred_layer_block`)."""
-        n, c = self.rest.shape[:2]
         factors = []
         for a, d in zip(self.a, self.d):
-            t, k = a.shape[1:]
-            m = d.shape[-1]
-            if t == 1:  # two plain GEMMs and a Hadamard product
+            if a.shape[1] == 1:  # two plain GEMMs and a Hadamard product
                 factors.append(("gram-hadamard", a[:, 0], d[:, :, 0]))
-            elif layer_kernel_is_structured(n, c, t, k, m):
+            else:  # kept at T > 1 positions because this is cheaper than G G^H (see build)
                 factors.append(("positions", a, d))
-            else:  # the layer's per-sample gradients, G G^H
-                factors.append(("gradients", jnp.einsum("ntk,nctm->nckm", a, d).reshape(n, c, -1), None))
         return factors
 
     def _layer_row_means(self) -> jax.Array:

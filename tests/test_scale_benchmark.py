@@ -17,13 +17,14 @@ def test_worker_solves_and_reports(tmp_path):
                      budget_gb=8.0, time_limit=240.0, out_dir=str(tmp_path))
     assert [r["status"] for r in rows] == ["ok"] * 2
     for r in rows:
-        assert r["first_s"] > 0 and r["warm_s"] > 0 and 0 < r["peak_rss_gb"] < 8 and r["finite"]
+        assert r["first_s"] > 0 and 0 < r["warm_min_s"] <= r["warm_s"] <= r["warm_max_s"] and r["finite"]
+        assert 0 < r["peak_rss_gb"] < 8
     # chunked and unchunked compute the same update
     by = {(r["tool"], r["N"]): r["update_norm"] for r in rows}
     assert by[("fishr chunked", 40)] == pytest.approx(by[("fishr", 40)], rel=1e-4)
     assert scale.largest_under_budget(rows, "fishr") == (40, scale.num_params(8))
     text = (tmp_path / "scale_quick.md").read_text()
-    assert "Largest problem solved under 8 GiB" in text and "| fishr chunked | 40 | 233 | 16 |" in text
+    assert "Largest problem solved under 8 GiB" in text and "| fishr chunked | 40 | 289 | 16 |" in text
 
 
 def test_over_budget_is_stopped_and_reported():

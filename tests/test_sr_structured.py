@@ -2,6 +2,7 @@
 
 import functools
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -60,11 +61,38 @@ def _sr_plan(name):
 def test_models_exercise_what_they_claim():
     plan = _sr_plan
     assert len(plan("mlp").layers) == 3 and plan("mlp").uncovered == ()
-    assert plan("per_position").layers[0].positions == 4  # one dense layer at 4 positions
     assert len(plan("mixed").uncovered) == 1  # the gate is in no Dense layer
-    assert len(plan("per_position").uncovered) == 1  # the scale
-    for name in CASES:  # the SR path captures every layer that discovery finds
+    # per_position: its dense layer at 4 positions (k = 3, m = 5) is cheaper as explicit rows G = sum_t a_t^T d_t,
+    # so the SR path folds it into the rows (with the uncovered scale) and keeps only the head as a layer
+    found = discover_layers(*_case("per_position")[:3]).layers
+    assert found[0].positions == 4 and found[0] not in plan("per_position").layers
+    assert plan("per_position").layers == found[1:]
+    assert {found[0].kernel_index, found[0].bias_index} < set(plan("per_position").uncovered)
+    assert len(plan("per_position").uncovered) == 3
+    for name in set(CASES) - {"per_position"}:  # the SR path captures every layer that discovery finds
         assert _sr_plan(name).layers == discover_layers(*_case(name)[:3]).layers
+
+
+class _TwoPositions(nn.Module):
+    """A wide dense layer at 2 positions: its structured kernel (T^2 (k + m) per pair) beats G G^H (k m)."""
+
+    @nn.compact
+    def __call__(self, x):
+        h = jnp.tanh(nn.Dense(16)(x.reshape(x.shape[0], 2, 16)))
+        return nn.Dense(1)(h.reshape(x.shape[0], -1))[..., 0]
+
+
+def test_layer_at_few_positions_keeps_its_structured_kernel():
+    model = _TwoPositions()
+    x = jax.random.normal(jax.random.PRNGKey(0), (24, 32))
+    params = _f64(model.init(jax.random.PRNGKey(1), x))
+    grad = random_like(jax.random.PRNGKey(2), params)
+    jac = _jacobian(True, model.apply, params, x, False)
+    assert [layer.positions for layer in jac.plan.layers] == [2, 1] and jac.plan.uncovered == ()
+    assert [kind for kind, _, _ in jac._kernel_factors()] == ["positions", "gram-hadamard"]
+    solve = lambda jacobian: fishr.sr_solve(model.apply, grad, params, x, damping=1e-3, mode="sample_space",
+                                            jacobian=jacobian)[0]
+    assert rel_err(flat(solve("structured")), flat(solve("generic"))) <= 1e-10
 
 
 @pytest.mark.parametrize("mode", ["lazy", "sample_space"])
