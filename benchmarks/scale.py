@@ -130,7 +130,10 @@ def measure(tool: str, n: int, width: int, chunk: int, f64: bool, budget_bytes: 
     t0 = time.perf_counter()
     child = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     peak, status = 0, None
-    while child.poll() is None:
+    while True:  # reap with wait4 ourselves: its rusage holds the child's exact peak RSS
+        pid, wait_status, usage = os.wait4(child.pid, os.WNOHANG)
+        if pid:
+            break
         peak = max(peak, _rss_peak_bytes(child.pid))
         if peak > budget_bytes:
             status = "over budget"
@@ -138,11 +141,11 @@ def measure(tool: str, n: int, width: int, chunk: int, f64: bool, budget_bytes: 
             status = "time limit"
         if status:
             child.kill()
+            _, wait_status, usage = os.wait4(child.pid, 0)
             break
         time.sleep(0.1)
-    _, _, usage = os.wait4(child.pid, 0) if child.returncode is None else (0, 0, None)
-    if usage is not None:
-        peak = max(peak, usage.ru_maxrss * 1024)
+    child.returncode = os.waitstatus_to_exitcode(wait_status)
+    peak = max(peak, usage.ru_maxrss * 1024)
     stdout, stderr = child.communicate()
     row = {"tool": tool, "N": n, "P": num_params(width), "chunk": chunk, "dtype": "float64" if f64 else "float32",
            "peak_rss_gb": peak / 2**30, "wall_s": time.perf_counter() - t0}

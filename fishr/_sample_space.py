@@ -140,10 +140,7 @@ def _over_columns(fn: Callable, y: jax.Array) -> Any:
 
 def _rows(jac) -> tuple[int, int]:
     """``(N, C)`` of a gathered Jacobian."""
-    if hasattr(jac, "rows_shape"):  # rows spread over devices
-        return jac.rows_shape
-    stats = jac.rows if hasattr(jac, "rows") else jac.rest
-    return stats.shape[0], stats.shape[1]
+    return jac.rows_shape
 
 
 def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[TiledFactor, jax.Array]:
@@ -266,7 +263,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Calla
         if single:
             y, info = pcg(factor, u)
             return y, info, finite & info.converged
-        if getattr(jac, "plan", None) is not None and jac.plan.layers:  # centred through row means: CG on
+        if getattr(jac, "plan", None) is not None and jac.plan.layers:  # layers centred via row means: CG on
             y, info = pcg(factor, u, _apply_factor(factor, u, rows))
             return y, info, finite & info.converged
         y = _apply_factor(factor, u, rows)

@@ -130,8 +130,7 @@ def sr(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune,
-                       chunk_size=chunk_size)
+                       score_clip=score_clip, prune=prune, chunk_size=chunk_size)
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)

@@ -304,15 +304,19 @@ def _wants_layers(jacobian: str, apply_fn, params, batch) -> bool:
     return bool(plan.layers) and layers_pay_off(plan, sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
+def _scores_of(apply_fn, config: SRConfig, who: str) -> Callable[[Any, Any], jax.Array]:
+    """``(params, samples) -> (n, C)`` score rows, with the samples an argument (for capture and chunks)."""
+    return lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
+
+
 def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig, who: str, mean_fn=None):
     """The Jacobian representation: the layers' statistics or the explicit (optionally clipped) rows."""
     rows = log_psi_rows(apply_fn, batch, config.holomorphic, who)
     jax.eval_shape(rows, params)  # trace-time checks of the output shape on the whole batch
     one_sample = log_psi_one_sample(apply_fn, config.holomorphic, who)
     if structured:
-        rows_of = lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
-        return LayerJacobian.build(rows_of, one_sample, params, batch, config.holomorphic, config.axis_name,
-                                   config.chunk_size)
+        return LayerJacobian.build(_scores_of(apply_fn, config, who), one_sample, params, batch, config.holomorphic,
+                                   config.axis_name, config.chunk_size)
     return DenseJacobian.build(one_sample, params, batch, config.holomorphic, config.axis_name, mean_fn,
                                config.score_clip, config.chunk_size)
 
@@ -552,9 +556,8 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
     if config.mode == "lazy" and config.jacobian == "structured":
         jac = _build_jacobian(True, apply_fn, params, batch, config, who)
     elif config.mode == "lazy" and num_chunks(n_local, config.chunk_size) > 1:
-        rows_of = lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
-        jac = ChunkedLinearizedJacobian(rows_of, params, batch, config.chunk_size, config.holomorphic,
-                                        config.axis_name, mean_fn)
+        jac = ChunkedLinearizedJacobian(_scores_of(apply_fn, config, who), params, batch, config.chunk_size,
+                                        config.holomorphic, config.axis_name, mean_fn)
     elif config.mode == "lazy":
         jac = LinearizedJacobian(log_psi_rows(apply_fn, batch, config.holomorphic, who), params,
                                  config.holomorphic, config.axis_name, mean_fn)

@@ -72,12 +72,11 @@ def sum_chunks(fn: Callable[[Any, Any], Any], batch: Any, per_sample: Any, chunk
     if num_chunks(n, chunk_size) == 1:
         return fn(batch, per_sample)
     chunks = (_split(batch, n, chunk_size, "edge"), _split(per_sample, n, chunk_size, "zero"))
-    first = jax.tree.map(lambda x: x[0], chunks)
-    total = fn(*first)
-    rest = jax.tree.map(lambda x: x[1:], chunks)
+    shapes = jax.eval_shape(fn, *jax.tree.map(lambda x: x[0], chunks))  # fn appears once, inside the scan
+    total = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
     def step(acc, chunk):
         return jax.tree.map(jnp.add, acc, fn(*chunk)), None
 
-    total, _ = lax.scan(step, total, rest)
+    total, _ = lax.scan(step, total, chunks)
     return total

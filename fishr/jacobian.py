@@ -208,8 +208,8 @@ class ChunkedLinearizedJacobian:
             u = u.conj()
 
         def vjp(xs, us):
-            _, pullback = jax.vjp(lambda p: self._scores(p, xs), self._params)
-            return pullback(us.astype(jax.eval_shape(self._scores, self._params, xs).dtype))[0]
+            out, pullback = jax.vjp(lambda p: self._scores(p, xs), self._params)
+            return pullback(us.astype(out.dtype))[0]
 
         w = sum_chunks(vjp, self._batch, u, self._chunk_size)
         return jax.tree.map(jnp.conj, w) if self._holomorphic else w
@@ -292,6 +292,11 @@ class DenseJacobian(NamedTuple):
             size = jnp.mean(jnp.abs(rows), axis=(1, 2), keepdims=True)
             rows = rows * jnp.minimum(1.0, row_clip / jnp.maximum(size, jnp.finfo(size.dtype).tiny)).astype(rows.dtype)
         return cls(_centre(rows, axis_name, mean_fn), ravel_pytree(params)[1], axis_name)
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        """``(n, C)``: the samples and score components of these rows."""
+        return self.rows.shape[0], self.rows.shape[1]
 
     @property
     def flat_rows(self) -> jax.Array:
@@ -532,6 +537,7 @@ class LayerJacobian(NamedTuple):
         leaves, treedef = jax.tree.flatten(params)
         plans = []  # the static plan, recorded when the (per-chunk) capture is traced
         n_global = distributed.batch_size(jax.tree.leaves(samples)[0].shape[0], axis_name)
+        dtype = ravel_pytree(params)[0].dtype
 
         def statistics(xs):
             lin = linearize_layers(scores, params, xs, norms=True)
@@ -543,24 +549,22 @@ class LayerJacobian(NamedTuple):
             d = tuple(jnp.stack([pc[0][l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
             a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
             uncovered = [leaves[i] for i in lin.plan.uncovered]
-            # layers at many positions whose structured kernel costs more than their per-sample gradients
-            # G_ic = sum_t a_it^T d_ict (a transformer's): explicit rows from the statistics (exactly centred)
-            fold = [layer.positions > 1 and not layer_kernel_is_structured(
-                n_global, c, layer.positions, layer.d_in + int(layer.has_bias), layer.d_out) for layer in lin.plan.layers]
-            folded_rows, folded_leaves = [], []
-            for l, layer in enumerate(lin.plan.layers):
-                if fold[l]:
-                    g = jnp.einsum("ntk,nctm->nckm", a[l], d[l])
-                    folded_rows.append(g[:, :, :layer.d_in].reshape(g.shape[0], c, -1))
-                    folded_leaves.append(layer.kernel_index)
-                    if layer.has_bias:
-                        folded_rows.append(g[:, :, layer.d_in])
-                        folded_leaves.append(layer.bias_index)
-            plans.append(dataclasses.replace(
-                lin.plan, layers=tuple(layer for l, layer in enumerate(lin.plan.layers) if not fold[l]),
-                uncovered=tuple(lin.plan.uncovered) + tuple(folded_leaves)))
-            a = tuple(x for l, x in enumerate(a) if not fold[l])
-            d = tuple(x for l, x in enumerate(d) if not fold[l])
+            # a layer at many positions whose structured kernel costs more than its per-sample gradients
+            # G_ic = sum_t a_it^T d_ict (a transformer's) is kept as explicit rows G (exactly centred)
+            kept, kept_a, kept_d, folded_rows, folded_leaves = [], [], [], [], []
+            for layer, x, y in zip(lin.plan.layers, a, d):
+                if layer.positions == 1 or layer_kernel_is_structured(
+                        n_global, c, layer.positions, layer.d_in + int(layer.has_bias), layer.d_out):
+                    kept.append(layer), kept_a.append(x), kept_d.append(y)
+                    continue
+                g = jnp.einsum("ntk,nctm->nckm", x, y)
+                folded_rows.append(g[:, :, :layer.d_in].reshape(g.shape[0], c, -1))
+                folded_leaves.append(layer.kernel_index)
+                if layer.has_bias:
+                    folded_rows.append(g[:, :, layer.d_in])
+                    folded_leaves.append(layer.bias_index)
+            plans.append(dataclasses.replace(lin.plan, layers=tuple(kept),
+                                             uncovered=tuple(lin.plan.uncovered) + tuple(folded_leaves)))
 
             def one_sample_rest(rest_leaves, x):
                 full = list(leaves)
@@ -569,7 +573,6 @@ class LayerJacobian(NamedTuple):
                 return one_sample(jax.tree.unflatten(treedef, full), x)
 
             n = lin.outputs.shape[0]
-            dtype = ravel_pytree(params)[0].dtype
             parts = [per_sample_rows(one_sample_rest, uncovered, xs, holomorphic)] if uncovered else []
             parts += [rows.astype(dtype) for rows in folded_rows]
             for j, norm in enumerate(lin.plan.norms):  # exact rows of LayerNorm / RMSNorm scale and bias
@@ -579,7 +582,7 @@ class LayerJacobian(NamedTuple):
                 if norm.bias_index is not None:
                     parts.append(jnp.sum(g, axis=2).astype(dtype))
             rest = jnp.concatenate(parts, axis=-1) if parts else jnp.zeros((n, c, 0), dtype)
-            return a, d, rest
+            return tuple(kept_a), tuple(kept_d), rest
 
         a, d, rest = map_chunks(statistics, samples, chunk_size)
         plan = plans[-1]
@@ -592,6 +595,11 @@ class LayerJacobian(NamedTuple):
     @property
     def num_components(self) -> int:
         return self.rest.shape[1]
+
+    @property
+    def rows_shape(self) -> tuple[int, int]:
+        """``(n, C)``: the samples and score components of these statistics."""
+        return self.rest.shape[0], self.rest.shape[1]
 
     def _layer_block(self, leaves: list, layer) -> jax.Array:
         """The ``(k, m)`` block of a parameter pytree's leaves for ``layer`` (kernel rows, then bias)."""
