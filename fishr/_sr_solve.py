@@ -378,7 +378,7 @@ def _solve_dense_spectral(jac: DenseJacobian, s, rhs, damping, solver, config: S
 def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, config: SRConfig,
                  local_energies=None, ratios=None):
     """``(S + d)^{-1} (grads + d momentum_term)`` (or its variants) with ``d`` the damping used."""
-    n_local = jac.rows.shape[0]
+    n_local = jac.rows_shape[0]
     rows = jac.flat_rows
 
     def rhs(d):
@@ -566,7 +566,7 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
             config.jacobian, apply_fn, params, batch)
         jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
         if ratios is not None:
-            jac = jac._replace(rows=jac.rows * jnp.sqrt(ratios).astype(jac.rows.dtype)[:, None, None])
+            jac = jac.scaled_samples(jnp.sqrt(ratios))
 
     scale, metric_values = None, None
     if metric is not None:  # theta = s theta~ with s = M^{-1/2}: SR in theta~ is (S + d M)^{-1} in theta

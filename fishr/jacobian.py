@@ -237,18 +237,20 @@ def _flat_rows(rows: jax.Array) -> jax.Array:
     return rows.reshape(rows.shape[0] * rows.shape[1], rows.shape[-1])
 
 
-def _rows_matvec(rows: jax.Array, v: jax.Array) -> jax.Array:
-    """``rows v`` for rows ``(n, C, P)`` and a flat ``v`` ``(P,)`` -> ``(n, C)``, as one 2-D product."""
-    return (_flat_rows(rows) @ v).reshape(rows.shape[:2])
+def _rows_matvec(flat: jax.Array, c: int, v: jax.Array) -> jax.Array:
+    """``Obar v`` for flat rows ``(n C, P)`` and a flat ``v`` ``(P,)`` -> ``(n, C)``."""
+    return (flat @ v).reshape(-1, c)
 
 
-def _rows_rmatvec(rows: jax.Array, u: jax.Array) -> jax.Array:
-    """``rows^H u`` for ``u`` ``(n, C)`` -> ``(P,)``.
+def _rows_rmatvec(flat: jax.Array, u: jax.Array) -> jax.Array:
+    """``Obar^H u`` for flat rows ``(n C, P)`` and ``u`` ``(n, C)`` -> ``(P,)``.
 
-    Written ``u @ conj(rows)`` so the large operand is not transposed: inside a CG
-    loop an ``einsum('ncp,nc->p')`` ran ~10x below memory bandwidth on the CPU.
+    Written ``conj(conj(u) @ Obar)``: the large operand is neither transposed nor
+    conjugated (inside a CG loop, ``einsum('ncp,nc->p')`` and an elementwise ``conj`` of the
+    rows were fused into a loop-emitted product that ran ~3-10x below memory bandwidth
+    on the CPU).
     """
-    return u.reshape(-1) @ _flat_rows(rows).conj()
+    return jnp.conj(jnp.conj(u.reshape(-1)) @ flat)
 
 
 def _rows_gram(rows: jax.Array, other: Optional[jax.Array] = None) -> jax.Array:
@@ -276,11 +278,26 @@ def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, sa
 
 
 class DenseJacobian(NamedTuple):
-    """Explicit centred rows ``(n, C, P)``; ``unravel`` maps a flat ``P`` vector to the pytree."""
+    """Explicit centred rows, held flat as the ``(n C) x P`` matrix they are.
 
-    rows: jax.Array
+    ``flat_rows`` is stored 2-D on purpose: a product inside a CG loop whose operand is
+    reshaped from ``(n, C, P)`` in the loop body is fused by XLA's CPU backend into a
+    loop-emitted product about 3x slower than the library matrix-vector product (50 CG
+    steps on an RBM with N = 256, P = 4,368: 18 ms against 7 ms); ``rows`` is the
+    ``(n, C, P)`` view for code outside such loops. ``unravel`` maps a flat ``P`` vector to the
+    pytree.
+    """
+
+    flat_rows: jax.Array
+    components: int
     unravel: Callable[[jax.Array], Any]
     axis_name: AxisName = None
+
+    @classmethod
+    def of_rows(cls, rows: jax.Array, unravel: Callable[[jax.Array], Any], axis_name: AxisName = None
+                ) -> "DenseJacobian":
+        """From centred rows ``(n, C, P)``."""
+        return cls(_flat_rows(rows), rows.shape[1], unravel, axis_name)
 
     @classmethod
     def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None,
@@ -291,22 +308,23 @@ class DenseJacobian(NamedTuple):
         if row_clip is not None:
             size = jnp.mean(jnp.abs(rows), axis=(1, 2), keepdims=True)
             rows = rows * jnp.minimum(1.0, row_clip / jnp.maximum(size, jnp.finfo(size.dtype).tiny)).astype(rows.dtype)
-        return cls(_centre(rows, axis_name, mean_fn), ravel_pytree(params)[1], axis_name)
+        return cls.of_rows(_centre(rows, axis_name, mean_fn), ravel_pytree(params)[1], axis_name)
+
+    @property
+    def rows(self) -> jax.Array:
+        """The centred rows ``(n, C, P)`` (a view of ``flat_rows``)."""
+        return self.flat_rows.reshape(-1, self.components, self.flat_rows.shape[-1])
 
     @property
     def rows_shape(self) -> tuple[int, int]:
         """``(n, C)``: the samples and score components of these rows."""
-        return self.rows.shape[0], self.rows.shape[1]
-
-    @property
-    def flat_rows(self) -> jax.Array:
-        return _flat_rows(self.rows)
+        return self.flat_rows.shape[0] // self.components, self.components
 
     def matvec_flat(self, v: jax.Array) -> jax.Array:
-        return _rows_matvec(self.rows, v)
+        return _rows_matvec(self.flat_rows, self.components, v)
 
     def rmatvec_flat(self, u: jax.Array) -> jax.Array:
-        return _rows_rmatvec(self.rows, u)  # rows are centred already
+        return _rows_rmatvec(self.flat_rows, u)  # rows are centred already
 
     def matvec(self, v: Any) -> jax.Array:
         return self.matvec_flat(ravel_pytree(v)[0])
@@ -316,37 +334,43 @@ class DenseJacobian(NamedTuple):
 
     def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
         """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`)."""
-        n, c = self.rows.shape[:2]
+        n, c = self.rows_shape
+        rows = self.rows
 
         def make_block(m, n_pad):
-            take = _slicer(self.rows, n_pad, m)
+            take = _slicer(rows, n_pad, m)
             return lambda i0, j0: _rows_gram(take(i0), take(j0))
 
-        return tiled_kernel(n, c, self.rows.dtype, make_block, ts)
+        return tiled_kernel(n, c, rows.dtype, make_block, ts)
 
     def gram(self) -> jax.Array:
         """``Obar Obar^H``, ``(n C) x (n C)``."""
-        n, c = self.rows.shape[:2]
+        n, c = self.rows_shape
         return kernel_from_tiles(self.kernel_tiles(), n * c)
 
     def single_precision(self) -> "DenseJacobian":
         """The same rows rounded to single precision (for a preconditioning factor)."""
-        return self._replace(rows=self.rows.astype(_single(self.rows.dtype)))
+        return self._replace(flat_rows=self.flat_rows.astype(_single(self.flat_rows.dtype)))
 
     def gather(self) -> Any:
         """What a sample-space solve over all devices needs: without devices ``self``, else a
         :class:`ShardedRowsJacobian` that keeps the local rows and gathers only kernel blocks."""
         if distributed.device_count(self.axis_name) == 1:
             return self._replace(axis_name=None)
-        return ShardedRowsJacobian(self.rows, self.unravel, self.axis_name)
+        return ShardedRowsJacobian(self.flat_rows, self.components, self.unravel, self.axis_name)
 
     def score_variance(self) -> jax.Array:
         """``diag S = mean_i sum_c |Obar_icp|^2`` over all samples (flat ``(P,)``, real)."""
         return distributed.batch_mean(jnp.sum(jnp.abs(self.rows) ** 2, axis=1), self.axis_name)
 
+    def scaled_samples(self, factor: jax.Array) -> "DenseJacobian":
+        """Each sample's rows times ``factor[i]`` (``(n,)``; sample weights enter as ``sqrt(w_i)``)."""
+        per_row = jnp.repeat(factor.astype(self.flat_rows.dtype), self.components)
+        return self._replace(flat_rows=self.flat_rows * per_row[:, None])
+
     def scaled(self, scale: Any) -> "DenseJacobian":
         """The Jacobian of the reparametrisation ``theta = scale * theta~``: columns times ``scale`` (a pytree)."""
-        return self._replace(rows=self.rows * ravel_pytree(scale)[0].astype(self.rows.dtype))
+        return self._replace(flat_rows=self.flat_rows * ravel_pytree(scale)[0].astype(self.flat_rows.dtype))
 
 
 GATHER_ELEMENTS = 1 << 24  # entries of one gathered column slab of the rows (64 MiB in float32)
@@ -366,23 +390,24 @@ class ShardedRowsJacobian(NamedTuple):
       gathered (the ``(N C) x (N C)`` kernel that every device factors).
     """
 
-    rows: jax.Array
+    flat_rows: jax.Array
+    components: int
     unravel: Callable[[jax.Array], Any]
     axis_name: AxisName
 
     @property
     def rows_shape(self) -> tuple[int, int]:
         """``(N, C)``: all devices' samples and the score components."""
-        n_local, c = self.rows.shape[:2]
-        return n_local * distributed.device_count(self.axis_name), c
+        n_local = self.flat_rows.shape[0] // self.components
+        return n_local * distributed.device_count(self.axis_name), self.components
 
     def matvec_flat(self, v: jax.Array) -> jax.Array:
-        return distributed.all_gather_batch(_rows_matvec(self.rows, v), self.axis_name)
+        return distributed.all_gather_batch(_rows_matvec(self.flat_rows, self.components, v), self.axis_name)
 
     def rmatvec_flat(self, u: jax.Array) -> jax.Array:
-        n_local = self.rows.shape[0]
+        n_local = self.flat_rows.shape[0] // self.components
         own = jax.lax.dynamic_slice_in_dim(u, distributed.device_index(self.axis_name) * n_local, n_local, axis=0)
-        return distributed.psum(_rows_rmatvec(self.rows, own), self.axis_name)
+        return distributed.psum(_rows_rmatvec(self.flat_rows, own), self.axis_name)
 
     def matvec(self, v: Any) -> jax.Array:
         return self.matvec_flat(ravel_pytree(v)[0])
@@ -392,7 +417,7 @@ class ShardedRowsJacobian(NamedTuple):
 
     def gram(self) -> jax.Array:
         """``Obar Obar^H``, ``(N C) x (N C)``, the same on every device."""
-        local = _flat_rows(self.rows)
+        local = self.flat_rows
         rows, num_params = local.shape
         width = max(1, min(num_params, GATHER_ELEMENTS // (rows * distributed.device_count(self.axis_name))))
         full = num_params // width
@@ -417,11 +442,11 @@ class ShardedRowsJacobian(NamedTuple):
             padded = jnp.pad(kernel, [(0, (n_pad - n) * c)] * 2)
             return lambda i0, j0: jax.lax.dynamic_slice(padded, (i0 * c, j0 * c), (m * c, m * c))
 
-        return tiled_kernel(n, c, self.rows.dtype, make_block, ts)
+        return tiled_kernel(n, c, self.flat_rows.dtype, make_block, ts)
 
     def single_precision(self) -> "ShardedRowsJacobian":
         """The same rows rounded to single precision (for a preconditioning factor)."""
-        return self._replace(rows=self.rows.astype(_single(self.rows.dtype)))
+        return self._replace(flat_rows=self.flat_rows.astype(_single(self.flat_rows.dtype)))
 
     def gather(self) -> "ShardedRowsJacobian":
         return self
@@ -610,7 +635,8 @@ class LayerJacobian(NamedTuple):
 
     def _uncentred_matvec(self, v: Any) -> jax.Array:
         leaves = jax.tree.leaves(v)
-        out = _rows_matvec(self.rest, ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0])
+        out = _rows_matvec(_flat_rows(self.rest), self.rest.shape[1],
+                           ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0])
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             av = a @ self._layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
             out = out + jnp.einsum("ntm,nctm->nc", av, d)
@@ -625,7 +651,7 @@ class LayerJacobian(NamedTuple):
     def _uncentred_rmatvec(self, u: jax.Array) -> Any:
         """``O^H u`` (no centring) as a parameter pytree."""
         leaves: list = [None] * len(self.shapes)
-        for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(_rows_rmatvec(self.rest, u))):
+        for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(_rows_rmatvec(_flat_rows(self.rest), u))):
             leaves[i] = leaf
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
