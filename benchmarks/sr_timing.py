@@ -28,7 +28,8 @@ Every CG runs a fixed number of iterations (fishr ``CG(rtol=0, max_steps=cg_iter
 ``tol = 0, maxiter = cg_iters``) in both
 libraries, so that per-call times compare the same work. Before timing, each result is compared
 with a float64 NumPy solve of the same system (the column ``rel. err`` in the JSON and the
-printed check). Timing: one warm-up call (compilation), then ``repeats`` rounds in which every
+printed check); that first call of each method is timed on its own (trace, compile and run: the
+``first_s`` of each row and the second table). Timing: then ``repeats`` rounds in which every
 method is called once, interleaved so that machine noise hits all alike; the median and the
 min-max spread are reported, in milliseconds.
 """
@@ -190,17 +191,19 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
             flush=True)
         fns = methods(model, params, s, e_loc, grad, have_nk, DENSE_CHOL_MAX_P[preset])
         ref = reference_solution(model, params, s, grad)
-        errors = {}
-        for name, fn in fns.items():
-            if name in ("gradient", "jacobian"):
-                continue
-            x = np.asarray(fn(), np.float64)
-            errors[name] = float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
+        errors, first = {}, {}
+        for name, fn in fns.items():  # each method's first call: trace, compile and run
+            t0 = time.perf_counter()
+            out = jax.block_until_ready(fn())
+            first[name] = time.perf_counter() - t0
+            if name not in ("gradient", "jacobian"):
+                x = np.asarray(out, np.float64)
+                errors[name] = float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
         log("[sr_timing]   relative error vs float64 solve: "
             + ", ".join(f"{k} {v:.1e}" for k, v in errors.items()), flush=True)
-        timings = time_interleaved(fns, repeats)
+        timings = time_interleaved(fns, repeats, warm_up=False)
         row = dict(model=label, N=n, P=p_count, complex=bool(jnp.iscomplexobj(e_loc)), repeats=repeats,
-                   cg_iters=CG_ITERS, damping=DAMPING, errors=errors, ms=timings)
+                   cg_iters=CG_ITERS, damping=DAMPING, errors=errors, ms=timings, first_s=first)
         nk_times = [timings[k][0] for k in timings if k.startswith("netket")]
         fishr_times = [timings[k][0] for k in timings if k.startswith("fishr")]
         row["fishr fastest"] = min(timings[k][0] for k in timings if k.startswith("fishr"))
@@ -238,6 +241,12 @@ def markdown(rows) -> str:
         lines.append(f"| {r['model']} | {r['N']} | {r['P']} | " + " | ".join(cells)
                      + f" | {r['auto / fastest exact fishr']:.2f}x | {r['auto / fastest fishr']:.2f}x"
                      + f" | {r['fishr fastest / jacobian']:.2f}x | {ratio_nk} |")
+    if all("first_s" in r for r in rows):
+        lines += ["", "First call (trace, compile and run), seconds, one call per method and grid point:", "",
+                  "| model | N | P | " + " | ".join(short[c] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
+        for r in rows:
+            lines.append(f"| {r['model']} | {r['N']} | {r['P']} | "
+                         + " | ".join(f"{r['first_s'][c]:.2f}" if c in r["first_s"] else "-" for c in cols) + " |")
     return "\n".join(lines)
 
 

@@ -118,3 +118,19 @@ def test_trust_region_summary_compares_with_the_best_plain_rate():
     assert summary["plain c"]["diverged"] == 1
     assert "best plain" in trust_region.markdown({"summary": trust_region.summarise(rows)})
     assert set(trust_region.methods()) >= {"plain SR lr=0.03", "trust region lr=0.05 max_norm=0.001"}
+
+
+def test_time_to_target_counts_the_compiling_step_and_a_trailing_mean():
+    from benchmarks.vmc import time_to_target
+
+    e0 = -10.0
+    energies = e0 * (1 + 0.1 * 0.5 ** np.arange(40))  # relative error 0.1 * 2^-t
+    times = np.r_[5.0, np.ones(39)]  # a 5 s first (compiling) step, then 1 s steps
+    window = 4
+    # the trailing mean over steps t-3..t has relative error 0.1 * 2^-t * (1 + 2 + 4 + 8) / 4 = 0.375 * 2^-t
+    t_hit = next(t for t in range(window - 1, 40) if 0.375 * 0.5 ** t <= 1e-3)
+    assert time_to_target(energies, times, e0, 1e-3, window) == pytest.approx(5.0 + t_hit)
+    assert time_to_target(energies, times, e0, 1e-14, window) is None
+    noisy = energies.copy()
+    noisy[5] = e0  # one exact step early on does not reach the target on its own
+    assert time_to_target(noisy, times, e0, 1e-6, window) == time_to_target(energies, times, e0, 1e-6, window) > 10
