@@ -286,36 +286,18 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Calla
         correction = (follow(y1, shift) - follow(y1a, shift)).astype(work)
         return (y1, y2a + _apply_factor(factor, correction, rows)), info, good
 
-    def fallback_factor():
-        if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
-            f, j = _raised_shift_factor(jac.kernel_tiles(), shift, raise_by(work), 0)
-            return f, jnp.where(j > 0, 2, 1).astype(jnp.int32)
-        f, _ = _raised_shift_factor(tiles, shift, raise_by(tiles.dtype), 1)  # 2: the same kernel, raised shift
-        return f, jnp.asarray(2, jnp.int32)
-
-    if follow is None and layers and not single:
-        # CG on the first factor and, if it fails, on the fallback factor (same precision): one loop
-        # of at most two attempts, so that the program holds one CG loop, not two (compile time)
-        def attempt(carry):
-            j = carry[0]
-            f, code = lax.cond(j == 0, lambda _: (factor, jnp.asarray(0, jnp.int32)), lambda _: fallback_factor(),
-                               None)
-            y, info = pcg(f, rhs)  # from zero: its first step is the factor's solve, scaled
-            good = info.converged & (finite | (j > 0))
-            return j + 1, y, info._replace(fallback=code), good
-
-        start = (jnp.int32(0), jnp.zeros_like(rhs), solve_info(jnp.zeros((), real), False), jnp.asarray(False))
-        _, y, info, good = lax.while_loop(lambda c: (c[0] < 2) & ~c[3], attempt, start)
-        good = good & (info.fallback == 0)
-        return y, info, lambda u: _apply_factor(factor, u, rows), good, shift
-
     # a single-precision factor of double input stays with two CG solves: its y1a is far from y1
     y, info, good = twice(first_one) if follow is None or rhs.ndim != 2 or single else first_pair()
 
     def fallback(_):
-        f, code = fallback_factor()
+        if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
+            f, j = _raised_shift_factor(jac.kernel_tiles(), shift, raise_by(work), 0)
+            code = jnp.where(j > 0, 2, 1)
+        else:  # 2: the same kernel, factored with a raised shift
+            f, j = _raised_shift_factor(tiles, shift, raise_by(tiles.dtype), 1)
+            code = jnp.asarray(2)
         y_f, info_f, _ = twice(lambda u: pcg(f, u) + (jnp.asarray(True),))
-        return y_f, info_f._replace(fallback=code)
+        return y_f, info_f._replace(fallback=code.astype(jnp.int32))
 
     def first(_):
         return y, info._replace(fallback=jnp.asarray(0, jnp.int32))
