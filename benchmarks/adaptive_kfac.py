@@ -72,7 +72,8 @@ import json
 import math
 import statistics
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -372,7 +373,7 @@ def interleaved_step_times(runners: dict[str, Runner], data, start: int, reps: i
 
 def run_task(task: Task, train_steps: int, reps: int, steps_per_rep: int, log: Callable[[str], None] = print) -> dict:
     fresh = lambda: jax.tree.map(jnp.copy, task.params)  # every runner its own copy: kfac-jax donates its inputs
-    methods: list[tuple[str, Optional[tuple], Callable]] = [
+    methods: list[tuple[str, tuple | None, Callable]] = [
         ("fishr.adaptive_kfac", None, lambda _: fishr_adaptive_runner(task, fresh())),
         ("kfac_jax adaptive", None, lambda _: kfac_jax_adaptive_runner(task, fresh())),
         ("fishr.kfac", KFAC_LRS, lambda lr: fishr_kfac_runner(task, fresh(), lr)),

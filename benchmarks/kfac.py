@@ -38,17 +38,16 @@ from __future__ import annotations
 # 2-core machine, OpenBLAS's threaded small LAPACK calls (the 129 x 129 Cholesky solves of
 # every K-FAC method here) run up to 100x slower than single-threaded ones; it applies to all
 # three optimizers alike.
-
 import argparse
 import json
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import fishr
@@ -206,7 +205,7 @@ def run(quick: bool = True) -> dict:
 
     # Step times, interleaved repetition by repetition.
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for rep in range(reps):
+    for _rep in range(reps):
         for name, r in runners.items():
             carry, step, _, done = r
             batches = [batch_at(data, done + k) for k in range(steps_per_rep)]

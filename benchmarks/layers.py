@@ -99,7 +99,8 @@ import json
 import math
 import statistics
 import time
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -167,7 +168,7 @@ def _kfac_jax_loss(task):
     return loss_fn
 
 
-def kfac_jax_optimizer(task, lr: Optional[float] = None, damping: Optional[float] = None):
+def kfac_jax_optimizer(task, lr: float | None = None, damping: float | None = None):
     """``kfac_jax.Optimizer`` without adaptive modes; ``lr=None``: lr and damping passed to ``step``."""
     import kfac_jax  # optional
 
@@ -189,7 +190,7 @@ def kfac_jax_optimizer(task, lr: Optional[float] = None, damping: Optional[float
     )
 
 
-def kfac_jax_runner(task, params, opt, hyper: Optional[dict] = None) -> ak.Runner:
+def kfac_jax_runner(task, params, opt, hyper: dict | None = None) -> ak.Runner:
     """``step(carry, batch)`` of a kfac-jax optimizer; ``hyper``: the traced lr / momentum / damping."""
     rng = jax.random.PRNGKey(42)
     state = opt.init(params, rng, batch_at(task.data, 0))
@@ -474,7 +475,7 @@ def sr_methods(model, params, s, energies, grad, have_nk: bool) -> dict[str, Cal
 
 
 def run_vit(kind: str, n: int, dtypes, repeats: int, have_nk: bool, log: Callable = _print,
-            methods: Optional[tuple] = None, reference: bool = True) -> list[dict]:
+            methods: tuple | None = None, reference: bool = True) -> list[dict]:
     """First call, interleaved warm calls and error of every method (``methods``: a subset) per dtype.
 
     ``reference=False`` skips the exact float64 update (and the per-sample Jacobian it needs):

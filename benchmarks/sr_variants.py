@@ -81,7 +81,7 @@ import argparse
 import json
 import time
 from dataclasses import dataclass
-from functools import lru_cache, partial
+from functools import cache, partial
 
 import jax
 import jax.numpy as jnp
@@ -237,13 +237,13 @@ def quality_methods(damping: float = DAMPING_B, lr: float = LR_B, mu: float = MU
     }
 
 
-@lru_cache(maxsize=None)
+@cache
 def _sampler(system, model, sweeps: int):
     """``(params, s, key) -> s`` after ``sweeps`` Metropolis sweeps, jitted once per workload (burn-in, evaluator)."""
     return jax.jit(lambda p, s, k: system.sample(model.apply, p, s, k, sweeps)[0])
 
 
-@lru_cache(maxsize=None)
+@cache
 def _local_energies(system, model):
     """``(params, s) -> Re E_loc(s)``, jitted once per workload (the evaluator)."""
     return jax.jit(lambda p, s: jnp.real(system.local_energies(model.apply, p, s)))
@@ -310,7 +310,7 @@ def train_lockstep(system, model, makers: dict, n_samples: int, steps: int, seed
                           damping=[])
     for t in range(steps):
         key, sub = jax.random.split(key)
-        for name, run_ in runs.items():
+        for run_ in runs.values():
             params, opt_state, s = run_["carry"]
             t0 = time.perf_counter()
             params, opt_state, s, e, d = run_["step"](params, opt_state, s, sub)

@@ -65,7 +65,7 @@ def _peak_gflops(dtype, repeats):
     n = 2048
     a = jax.random.normal(jax.random.PRNGKey(0), (n, n), dtype)
     mm = jax.jit(lambda a: a @ a)
-    med, lo, _ = _median_ms(lambda: mm(a), repeats)
+    _med, lo, _ = _median_ms(lambda: mm(a), repeats)
     return 2 * n**3 / (lo * 1e-3) / 1e9  # best of the repeats: the machine's peak
 
 

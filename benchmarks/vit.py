@@ -20,7 +20,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ViT", "tiny", "random_spins"]
+__all__ = ["ViT", "random_spins", "tiny"]
 
 
 class ViT(nn.Module):

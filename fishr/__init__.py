@@ -69,8 +69,9 @@ from fishr.solvers import CG, Cholesky, Eigh, Spectral
 __version__ = "0.2.0.dev0"
 
 __all__ = [
-    "BranchState",
     "CG",
+    "SR_MODES",
+    "BranchState",
     "Cholesky",
     "Eigh",
     "EnergyStats",
@@ -78,7 +79,6 @@ __all__ = [
     "LevenbergMarquardtState",
     "QuadraticStepState",
     "SRState",
-    "SR_MODES",
     "SolveInfo",
     "Spectral",
     "TrustRegionState",

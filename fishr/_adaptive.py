@@ -57,7 +57,8 @@ same on every device and equal to the one-device value.
 from __future__ import annotations
 
 import inspect
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -66,18 +67,27 @@ from jax import lax
 
 from fishr import distributed
 from fishr._kfac import kfac
-from fishr._validate import (check_damping, check_int, check_real, damping_at, damping_ok, poison, shared_damping,
-                             tree_all_finite)
+from fishr._validate import (
+    ScalarOrSchedule,
+    check_damping,
+    check_int,
+    check_real,
+    damping_at,
+    damping_ok,
+    poison,
+    shared_damping,
+    tree_all_finite,
+)
 from fishr.curvature import Curvature, gauss_newton
 from fishr.distributed import AxisName
 from fishr.scores import mean_loss
 
 __all__ = [
     "EnergyStats",
-    "adaptive_kfac",
     "LevenbergMarquardtState",
     "QuadraticStepState",
     "TrustRegionState",
+    "adaptive_kfac",
     "energy_stats",
     "levenberg_marquardt",
     "quadratic_model",
@@ -86,7 +96,6 @@ __all__ = [
     "trust_region",
 ]
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 # --------------------------------------------------------------------------- the quadratic model
@@ -108,8 +117,8 @@ def quadratic_model(
     grad_dots: jax.Array,
     damping: Any,
     *,
-    learning_rate: Optional[Any] = None,
-    momentum: Optional[Any] = None,
+    learning_rate: Any | None = None,
+    momentum: Any | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Coefficients ``w`` minimising ``M(w) = r . w + 1/2 w^T (G + damping D) w`` (module docstring).
 
@@ -191,9 +200,9 @@ class QuadraticStepState(NamedTuple):
 def quadratic_step(
     curvature: Curvature,
     *,
-    learning_rate: Optional[ScalarOrSchedule] = None,
-    momentum: Optional[ScalarOrSchedule] = None,
-    damping: Optional[float] = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    momentum: ScalarOrSchedule | None = None,
+    damping: float | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Step size and momentum from the exact quadratic model (module docstring) as an optax transformation.
 
@@ -480,7 +489,7 @@ def _takes_energy(fn: Callable) -> bool:
 def trust_region(
     curvature: Curvature,
     learning_rate: ScalarOrSchedule = 0.05,
-    max_norm: Union[ScalarOrSchedule, Callable[[jax.Array, EnergyStats], jax.Array]] = 1e-3,
+    max_norm: ScalarOrSchedule | Callable[[jax.Array, EnergyStats], jax.Array] = 1e-3,
     *,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
@@ -509,7 +518,9 @@ def trust_region(
     """
     who = "fishr.trust_region"
     if not callable(curvature):
-        raise TypeError(f"{who}: `curvature` must be a function (params, batch, vectors) -> (k, k) (see fishr.curvature).")
+        raise TypeError(
+            f"{who}: `curvature` must be a function (params, batch, vectors) -> (k, k) (see fishr.curvature)."
+        )
     if not callable(learning_rate):
         check_damping(learning_rate, who, positive=True, name="learning_rate")
     if not callable(max_norm):
@@ -528,7 +539,9 @@ def trust_region(
         dtype = state.step_size.dtype
         if bound_uses_energy:
             if local_energies is None:
-                raise ValueError(f"{who}: this `max_norm` takes the energy statistics: pass `local_energies=` to update.")
+                raise ValueError(
+                    f"{who}: this `max_norm` takes the energy statistics: pass `local_energies=` to update."
+                )
             bound = max_norm(state.count, energy_stats(local_energies, axis_name))
         else:
             bound = damping_at(max_norm, state.count)
@@ -555,10 +568,10 @@ def adaptive_kfac(
     *,
     example_batch: Any,
     initial_damping: float = 1.0,
-    learning_rate: Optional[ScalarOrSchedule] = None,
-    momentum: Optional[ScalarOrSchedule] = None,
+    learning_rate: ScalarOrSchedule | None = None,
+    momentum: ScalarOrSchedule | None = None,
     interval: int = 5,
-    value_fn: Optional[Callable[[Any, Any], jax.Array]] = None,
+    value_fn: Callable[[Any, Any], jax.Array] | None = None,
     axis_name: AxisName = None,
     **kfac_options: Any,
 ) -> optax.GradientTransformationExtraArgs:

@@ -65,17 +65,26 @@ can skip the step.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 import numpy as np
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fishr import distributed
-from fishr._validate import (check_damping, check_int, check_key, damping_at, damping_ok, poison,
-                             tree_all_finite)
+from fishr._validate import (
+    ScalarOrSchedule,
+    check_damping,
+    check_int,
+    check_key,
+    damping_at,
+    damping_ok,
+    poison,
+    tree_all_finite,
+)
 from fishr.distributed import AxisName
 from fishr.linalg import SolveInfo, solve_info
 from fishr.solvers import CG, Cholesky, DirectSolver, Eigh, check_solver
@@ -93,8 +102,7 @@ __all__ = [
     "has_branches",
 ]
 
-Projection = Union[jax.Array, np.ndarray, Callable[[jax.Array], jax.Array]]
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
+Projection = jax.Array | np.ndarray | Callable[[jax.Array], jax.Array]
 
 DEFAULT_CG = CG(rtol=0.0, atol=1e-6, max_steps=8, initial_guess="zeros")  # qmlhc's cg_iters=8, tol=1e-6
 
@@ -147,7 +155,8 @@ def gaussian_projection(key: jax.Array, num_params: int, state_dim: int, dtype: 
 
 
 def block_sizes(state_dim: int, blocks: int) -> tuple[int, ...]:
-    """Sizes of the diagonal blocks: ``blocks`` clamped to ``[1, D]``, ``D // blocks`` each, the first ``D % blocks`` one larger."""
+    """Sizes of the diagonal blocks: ``blocks`` clamped to ``[1, D]``, ``D // blocks`` each, the first
+    ``D % blocks`` one larger."""
     blocks = max(1, min(int(blocks), int(state_dim)))
     base, extra = divmod(int(state_dim), blocks)
     return (base + 1,) * extra + (base,) * (blocks - extra)
@@ -232,11 +241,11 @@ def projected_solve(grads, branches, projection, damping, axis_name, state_solve
 
 def branch_natgrad_solve(
     grads: Any,
-    branches: Optional[jax.Array],
+    branches: jax.Array | None,
     projection: Projection,
     *,
     damping: Any = 1e-3,
-    solver: Union[CG, Cholesky, Eigh] = DEFAULT_CG,
+    solver: CG | Cholesky | Eigh = DEFAULT_CG,
     axis_name: AxisName = None,
 ) -> tuple[Any, SolveInfo]:
     r"""``P (C + damping I)^{-1} P^T g``, the branch natural gradient (see the module docs).
@@ -270,7 +279,7 @@ def branch_natgrad_solve(
 
 def branch_kfac_solve(
     grads: Any,
-    branches: Optional[jax.Array],
+    branches: jax.Array | None,
     projection: Projection,
     *,
     damping: Any = 1e-3,
@@ -356,9 +365,9 @@ def _branch_transform(who, solve, damping, projection, key):
 def branch_natgrad(
     damping: ScalarOrSchedule = 1e-3,
     *,
-    solver: Union[CG, Cholesky, Eigh] = DEFAULT_CG,
-    projection: Optional[Projection] = None,
-    key: Optional[jax.Array] = None,
+    solver: CG | Cholesky | Eigh = DEFAULT_CG,
+    projection: Projection | None = None,
+    key: jax.Array | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-covariance natural gradient as an optax transformation.
@@ -400,8 +409,8 @@ def branch_kfac(
     *,
     blocks: int = 4,
     solver: DirectSolver = Cholesky(),
-    projection: Optional[Projection] = None,
-    key: Optional[jax.Array] = None,
+    projection: Projection | None = None,
+    key: jax.Array | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-factored block preconditioner as an optax transformation.
@@ -443,7 +452,9 @@ def clip_params(bound: float) -> optax.GradientTransformation:
 
     def update_fn(updates, state, params=None):
         if params is None:
-            raise ValueError("fishr.clip_params: `params` must be passed to update (the clip acts on params + updates).")
+            raise ValueError(
+                "fishr.clip_params: `params` must be passed to update (the clip acts on params + updates)."
+            )
         new_params = jax.tree.map(lambda p, u: jnp.clip(p + u, -bound, bound), params, updates)
         return jax.tree.map(lambda n, p: (n - p).astype(p.dtype), new_params, params), state
 

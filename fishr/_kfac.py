@@ -21,7 +21,8 @@ applies ``-lr * nat_grad``, the seed's ``KFACApproximation.natural_gradient_laye
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Union
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -30,8 +31,19 @@ import optax
 from jax import lax
 
 from fishr import kronecker as F
-from fishr._validate import (check_choice, check_damping, check_int, check_key, check_real,
-                             check_tree_matches_params, damping_ok, poison, shared_damping, tree_all_finite)
+from fishr._validate import (
+    ScalarOrSchedule,
+    check_choice,
+    check_damping,
+    check_int,
+    check_key,
+    check_real,
+    check_tree_matches_params,
+    damping_ok,
+    poison,
+    shared_damping,
+    tree_all_finite,
+)
 from fishr.capture import LayerPlan, discover_layers
 from fishr.distributed import AxisName
 from fishr.scores import Fisher, Likelihood, make_score_fn
@@ -39,7 +51,6 @@ from fishr.solvers import Cholesky, DirectSolver, Eigh, check_solver
 
 __all__ = ["KFACState", "kfac"]
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 class KFACState(NamedTuple):
@@ -87,14 +98,14 @@ def kfac(
     *,
     example_batch: Any,
     likelihood: Likelihood = None,
-    fisher: Optional[Fisher] = None,
+    fisher: Fisher | None = None,
     ema: float = 0.95,
     ema_debias: bool = True,
     inverse_every: int = 1,
     damping_kind: F.DampingKind = "pi",
     solver: DirectSolver = Cholesky(),
     centre: bool = False,
-    key: Optional[jax.Array] = None,
+    key: jax.Array | None = None,
     axis_name: AxisName = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Block K-FAC preconditioner for Flax models as an optax transformation.

@@ -24,7 +24,8 @@ metric uses the generic Jacobian.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -52,7 +53,7 @@ def march_diff_update(accumulator: Any, x: Any, previous: Any, decay: float) -> 
                         accumulator, x, previous)
 
 
-def metric_fn(base: Any, diag_damping: float, damping: Any) -> Optional[Callable[[Callable[[], Any]], Any]]:
+def metric_fn(base: Any, diag_damping: float, damping: Any) -> Callable[[Callable[[], Any]], Any] | None:
     """The ``metric`` argument of :func:`fishr._sr_solve.solve_with_config`: ``M = base + (rho / d) diag S``.
 
     ``base``: a positive pytree, a function of a thunk computing ``diag S`` that returns

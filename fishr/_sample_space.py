@@ -63,18 +63,32 @@ generic rows stay on their device and only the kernel's blocks are gathered
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import optax
+from jax import lax
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.linalg import (SolveInfo, TiledFactor, cg, cholesky_factor, eigh_solve, hermitian_from_lower_tiles,
-                          meets_backward_error, psd_inf_norm_bound, solve_info, tiled_cholesky,
-                          tiled_cholesky_solve, tiled_factor_from_cholesky, tiled_trace, tree_inner)
+from fishr.linalg import (
+    SolveInfo,
+    TiledFactor,
+    cg,
+    cholesky_factor,
+    eigh_solve,
+    hermitian_from_lower_tiles,
+    meets_backward_error,
+    psd_inf_norm_bound,
+    solve_info,
+    tiled_cholesky,
+    tiled_cholesky_solve,
+    tiled_factor_from_cholesky,
+    tiled_trace,
+    tree_inner,
+)
 from fishr.solvers import Eigh, Spectral
 from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
 
@@ -190,7 +204,7 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
     return factor, jnp.where(ok, j, raise_by.shape[0])
 
 
-def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Optional[Callable] = None):
+def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | None = None):
     """``y = (K + shift I)^{-1} rhs`` for ``rhs`` ``(N, C)`` or ``(N, C, R)`` (see the module docstring).
 
     ``shift`` is a number or a function of the kernel's trace ``tr K`` giving it (for

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple, Optional, Union
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -10,13 +10,12 @@ import optax
 
 from fishr._metric import MARCH_MODES, march_diff_update, march_var_update, metric_fn
 from fishr._sr_solve import MODES, ApplyFn, JacobianKind, Mode, runs_lazy, solve_with_config, sr_config
-from fishr._validate import check_choice, check_real, shared_damping, tree_all_finite
+from fishr._validate import ScalarOrSchedule, check_choice, check_real, shared_damping, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.linalg import SolveInfo, solve_info
 
 __all__ = ["SRState", "sr"]
 
-ScalarOrSchedule = Union[float, jax.Array, optax.Schedule]
 
 
 class SRState(NamedTuple):
@@ -50,22 +49,22 @@ def sr(
     damping: ScalarOrSchedule = 1e-3,
     *,
     mode: Mode = "auto",
-    solver: Optional[Any] = None,
+    solver: Any | None = None,
     momentum: float = 0.0,
     holomorphic: bool = False,
     jacobian: JacobianKind = "auto",
     axis_name: AxisName = None,
     gamma: Any = None,
-    max_cond_num: Optional[float] = None,
+    max_cond_num: float | None = None,
     trace_damping: float = 0.0,
     diag_damping: float = 0.0,
-    march: Optional[str] = None,
+    march: str | None = None,
     march_decay: float = 0.995,
     march_eps: float = 1e-8,
-    solve_dtype: Optional[Any] = None,
-    score_clip: Optional[float] = None,
+    solve_dtype: Any | None = None,
+    score_clip: float | None = None,
     prune: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 

@@ -104,26 +104,41 @@ finite makes the solution NaN (the transform then keeps its state).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.flatten_util import ravel_pytree
 import optax
+from jax.flatten_util import ravel_pytree
 
 from fishr import distributed
 from fishr._complex_params import has_complex, join_pairs, split_pairs
 from fishr._metric import metric_fn
 from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
-from fishr._validate import (check_choice, check_damping, check_positive, check_real, check_tree_matches_params,
-                             damping_ok, local_batch_size, poison)
+from fishr._validate import (
+    check_choice,
+    check_damping,
+    check_positive,
+    check_real,
+    check_tree_matches_params,
+    damping_ok,
+    local_batch_size,
+    poison,
+)
 from fishr.capture import discover_layers
 from fishr.chunking import check_chunk_size, num_chunks
 from fishr.distributed import AxisName
-from fishr.jacobian import (ChunkedLinearizedJacobian, DenseJacobian, LayerJacobian, LinearizedJacobian,
-                            ScaledJacobian, kernel_cost_per_pair,
-                            layers_pay_off)
+from fishr.jacobian import (
+    ChunkedLinearizedJacobian,
+    DenseJacobian,
+    LayerJacobian,
+    LinearizedJacobian,
+    ScaledJacobian,
+    kernel_cost_per_pair,
+    layers_pay_off,
+)
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
 from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, Spectral, check_solver
@@ -158,10 +173,10 @@ class SRConfig:
     gamma: Any = None  # robust SR (None: plain SR)
     damping_rule: DampingRule = DampingRule()
     diag_damping: float = 0.0
-    solve_dtype: Optional[str] = None
-    score_clip: Optional[float] = None
+    solve_dtype: str | None = None
+    score_clip: float | None = None
     prune: bool = False
-    chunk_size: Optional[int] = None  # samples per chunk of the score passes (fishr.chunking)
+    chunk_size: int | None = None  # samples per chunk of the score passes (fishr.chunking)
 
 
 def runs_lazy(mode: str, solver: Any) -> bool:
@@ -169,7 +184,7 @@ def runs_lazy(mode: str, solver: Any) -> bool:
     return mode == "lazy" or (mode == "auto" and isinstance(solver, CG))
 
 
-def _check_solve_dtype(solve_dtype: Any, who: str) -> Optional[str]:
+def _check_solve_dtype(solve_dtype: Any, who: str) -> str | None:
     """``None``, or ``"float64"`` given as a string or a dtype."""
     if solve_dtype is None:
         return None
@@ -463,9 +478,9 @@ def _to_double(x: Any) -> Any:
 
 
 def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
-                      previous: Optional[Any], who: str, mean_fn=None, local_energies: Optional[jax.Array] = None,
-                      metric: Optional[Callable[[Callable[[], Any]], Any]] = None,
-                      weights: Optional[jax.Array] = None) -> SolveOutcome:
+                      previous: Any | None, who: str, mean_fn=None, local_energies: jax.Array | None = None,
+                      metric: Callable[[Callable[[], Any]], Any] | None = None,
+                      weights: jax.Array | None = None) -> SolveOutcome:
     """:func:`sr_solve` for validated options (the transform's entry point).
 
     ``metric``: ``None`` or a function that, given a thunk computing ``diag S`` (a pytree),
@@ -489,9 +504,9 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
 
 
 def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
-                       previous: Optional[Any], who: str, mean_fn=None, local_energies: Optional[jax.Array] = None,
-                       metric: Optional[Callable[[Callable[[], Any]], Any]] = None,
-                       weights: Optional[jax.Array] = None) -> SolveOutcome:
+                       previous: Any | None, who: str, mean_fn=None, local_energies: jax.Array | None = None,
+                       metric: Callable[[Callable[[], Any]], Any] | None = None,
+                       weights: jax.Array | None = None) -> SolveOutcome:
     """:func:`solve_with_config` in the inputs' own precision."""
     check_tree_matches_params(grads, params, who)
     if not config.holomorphic and has_complex(params):  # non-holomorphic: SR on the real pairs (a, b)
@@ -612,24 +627,24 @@ def sr_solve(
     *,
     damping: Any = 1e-3,
     mode: Mode = "auto",
-    solver: Optional[Any] = None,
+    solver: Any | None = None,
     momentum: float = 0.0,
-    previous: Optional[Any] = None,
+    previous: Any | None = None,
     holomorphic: bool = False,
     jacobian: JacobianKind = "auto",
     axis_name: AxisName = None,
-    mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None,
-    local_energies: Optional[jax.Array] = None,
+    mean_fn: Callable[[jax.Array], jax.Array] | None = None,
+    local_energies: jax.Array | None = None,
     gamma: Any = None,
-    max_cond_num: Optional[float] = None,
+    max_cond_num: float | None = None,
     trace_damping: float = 0.0,
     diag_damping: float = 0.0,
-    metric: Optional[Any] = None,
-    weights: Optional[jax.Array] = None,
-    solve_dtype: Optional[Any] = None,
-    score_clip: Optional[float] = None,
+    metric: Any | None = None,
+    weights: jax.Array | None = None,
+    solve_dtype: Any | None = None,
+    score_clip: float | None = None,
     prune: bool = False,
-    chunk_size: Optional[int] = None,
+    chunk_size: int | None = None,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 

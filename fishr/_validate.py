@@ -15,13 +15,19 @@ Two kinds of check, by when the value is known:
 from __future__ import annotations
 
 import numbers
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+
+# A number, a concrete array, or an optax schedule of the step count (damping, learning rates).
+ScalarOrSchedule = float | jax.Array | optax.Schedule
 
 __all__ = [
+    "ScalarOrSchedule",
     "check_choice",
     "check_damping",
     "check_int",
@@ -130,8 +136,8 @@ def check_real(value: Any, who: str, name: str, low: float, high: float, *, high
         raise ValueError(f"{who}: `{name}` must be a float in {interval}, got {value!r}.")
 
 
-def check_positive(value: Any, who: str, name: str, above: float = 0.0, expected: Optional[str] = None
-                   ) -> Optional[float]:
+def check_positive(value: Any, who: str, name: str, above: float = 0.0, expected: str | None = None
+                   ) -> float | None:
     """``None``, or ``value`` as a float when it is a finite real number ``> above``; else a
     ``ValueError`` naming ``name`` and ``expected`` (default ``"None or a finite float > above"``)."""
     if value is None:

@@ -68,11 +68,11 @@ axes of the layer's input summed over its calls (``T = 1`` for a plain
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
-from typing import Any, Callable, NamedTuple, Optional
-
-import contextlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -83,19 +83,19 @@ from fishr.scores import inactive_leaves
 
 __all__ = [
     "CAPTURED_MODULES",
+    "Captured",
     "ConvSpec",
-    "conv_patches",
+    "CoverageRow",
     "LayerInfo",
     "LayerPlan",
     "Linearized",
-    "Captured",
-    "CoverageRow",
     "augment_bias",
     "capture",
-    "format_report",
-    "report",
+    "conv_patches",
     "discover_layers",
+    "format_report",
     "linearize_layers",
+    "report",
 ]
 
 CAPTURED_MODULES = (nn.Dense, nn.DenseGeneral, nn.Conv)
@@ -125,7 +125,7 @@ def normalised(x: jax.Array, spec: NormSpec) -> jax.Array:
     return x * jax.lax.rsqrt(jnp.mean(jnp.abs(x) ** 2, axis=-1, keepdims=True) + spec.epsilon)
 
 
-def _norm_spec(module: Any, x: Any) -> Optional[NormSpec]:
+def _norm_spec(module: Any, x: Any) -> NormSpec | None:
     """The spec of a LayerNorm / RMSNorm normalising over the last axis only, else ``None``."""
     last = jnp.ndim(x) - 1
     axes_ok = all(tuple(a % jnp.ndim(x) for a in _as_tuple(getattr(module, name))) == (last,)
@@ -153,21 +153,21 @@ class ConvSpec:
     padding: Any
     input_dilation: tuple[int, ...]
     kernel_dilation: tuple[int, ...]
-    pre_pad: Optional[tuple[tuple[tuple[int, int], ...], str]]
+    pre_pad: tuple[tuple[tuple[int, int], ...], str] | None
 
 
 @dataclasses.dataclass(frozen=True)
 class _Call:
     """One intercepted call of a candidate module, in call order (static)."""
 
-    layer: Optional[int]  # index into LayerPlan.layers, None when not captured
+    layer: int | None  # index into LayerPlan.layers, None when not captured
     module_type: str
     input_shape: tuple[int, ...]
     output_shape: tuple[int, ...]
     output_dtype: Any
     contract_axes: tuple[int, ...]  # input axes contracted with the kernel (non-negative, kernel order)
-    conv: Optional[ConvSpec] = None
-    norm: Optional[int] = None  # index into LayerPlan.norms, for a captured norm call
+    conv: ConvSpec | None = None
+    norm: int | None = None  # index into LayerPlan.norms, for a captured norm call
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,7 +190,7 @@ class LayerInfo:
     name: str
     kind: str
     kernel_index: int
-    bias_index: Optional[int]
+    bias_index: int | None
     kernel_shape: tuple[int, ...]
     d_in: int
     d_out: int
@@ -221,8 +221,8 @@ class NormInfo:
 
     name: str
     kind: str
-    scale_index: Optional[int]
-    bias_index: Optional[int]
+    scale_index: int | None
+    bias_index: int | None
     features: int
     positions: int
     calls: tuple[int, ...]
@@ -261,7 +261,7 @@ def _as_tuple(x: Any) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
-def _contract_axes(module: Any, ndim: int) -> Optional[tuple[int, ...]]:
+def _contract_axes(module: Any, ndim: int) -> tuple[int, ...] | None:
     """The input axes a dense layer contracts with its kernel, in kernel order; ``None`` if not captured."""
     if isinstance(module, (nn.Dense, nnx.Linear)):
         return (ndim - 1,)
@@ -275,11 +275,15 @@ def _contract_axes(module: Any, ndim: int) -> Optional[tuple[int, ...]]:
     return axes if len(set(axes)) == len(axes) else None
 
 
-def _conv_spec(module: nn.Conv, x: Any) -> Optional[ConvSpec]:
+def _conv_spec(module: nn.Conv, x: Any) -> ConvSpec | None:
     """The patch recipe of a Conv call, or ``None`` where capture does not apply (module docstring)."""
-    if (module.feature_group_count != 1 or module.mask is not None or getattr(module, "shared_weights", True) is not True
-            or getattr(module, "conv_general_dilated", None) not in (None, jax.lax.conv_general_dilated)
-            or getattr(module, "conv_general_dilated_cls", None) is not None):
+    if (
+        module.feature_group_count != 1
+        or module.mask is not None
+        or getattr(module, "shared_weights", True) is not True
+        or getattr(module, "conv_general_dilated", None) not in (None, jax.lax.conv_general_dilated)
+        or getattr(module, "conv_general_dilated_cls", None) is not None
+    ):
         return None
     kernel_size = _as_tuple(module.kernel_size)
     rank = len(kernel_size)
@@ -290,7 +294,8 @@ def _conv_spec(module: nn.Conv, x: Any) -> Optional[ConvSpec]:
         v = 1 if v is None else v
         return (v,) * rank if isinstance(v, int) else tuple(v)
 
-    strides, lhs_dil, rhs_dil = per_axis(module.strides), per_axis(module.input_dilation), per_axis(module.kernel_dilation)
+    strides = per_axis(module.strides)
+    lhs_dil, rhs_dil = per_axis(module.input_dilation), per_axis(module.kernel_dilation)
     try:
         padding = nn.linear.canonicalize_padding(module.padding, rank)
     except ValueError:
@@ -340,7 +345,7 @@ class _Seen:
 
     module: Any
     kind: str
-    name: Optional[str]  # linen's scope path; None for NNX (named from the params path later)
+    name: str | None  # linen's scope path; None for NNX (named from the params path later)
     kernel: Any
     bias: Any
     x: Any
@@ -565,7 +570,7 @@ class Linearized(NamedTuple):
     inputs: tuple
     pullback: Callable[[jax.Array], tuple]
     norm_inputs: tuple = ()
-    pullback_all: Optional[Callable[[jax.Array], tuple]] = None
+    pullback_all: Callable[[jax.Array], tuple] | None = None
 
 
 def _varying_zero(args: Any) -> jax.Array:
@@ -665,7 +670,7 @@ class Captured(NamedTuple):
     norm_output_grads: tuple = ()
 
 
-def capture(fn: Callable[..., jax.Array], params: Any, *args: Any, cotangent: Optional[jax.Array] = None,
+def capture(fn: Callable[..., jax.Array], params: Any, *args: Any, cotangent: jax.Array | None = None,
             norms: bool = False) -> Captured:
     """Per-sample ``a_i`` and ``d_i = d fn(params, *args)_i / d z_i`` for every captured layer.
 
@@ -707,12 +712,12 @@ class CoverageRow(NamedTuple):
 
     path: str
     shape: tuple[int, ...]
-    layer: Optional[str]
-    kind: Optional[str]
-    role: Optional[str]
-    positions: Optional[int]
-    d_in: Optional[int]
-    d_out: Optional[int]
+    layer: str | None
+    kind: str | None
+    role: str | None
+    positions: int | None
+    d_in: int | None
+    d_out: int | None
     treatment: str
 
 
@@ -762,7 +767,7 @@ def format_report(rows: tuple[CoverageRow, ...]) -> str:
     lines = [f"{'parameter':<{w}} {'shape':<16} {'kind':<20} {'T':>5} {'d_in x d_out':>13}  treatment"]
     for r in rows:
         dims = f"{r.d_in} x {r.d_out}" if r.d_in is not None else "-"
-        lines.append(f"{r.path:<{w}} {str(r.shape):<16} {(r.kind or '-') + ('/' + r.role if r.role else ''):<20} "
+        lines.append(f"{r.path:<{w}} {r.shape!s:<16} {(r.kind or '-') + ('/' + r.role if r.role else ''):<20} "
                      f"{r.positions if r.positions is not None else '-':>5} {dims:>13}  {r.treatment}")
     total = sum(math.prod(r.shape) for r in rows)
     covered = sum(math.prod(r.shape) for r in rows if r.kind is not None)

@@ -13,7 +13,8 @@ order of floating-point sums (tested to 1e-12 in float64).
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -24,13 +25,13 @@ from fishr._validate import check_int
 __all__ = ["check_chunk_size", "map_chunks", "num_chunks", "sum_chunks"]
 
 
-def check_chunk_size(chunk_size: Any, who: str) -> Optional[int]:
+def check_chunk_size(chunk_size: Any, who: str) -> int | None:
     """``None`` (the whole local batch at once) or a positive int, else a ``ValueError`` naming ``chunk_size``."""
     check_int(chunk_size, who, "chunk_size", 1, allow_none=True)
     return None if chunk_size is None else int(chunk_size)
 
 
-def num_chunks(n: int, chunk_size: Optional[int]) -> int:
+def num_chunks(n: int, chunk_size: int | None) -> int:
     """How many chunks ``n`` samples take (1 without chunking)."""
     return 1 if chunk_size is None or chunk_size >= n else -(-n // chunk_size)
 
@@ -48,7 +49,7 @@ def _split(tree: Any, n: int, chunk_size: int, pad: str) -> Any:
     return jax.tree.map(split, tree)
 
 
-def map_chunks(fn: Callable[[Any], Any], batch: Any, chunk_size: Optional[int]) -> Any:
+def map_chunks(fn: Callable[[Any], Any], batch: Any, chunk_size: int | None) -> Any:
     """``fn(batch)`` computed chunk by chunk: every output leaf has the batch as its leading axis.
 
     ``fn`` maps a batch of ``m`` samples to a pytree of arrays of leading size ``m``; the
@@ -62,7 +63,7 @@ def map_chunks(fn: Callable[[Any], Any], batch: Any, chunk_size: Optional[int]) 
     return jax.tree.map(lambda y: y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:n], out)
 
 
-def sum_chunks(fn: Callable[[Any, Any], Any], batch: Any, per_sample: Any, chunk_size: Optional[int]) -> Any:
+def sum_chunks(fn: Callable[[Any, Any], Any], batch: Any, per_sample: Any, chunk_size: int | None) -> Any:
     """``sum over chunks of fn(batch_chunk, per_sample_chunk)``, e.g. a VJP of a linear map.
 
     ``per_sample`` (leading axis ``n``) is padded with zeros, so for ``fn`` linear in it the

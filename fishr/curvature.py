@@ -33,7 +33,8 @@ with that signature can be passed where fishr asks for a curvature.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +44,7 @@ from fishr._validate import check_choice
 from fishr.distributed import AxisName
 from fishr.scores import log_psi_rows, split_batch
 
-__all__ = ["Curvature", "GAUSS_NEWTON_LIKELIHOODS", "fisher", "gauss_newton", "tangent_outputs"]
+__all__ = ["GAUSS_NEWTON_LIKELIHOODS", "Curvature", "fisher", "gauss_newton", "tangent_outputs"]
 
 Curvature = Callable[[Any, Any, Sequence[Any]], jax.Array]
 GAUSS_NEWTON_LIKELIHOODS = ("gaussian", "categorical")

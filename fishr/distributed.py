@@ -16,23 +16,24 @@ place that calls ``lax.pmean`` / ``lax.psum`` / ``lax.all_gather``.
 
 from __future__ import annotations
 
-from typing import Any, Hashable, Sequence, Union
+from collections.abc import Hashable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-AxisName = Union[None, Hashable, Sequence[Hashable]]
+AxisName = Hashable | Sequence[Hashable] | None
 
 __all__ = [
     "AxisName",
-    "pmean",
-    "psum",
+    "all_gather_batch",
     "batch_mean",
     "batch_size",
-    "all_gather_batch",
     "device_count",
     "device_index",
+    "pmean",
+    "psum",
 ]
 
 

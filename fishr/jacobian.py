@@ -53,16 +53,17 @@ compiled program does not grow with ``n``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fishr import distributed, linalg
-from fishr.chunking import map_chunks, sum_chunks
 from fishr.capture import LayerPlan, augment_bias, linearize_layers
+from fishr.chunking import map_chunks, sum_chunks
 from fishr.distributed import AxisName
 
 __all__ = ["ChunkedLinearizedJacobian", "DenseJacobian", "LayerJacobian", "LinearizedJacobian", "ScaledJacobian",
@@ -70,7 +71,7 @@ __all__ = ["ChunkedLinearizedJacobian", "DenseJacobian", "LayerJacobian", "Linea
            "kernel_from_tiles", "layer_kernel_is_structured", "layers_pay_off", "tiled_kernel"]
 
 
-def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None) -> jax.Array:
+def _centre(u: jax.Array, axis_name: AxisName, mean_fn: Callable[[jax.Array], jax.Array] | None = None) -> jax.Array:
     """``u - mean_i u_i``: the global batch mean, or a caller's ``mean_fn`` (see :func:`fishr.sr_solve`)."""
     if mean_fn is None:
         return u - distributed.batch_mean(u, axis_name)
@@ -106,7 +107,7 @@ def _single(dtype) -> Any:
 
 
 def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[jax.Array, jax.Array],
-                 jax.Array]], ts: Optional[int] = None) -> jax.Array:
+                 jax.Array]], ts: int | None = None) -> jax.Array:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
     ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
@@ -163,7 +164,7 @@ class LinearizedJacobian:
     """``Obar`` through ``jax.linearize(scores, params)`` and its transpose (never formed)."""
 
     def __init__(self, scores: Callable[[Any], jax.Array], params: Any, holomorphic: bool, axis_name: AxisName,
-                 mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
+                 mean_fn: Callable[[jax.Array], jax.Array] | None = None):
         _, self._jvp = jax.linearize(scores, params)
         self._transpose = jax.linear_transpose(self._jvp, params)
         self._holomorphic = holomorphic
@@ -192,7 +193,7 @@ class ChunkedLinearizedJacobian:
     """
 
     def __init__(self, scores: Callable[[Any, Any], jax.Array], params: Any, batch: Any, chunk_size: int,
-                 holomorphic: bool, axis_name: AxisName, mean_fn: Optional[Callable[[jax.Array], jax.Array]] = None):
+                 holomorphic: bool, axis_name: AxisName, mean_fn: Callable[[jax.Array], jax.Array] | None = None):
         self._scores, self._params, self._batch, self._chunk_size = scores, params, batch, chunk_size
         self._holomorphic = holomorphic
         self._axis_name = axis_name
@@ -253,13 +254,13 @@ def _rows_rmatvec(flat: jax.Array, u: jax.Array) -> jax.Array:
     return jnp.conj(jnp.conj(u.reshape(-1)) @ flat)
 
 
-def _rows_gram(rows: jax.Array, other: Optional[jax.Array] = None) -> jax.Array:
+def _rows_gram(rows: jax.Array, other: jax.Array | None = None) -> jax.Array:
     """``rows other^H`` (``other`` defaults to ``rows``), ``(n C) x (n' C)``."""
     return _flat_rows(rows) @ _flat_rows(rows if other is None else other).conj().T
 
 
 def per_sample_rows(one_sample: Callable[[Any, Any], jax.Array], params: Any, samples: Any, holomorphic: bool,
-                    chunk_size: Optional[int] = None):
+                    chunk_size: int | None = None):
     """Rows ``(n, C, P)`` of ``d one_sample(params, x_i) / d params`` in ``ravel_pytree`` order.
 
     ``one_sample(params, x) -> (C,)``; ``vmap`` over samples of its reverse-mode
@@ -295,13 +296,13 @@ class DenseJacobian(NamedTuple):
 
     @classmethod
     def of_rows(cls, rows: jax.Array, unravel: Callable[[jax.Array], Any], axis_name: AxisName = None
-                ) -> "DenseJacobian":
+                ) -> DenseJacobian:
         """From centred rows ``(n, C, P)``."""
         return cls(_flat_rows(rows), rows.shape[1], unravel, axis_name)
 
     @classmethod
     def build(cls, one_sample, params, samples, holomorphic, axis_name, mean_fn=None,
-              row_clip: Optional[float] = None, chunk_size: Optional[int] = None) -> "DenseJacobian":
+              row_clip: float | None = None, chunk_size: int | None = None) -> DenseJacobian:
         """The centred rows; with ``row_clip = c`` each raw row is first scaled by
         ``min(1, c / a_i)``, ``a_i = mean_p |O_ip|`` (JaQMC's score clipping), then centred."""
         rows = per_sample_rows(one_sample, params, samples, holomorphic, chunk_size)
@@ -332,7 +333,7 @@ class DenseJacobian(NamedTuple):
     def rmatvec(self, u: jax.Array) -> Any:
         return self.unravel(self.rmatvec_flat(u))
 
-    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
         """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`)."""
         n, c = self.rows_shape
         rows = self.rows
@@ -348,7 +349,7 @@ class DenseJacobian(NamedTuple):
         n, c = self.rows_shape
         return kernel_from_tiles(self.kernel_tiles(), n * c)
 
-    def single_precision(self) -> "DenseJacobian":
+    def single_precision(self) -> DenseJacobian:
         """The same rows rounded to single precision (for a preconditioning factor)."""
         return self._replace(flat_rows=self.flat_rows.astype(_single(self.flat_rows.dtype)))
 
@@ -363,12 +364,12 @@ class DenseJacobian(NamedTuple):
         """``diag S = mean_i sum_c |Obar_icp|^2`` over all samples (flat ``(P,)``, real)."""
         return distributed.batch_mean(jnp.sum(jnp.abs(self.rows) ** 2, axis=1), self.axis_name)
 
-    def scaled_samples(self, factor: jax.Array) -> "DenseJacobian":
+    def scaled_samples(self, factor: jax.Array) -> DenseJacobian:
         """Each sample's rows times ``factor[i]`` (``(n,)``; sample weights enter as ``sqrt(w_i)``)."""
         per_row = jnp.repeat(factor.astype(self.flat_rows.dtype), self.components)
         return self._replace(flat_rows=self.flat_rows * per_row[:, None])
 
-    def scaled(self, scale: Any) -> "DenseJacobian":
+    def scaled(self, scale: Any) -> DenseJacobian:
         """The Jacobian of the reparametrisation ``theta = scale * theta~``: columns times ``scale`` (a pytree)."""
         return self._replace(flat_rows=self.flat_rows * ravel_pytree(scale)[0].astype(self.flat_rows.dtype))
 
@@ -433,7 +434,7 @@ class ShardedRowsJacobian(NamedTuple):
             block_row = block_row + slab(full * width, num_params - full * width)
         return distributed.all_gather_batch(block_row, self.axis_name)
 
-    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
         """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`)."""
         n, c = self.rows_shape
         kernel = self.gram()
@@ -444,18 +445,18 @@ class ShardedRowsJacobian(NamedTuple):
 
         return tiled_kernel(n, c, self.flat_rows.dtype, make_block, ts)
 
-    def single_precision(self) -> "ShardedRowsJacobian":
+    def single_precision(self) -> ShardedRowsJacobian:
         """The same rows rounded to single precision (for a preconditioning factor)."""
         return self._replace(flat_rows=self.flat_rows.astype(_single(self.flat_rows.dtype)))
 
-    def gather(self) -> "ShardedRowsJacobian":
+    def gather(self) -> ShardedRowsJacobian:
         return self
 
 
 # --------------------------------------------------------------------------- captured layers
 
 
-def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: Optional[jax.Array], yj: Optional[jax.Array],
+def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: jax.Array | None, yj: jax.Array | None,
                            c: int) -> jax.Array:
     """One layer's ``(O O^H)[ic, jc']`` for two sample ranges, shape ``(m_i, C, m_j, C)``.
 
@@ -478,7 +479,7 @@ def layer_kernel_is_structured(n: int, c: int, positions: int, k: int, m: int) -
     return structured <= generic
 
 
-def kernel_cost_per_pair(plan: Optional[LayerPlan], num_params: int, c: int = 1) -> int:
+def kernel_cost_per_pair(plan: LayerPlan | None, num_params: int, c: int = 1) -> int:
     """Multiply-adds per pair of samples of the sample-space kernel ``Obar Obar^H``.
 
     Generic rows: ``C^2 P``. From the captured layers of ``plan``: per layer the cheaper
@@ -548,7 +549,7 @@ class LayerJacobian(NamedTuple):
 
     @classmethod
     def build(cls, scores: Callable[[Any, Any], jax.Array], one_sample, params, samples, holomorphic, axis_name,
-              chunk_size: Optional[int] = None):
+              chunk_size: int | None = None):
         """One forward and ``C`` backward passes over the batch, plus rows for uncovered leaves.
 
         ``scores(params, samples) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives
@@ -662,7 +663,7 @@ class LayerJacobian(NamedTuple):
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def kernel_tiles(self, ts: Optional[int] = None) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
         """The tiles of the centred kernel ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
         Per layer the cheaper exact form (:meth:`_kernel_factors`); the layers' part is
@@ -728,12 +729,12 @@ class LayerJacobian(NamedTuple):
             r = r + jnp.einsum("itk,ekm,ictm->ice", a, mean.conj(), d)
         return r
 
-    def single_precision(self) -> "LayerJacobian":
+    def single_precision(self) -> LayerJacobian:
         """The same statistics rounded to single precision (for a preconditioning factor)."""
         single = lambda x: x.astype(_single(x.dtype))
         return self._replace(a=tuple(map(single, self.a)), d=tuple(map(single, self.d)), rest=single(self.rest),
                              dtypes=tuple(_single(dt) for dt in self.dtypes))
 
-    def gather(self) -> "LayerJacobian":
+    def gather(self) -> LayerJacobian:
         gather = lambda x: distributed.all_gather_batch(x, self.axis_name)
         return self._replace(a=gather(self.a), d=gather(self.d), rest=gather(self.rest), axis_name=None)

@@ -225,7 +225,8 @@ def ema_update(
 
     ``debias=False`` (the seed's rule): ``new`` if ``count == 0`` (first update replaces),
     else ``ema * old + (1 - ema) * new``. ``debias=True`` (the default) instead keeps the
-    bias-corrected average of all updates so far, ``X_t = sum_k ema^(t-k) (1 - ema) new_k / (1 - ema^t)`` (``t = count + 1``; Adam's and
+    bias-corrected average of all updates so far,
+    ``X_t = sum_k ema^(t-k) (1 - ema) new_k / (1 - ema^t)`` (``t = count + 1``; Adam's and
     kfac-jax's convention), by the recursion ``X_t = (ema (1 - ema^(t-1)) X_{t-1} +
     (1 - ema) new_t) / (1 - ema^t)``. It also replaces on the first update but forgets
     the first batches faster: with the seed's rule the first batch keeps weight

@@ -24,42 +24,43 @@ caller can detect the bad step with ``optax.apply_if_finite`` or its own check.
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
 import optax
+from jax import lax
 
 __all__ = [
+    "UNROLL_FACTOR_MAX_TILES",
+    "UNROLL_SOLVE_MAX_TILES",
     "SolveInfo",
-    "solve_info",
+    "TiledFactor",
     "cg",
-    "meets_backward_error",
-    "tree_inner",
     "cholesky_factor",
     "cholesky_factor_solve",
     "cholesky_solve",
-    "TiledFactor",
-    "tile_size",
-    "to_tiles",
+    "eigh_solve",
     "from_tiles",
     "hermitian_from_lower_tiles",
+    "lower_pair",
+    "meets_backward_error",
+    "pi_damping",
+    "psd_inf_norm_bound",
+    "psd_inverse",
+    "solve_info",
+    "tile_size",
     "tiled_cholesky",
     "tiled_cholesky_solve",
-    "UNROLL_FACTOR_MAX_TILES",
-    "UNROLL_SOLVE_MAX_TILES",
+    "tiled_diagonal",
     "tiled_factor_from_cholesky",
     "tiled_inf_norm",
-    "psd_inf_norm_bound",
-    "lower_pair",
-    "eigh_solve",
-    "psd_inverse",
-    "trace_damping",
-    "pi_damping",
-    "tiled_diagonal",
     "tiled_trace",
+    "to_tiles",
+    "trace_damping",
+    "tree_inner",
 ]
 
 
@@ -129,13 +130,13 @@ def meets_backward_error(r: Any, x: Any, a_norm: Any, size: int) -> jax.Array:
 def cg(
     matvec: Callable[[Any], Any],
     b: Any,
-    x0: Optional[Any] = None,
+    x0: Any | None = None,
     *,
     rtol: float = 1e-5,
     atol: float = 0.0,
-    max_steps: Optional[Any] = None,
-    preconditioner: Optional[Callable[[Any], Any]] = None,
-    backward_error: Optional[Any] = None,
+    max_steps: Any | None = None,
+    preconditioner: Callable[[Any], Any] | None = None,
+    backward_error: Any | None = None,
     stop_on_stagnation: bool = False,
     to_rounding_floor: bool = False,
     denominator_floor: float = 0.0,
@@ -226,7 +227,7 @@ def cg(
         return done
 
     def cond(carry):
-        x, r, _, _, rr, k, _, broke, done, stalled = carry
+        _x, _r, _, _, _rr, k, _, broke, done, stalled = carry
         running = jnp.asarray(True) if to_rounding_floor else ~done
         return (running | (k < min_iterations)) & (k < max_steps) & ~broke & ~stalled
 
@@ -343,7 +344,7 @@ def hermitian_from_lower_tiles(t: jax.Array) -> jax.Array:
     Of a diagonal tile only its lower triangle is used (the upper one is its mirror);
     the tiles above the diagonal of ``t`` are ignored.
     """
-    nb, _, ts, _ = t.shape
+    nb, _, _ts, _ = t.shape
     block_lower = np.tril(np.ones((nb, nb), bool), -1)
     low = jnp.where(block_lower[:, :, None, None], t, 0) + jnp.where(
         np.eye(nb, dtype=bool)[:, :, None, None], jnp.tril(t), 0)
@@ -522,7 +523,7 @@ def tiled_cholesky_solve(factor: TiledFactor, b: jax.Array) -> jax.Array:
     return out[:, 0] if vector else out
 
 
-def psd_inf_norm_bound(tiles: jax.Array, size: Optional[int] = None) -> jax.Array:
+def psd_inf_norm_bound(tiles: jax.Array, size: int | None = None) -> jax.Array:
     """An upper bound on ``||A||_inf`` of a Hermitian PSD matrix from its diagonal alone, ``O(n)``.
 
     ``|A_ij| <= sqrt(A_ii A_jj)`` for PSD ``A``, so every row sum is at most
@@ -535,13 +536,13 @@ def psd_inf_norm_bound(tiles: jax.Array, size: Optional[int] = None) -> jax.Arra
     return jnp.max(diag) * jnp.sum(diag)
 
 
-def tiled_diagonal(tiles: jax.Array, size: Optional[int] = None) -> jax.Array:
+def tiled_diagonal(tiles: jax.Array, size: int | None = None) -> jax.Array:
     """The (real part of the) diagonal of the matrix given by its tiles; ``size``: its leading entries only."""
     nb = tiles.shape[0]
     return jnp.real(jnp.diagonal(tiles[jnp.arange(nb), jnp.arange(nb)], axis1=1, axis2=2)).reshape(-1)[:size]
 
 
-def tiled_trace(tiles: jax.Array, size: Optional[int] = None) -> jax.Array:
+def tiled_trace(tiles: jax.Array, size: int | None = None) -> jax.Array:
     """The real trace of the matrix given by its tiles (its leading ``size x size`` block)."""
     return jnp.sum(tiled_diagonal(tiles, size))
 

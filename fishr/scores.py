@@ -33,7 +33,8 @@ split over devices.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +46,7 @@ from fishr.distributed import AxisName
 __all__ = ["FISHERS", "LIKELIHOODS", "inactive_leaves", "log_psi_one_sample", "log_psi_rows", "make_score_fn",
            "mean_loss", "split_batch"]
 
-Likelihood = Optional[Literal["categorical", "gaussian"]]
+Likelihood = Literal["categorical", "gaussian"] | None
 Fisher = Literal["true", "empirical"]
 LIKELIHOODS = (None, "categorical", "gaussian")
 FISHERS = ("true", "empirical")

@@ -28,7 +28,8 @@ takes :class:`CG`, :class:`Cholesky` or :class:`Eigh` (on the ``D x D`` covarian
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Literal, Optional, Union
+from collections.abc import Callable
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +69,7 @@ class CG:
 
     rtol: float = 1e-5
     atol: float = 0.0
-    max_steps: Optional[int] = None
+    max_steps: int | None = None
     initial_guess: InitialGuess = "rhs"
 
     def __post_init__(self):
@@ -77,7 +78,7 @@ class CG:
         check_int(self.max_steps, "fishr.CG", "max_steps", 1, allow_none=True)
         check_choice(self.initial_guess, _INITIAL_GUESSES, "fishr.CG", "initial_guess")
 
-    def start(self, b: Any, previous: Optional[Any] = None) -> Optional[Any]:
+    def start(self, b: Any, previous: Any | None = None) -> Any | None:
         """The initial guess for right-hand side ``b`` (``None`` means zeros)."""
         if self.initial_guess == "rhs":
             return b
@@ -87,7 +88,7 @@ class CG:
             return previous
         return None
 
-    def solve(self, matvec: Callable[[Any], Any], b: Any, x0: Optional[Any] = None) -> tuple[Any, SolveInfo]:
+    def solve(self, matvec: Callable[[Any], Any], b: Any, x0: Any | None = None) -> tuple[Any, SolveInfo]:
         """``A^{-1} b`` for the operator ``matvec = v -> A v`` (damping included), from ``x0``."""
         return linalg.cg(matvec, b, x0, rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
 
@@ -184,7 +185,7 @@ class Spectral:
 
     rtol: float = 0.0
     rtol_smooth: float = 0.0
-    snr: Optional[float] = None
+    snr: float | None = None
 
     def __post_init__(self):
         for name in ("rtol", "rtol_smooth"):
@@ -197,7 +198,7 @@ class Spectral:
         return self.rtol > 0 or self.rtol_smooth > 0
 
 
-Solver = Union[CG, Cholesky, Eigh, Spectral]
+Solver = CG | Cholesky | Eigh | Spectral
 
 
 def check_solver(solver: Any, allowed: tuple, who: str, context: str) -> None:

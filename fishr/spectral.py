@@ -29,7 +29,7 @@ the least ``d' >= d`` with ``(h_max + d') / (h_min + d') <= kappa``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +37,15 @@ import jax.numpy as jnp
 from fishr import distributed
 from fishr.distributed import AxisName
 
-__all__ = ["DampingRule", "conditioned_damping", "robust_correction", "robust_gamma", "sr_gain", "snr_weights",
-           "spectral_filter"]
+__all__ = [
+    "DampingRule",
+    "conditioned_damping",
+    "robust_correction",
+    "robust_gamma",
+    "snr_weights",
+    "spectral_filter",
+    "sr_gain",
+]
 
 
 def robust_gamma(gamma: Any, damping: Any) -> Any:
@@ -64,8 +71,8 @@ def sr_gain(sigma: jax.Array, damping: Any, gamma: Any = None) -> jax.Array:
 
 
 def spectral_filter(sigma: jax.Array, damping: Any, *, gamma: Any = None, rtol: float = 0.0,
-                    rtol_smooth: float = 0.0, weights: Optional[jax.Array] = None,
-                    sigma_max: Optional[jax.Array] = None) -> jax.Array:
+                    rtol_smooth: float = 0.0, weights: jax.Array | None = None,
+                    sigma_max: jax.Array | None = None) -> jax.Array:
     """``f(sigma)`` of the module docstring for eigenvalues ``sigma`` of ``S`` (clipped at 0).
 
     ``weights``: SNR weights per eigenvalue (``None`` for none); ``sigma_max``: the
@@ -106,7 +113,7 @@ def snr_weights(contributions: jax.Array, snr: float, axis_name: AxisName = None
     return 1.0 / (1.0 + ratio**6)
 
 
-def conditioned_damping(damping: Any, h_max: jax.Array, h_min: jax.Array, max_cond_num: Optional[float]) -> Any:
+def conditioned_damping(damping: Any, h_max: jax.Array, h_min: jax.Array, max_cond_num: float | None) -> Any:
     """The least damping ``>= damping`` with ``(h_max + d) / (h_min + d) <= max_cond_num`` (``None``: ``damping``)."""
     if max_cond_num is None:
         return damping
@@ -124,7 +131,7 @@ class DampingRule:
     """
 
     trace_damping: float = 0.0
-    max_cond_num: Optional[float] = None
+    max_cond_num: float | None = None
 
     @property
     def active(self) -> bool:

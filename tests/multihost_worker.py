@@ -16,6 +16,7 @@ compile time.
 
 from __future__ import annotations
 
+import itertools
 import sys
 
 N = 64  # global number of samples: 16 per device over 2 processes x 2 devices
@@ -32,7 +33,6 @@ def _inputs():
     """The global inputs as NumPy arrays, identical in every process (fixed seeds)."""
     import jax
     import numpy as np
-
     from sr_models import mlp_params
 
     rng = np.random.default_rng(1234)
@@ -63,9 +63,9 @@ def compute(shard, replicate):
     import jax
     import numpy as np
     import optax
+    from sr_models import mlp_complex_log_psi, mlp_log_psi
 
     import fishr
-    from sr_models import mlp_complex_log_psi, mlp_log_psi
 
     def fetch(tree, steps=None):
         """The leaves, raveled and concatenated (per step for ``steps`` stacked results)."""
@@ -150,7 +150,7 @@ def main(port: int, num_processes: int, process_id: int, out_path: str) -> None:
         sharding = NamedSharding(mesh, P(*[None] * axis, "batch"))
         blocks = sorted({(i[axis].start, i[axis].stop)
                          for i in sharding.addressable_devices_indices_map(x.shape).values()})
-        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])), blocks  # contiguous
+        assert all(a[1] == b[0] for a, b in itertools.pairwise(blocks)), blocks  # contiguous
         local = np.take(x, np.arange(blocks[0][0], blocks[-1][1]), axis=axis)
         arr = jax.make_array_from_process_local_data(sharding, local, x.shape)
         assert not arr.is_fully_addressable  # a true multi-process array

@@ -11,9 +11,9 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like
 
 import fishr
-from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like
 
 # --------------------------------------------------------------------------- helpers
 
@@ -419,7 +419,7 @@ def test_adapted_values_are_readable_by_name():
     params, batch, true_loss, value_fn, inner = _lm_problem(1.0)
     lm = fishr.levenberg_marquardt(inner, value_fn)
     state = lm.init(params)
-    updates, state = lm.update(jax.grad(true_loss)(params, batch), state, params, batch=batch)
+    _updates, state = lm.update(jax.grad(true_loss)(params, batch), state, params, batch=batch)
     step = fishr.quadratic_step_state(state)
     assert float(step.learning_rate) == -float(step.coefficients[0]) > 0
     assert float(step.momentum) == float(step.coefficients[1])

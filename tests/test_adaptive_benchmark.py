@@ -39,7 +39,7 @@ def test_loss_finite_and_decreasing(tasks, task_name, method):
     params = jax.tree.map(jnp.copy, task.params)
     make = ((lambda: bench.fishr_adaptive_runner(task, params)) if method == "fishr.adaptive_kfac"
             else (lambda: bench.fishr_kfac_runner(task, params, 0.01)))  # 0.03: the CNN's loss jumps at first
-    runner, result = bench._train(task, make, STEPS)  # the benchmark's training loop, STEPS steps
+    _runner, result = bench._train(task, make, STEPS)  # the benchmark's training loop, STEPS steps
     curve = [point["loss"] for point in result["curve"]]
     assert [point["step"] for point in result["curve"]] == [0, STEPS]
     assert all(math.isfinite(v) for v in curve)

@@ -12,10 +12,10 @@ import numpy as np
 import optax
 import pytest
 from flax import serialization
-
-import fishr
 from kfac_models import MLP, init, random_like
 from sr_models import mlp_log_psi, mlp_params
+
+import fishr
 
 PUBLIC_MODULES = [
     "fishr",

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from benchmarks import continuum
-from benchmarks.spin_chains import (MLP, RBM, SpinChain, _basis_spins, exact_ground_energy, local_energies,
-                                    random_spins, sparse_hamiltonian)
+from benchmarks.spin_chains import (
+    MLP,
+    RBM,
+    SpinChain,
+    _basis_spins,
+    exact_ground_energy,
+    local_energies,
+    random_spins,
+    sparse_hamiltonian,
+)
 
 
 def _visible(params, scale):

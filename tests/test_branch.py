@@ -2,17 +2,16 @@
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-from jax.sharding import PartitionSpec as PS
 import numpy as np
 import optax
 import pytest
+from branch_reference import np_block_sizes, np_cg, np_cov, np_kfac, np_natgrad
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as PS
 
 import fishr
 from fishr import _branch as branch
 from fishr import linalg
-
-from branch_reference import np_block_sizes, np_cg, np_cov, np_kfac, np_natgrad
 
 TOL = 1e-10
 NDEV = 4
@@ -136,7 +135,7 @@ def test_zero_state_dimension_gives_a_zero_update():
 
 
 def test_bad_arguments_raise_naming_the_argument():
-    grad, g, b, p = make_problem()
+    grad, _g, b, p = make_problem()
     with pytest.raises(ValueError, match="`projection` must have shape"):
         fishr.branch_natgrad_solve(grad, b, p[:, :-1])
     with pytest.raises(ValueError, match="callable `projection`"):

@@ -11,11 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sr_models import flat, random_like, rel_err
 
 import fishr
 from fishr import kronecker as F
 from fishr.capture import capture, conv_patches, discover_layers
-from sr_models import flat, random_like, rel_err
 
 F64 = jnp.float64
 
@@ -98,7 +98,7 @@ def test_captured_statistics_rebuild_per_sample_gradients(name):
 def _numpy_patches(x, kernel, strides, pads):
     """im2col by loops: (n, positions, kh*kw*C) for a 2-D VALID convolution after zero padding ``pads``."""
     x = np.pad(np.asarray(x), ((0, 0), pads[0], pads[1], (0, 0)))
-    n, h, w, c = x.shape
+    n, h, w, _c = x.shape
     out = []
     for i in range(0, h - kernel[0] + 1, strides):
         for j in range(0, w - kernel[1] + 1, strides):
@@ -157,7 +157,7 @@ def test_kfac_preconditions_conv_kernels():
     fn, params, x = _model_case("same")
     grad = random_like(jax.random.PRNGKey(3), params)
     opt = fishr.kfac(fn, 1e-2, example_batch=x)
-    nat, state = opt.update(grad, opt.init(params), params, batch=x)
+    nat, _state = opt.update(grad, opt.init(params), params, batch=x)
     plan = discover_layers(fn, params, x)
     leaves, gleaves = jax.tree.leaves(nat), jax.tree.leaves(grad)
     for layer in plan.layers:  # every kernel is preconditioned (not passed through)

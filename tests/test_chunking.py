@@ -5,12 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax_models import ComplexOut, Holomorphic, Mixed, PerPosition
 from jax.sharding import PartitionSpec as P
+from sr_models import flat, random_like, rel_err
 
 import fishr
 from fishr.chunking import map_chunks, num_chunks, sum_chunks
-from flax_models import ComplexOut, Holomorphic, Mixed, PerPosition
-from sr_models import flat, random_like, rel_err
 
 N = 20
 TIGHT = fishr.CG(rtol=1e-14, max_steps=2000)

@@ -5,10 +5,9 @@ import inspect
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from branch_reference import np_qmlhc_run
 
 from fishr.compat.qmlhc import HCKFACLike, HCNaturalGrad
-
-from branch_reference import np_qmlhc_run
 
 TOL = 1e-10
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
+from kfac_models import SEED_EPS, SeedError, SeedLayer
 
 from fishr.compat import ruvector as rv
-from kfac_models import SEED_EPS, SeedError, SeedLayer
 
 TOL = 1e-10
 
@@ -67,7 +67,7 @@ def test_approximation_matches_seed_with_learning_rate_and_unclamped_layer_dampi
     seeds = [SeedLayer(i, o) for i, o in dims]
     for s in seeds:
         s.damping = -1.0  # the seed hands the unclamped value to its layers; the per-factor EPS floor applies
-    for step in range(3):
+    for _step in range(3):
         for idx, (n_in, n_out) in enumerate(dims):
             acts, grads = batches(rng, 1, 5, n_in, n_out)[0]
             ours.update_layer(idx, acts, grads)

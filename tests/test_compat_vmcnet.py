@@ -5,10 +5,10 @@ import inspect
 
 import jax
 import jax.numpy as jnp
-from jax.flatten_util import ravel_pytree
-from jax.sharding import PartitionSpec as PS
 import numpy as np
 import pytest
+from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as PS
 
 from fishr import distributed
 from fishr.compat.vmcnet import SRMode, get_fisher_inverse_fn
@@ -57,9 +57,9 @@ def np_vmcnet(mode, jac, g, damping, maxiter=None, weights=None):
     weights = np.full(n, 1.0 / n) if weights is None else weights
     if mode == "DEBUG":
         jc = jac - weights @ jac
-        a_mul = lambda v: jc.T @ (jc @ v) / n + damping * v  # noqa: E731
+        a_mul = lambda v: jc.T @ (jc @ v) / n + damping * v
     else:
-        a_mul = lambda v: jac.T @ (jac @ v - weights @ (jac @ v)) / n + damping * v  # noqa: E731
+        a_mul = lambda v: jac.T @ (jac @ v - weights @ (jac @ v)) / n + damping * v
     return np_scipy_cg(a_mul, g, g, maxiter if maxiter is not None else 10 * g.size)
 
 
@@ -139,7 +139,7 @@ def _mesh():
 def test_pmap_with_pmean_in_mean_grad_fn_equals_single_device(mode):
     params, x, grad = problem(3)
     expected = np_vmcnet(mode, np_jacobian(params, x), flat(grad), 1e-3, maxiter=6)
-    global_mean = lambda u: distributed.batch_mean(u, "pmap")  # noqa: E731  (vmcnet's mean_all_local_devices)
+    global_mean = lambda u: distributed.batch_mean(u, "pmap")
     fn = get_fisher_inverse_fn(log_psi, global_mean, maxiter=6, mode=SRMode[mode])
     xs = x.reshape(NDEV, N // NDEV, L)
     pm = jax.pmap(fn, axis_name="pmap", in_axes=(None, None, 0))(grad, params, xs)
@@ -155,7 +155,7 @@ def test_pmap_with_a_local_mean_grad_fn_centres_per_device():
     params, x, grad = problem(4)
     jacs = np_jacobian(params, x).reshape(NDEV, N // NDEV, -1)
     local_c = [j - j.mean(axis=0) for j in jacs]
-    a_mul = lambda v: np.mean([c.T @ (c @ v) / c.shape[0] for c in local_c], axis=0) + 1e-3 * v  # noqa: E731
+    a_mul = lambda v: np.mean([c.T @ (c @ v) / c.shape[0] for c in local_c], axis=0) + 1e-3 * v
     g = flat(grad)
     expected = np_scipy_cg(a_mul, g, g, 6)
     fn = get_fisher_inverse_fn(log_psi, plain_mean, maxiter=6, mode=SRMode.DEBUG)

@@ -5,11 +5,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from kfac_models import init, random_like
 
 import fishr
 from fishr import kronecker as F
 from fishr.scores import make_score_fn
-from kfac_models import init, random_like
 
 TOL = 1e-10
 

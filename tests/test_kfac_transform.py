@@ -9,11 +9,11 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from kfac_models import MLP, SeedLayer, init, random_like
 
 import fishr
 from fishr import kronecker as F
 from fishr._validate import tree_all_finite
-from kfac_models import MLP, SeedLayer, init, random_like
 
 TOL = 1e-10
 
@@ -73,7 +73,7 @@ def test_damping_schedule_and_inverse_every(mlp_problem):
     update = jax.jit(lambda g, s, p, b: tx.update(g, s, p, batch=b))
     for step in range(3):
         before = state
-        nat, state = update(grads, state, params, batch)
+        _nat, state = update(grads, state, params, batch)
         if step % 2 == 0:  # recomputed with the schedule's damping at this count
             want = F.factor_inverses(state.factors, schedule(step), kind="pi")  # evaluated in float64 (fishr.checks.damping_at)
             assert all(max_rel(u, v) <= TOL for u, v in zip(jax.tree.leaves(state.inverses), jax.tree.leaves(want)))
@@ -92,7 +92,7 @@ def test_non_finite_batch_or_gradient_leaves_state_unchanged(mlp_problem):
     u, state = update(grads, safe.init(params), params, (x, y))
     assert int(state[0].count) == 1 and bool(tree_all_finite(u))
     nan_grads = jax.tree.map(lambda g: g.at[(0,) * g.ndim].set(jnp.nan), grads)
-    for k, (g, batch) in enumerate([(grads, (x.at[3, 1].set(jnp.nan), y)), (nan_grads, (x, y))]):
+    for _k, (g, batch) in enumerate([(grads, (x.at[3, 1].set(jnp.nan), y)), (nan_grads, (x, y))]):
         u, new = update(g, state, params, batch)
         assert all(bool(jnp.all(v == 0)) for v in jax.tree.leaves(u))  # rejected by apply_if_finite
         assert int(new[1].notfinite_count) == 1

@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import jax
+import multihost_worker
 import numpy as np
 import pytest
-
-import multihost_worker
 from sr_models import rel_err
 
 NPROC = 2

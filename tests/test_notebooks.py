@@ -9,7 +9,7 @@ pytest.importorskip("nbclient")
 pytest.importorskip("ipykernel")
 pytest.importorskip("matplotlib")
 
-from benchmarks.notebooks import execute, notebook_paths  # noqa: E402
+from benchmarks.notebooks import execute, notebook_paths
 
 PATHS = notebook_paths()
 

@@ -9,13 +9,12 @@ results must equal the same call on unsharded arrays to 1e-12 (float64).
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
+from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like, rel_err
 
 import fishr
-from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like, rel_err
 
 NDEV = 4
 

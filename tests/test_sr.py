@@ -6,12 +6,21 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sr_models import (
+    dense_s,
+    dense_sr,
+    flat,
+    holomorphic_log_psi,
+    holomorphic_params,
+    jacobian_rows,
+    mlp_complex_log_psi,
+    mlp_log_psi,
+    mlp_params,
+    random_like,
+    rel_err,
+)
 
 import fishr
-from sr_models import (
-    dense_s, dense_sr, flat, holomorphic_log_psi, holomorphic_params, jacobian_rows,
-    mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like, rel_err,
-)
 
 TIGHT = fishr.CG(rtol=1e-14, max_steps=5000)
 EXACT = [("lazy", TIGHT), ("dense", TIGHT), ("dense", fishr.Cholesky()), ("dense", fishr.Eigh()),

@@ -20,17 +20,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.linalg
+from sr_models import flat, jacobian_rows
 
 import fishr
 from benchmarks.vit import random_spins, tiny
 from fishr import jacobian as jac_mod
 from fishr.capture import discover_layers
-from sr_models import flat, jacobian_rows
 
 N = 128
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _vit():
     """The tiny ViT (float64 parameters, perturbed from the initialisation), spins, local energies, rows."""
     model = tiny()
@@ -68,7 +68,7 @@ def _err(x, ref):
     return float(np.abs(np.asarray(x, np.float64) - ref).max() / np.abs(ref).max())
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _solver(jacobian, dtype, with_energies):
     """One jitted ``sr_solve`` per configuration (the damping is traced: one compile per sweep)."""
     apply = _vit()[0]
@@ -81,7 +81,7 @@ def _solver(jacobian, dtype, with_energies):
 
 
 def _fishr(jacobian, dtype, damping, with_energies=True):
-    apply, params, s, energies, o = _vit()
+    _apply, params, s, energies, o = _vit()
     ob = o - o.mean(0)
     g = ob.T @ _force_coefficients(energies)
     _, unravel = jax.flatten_util.ravel_pytree(params)

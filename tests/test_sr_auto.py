@@ -2,13 +2,12 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
+from flax_models import MLP
+from sr_models import flat, random_like, rel_err
 
 import fishr
 from fishr import _sr_solve as sr_solve_mod
-from flax_models import MLP
-from sr_models import flat, random_like, rel_err
 
 auto_mode = sr_solve_mod.auto_mode
 

@@ -5,9 +5,9 @@ import numpy as np
 import optax
 import pytest
 from jax.sharding import PartitionSpec as P
+from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like
 
 import fishr
-from sr_models import flat, mlp_complex_log_psi, mlp_log_psi, mlp_params, random_like
 
 NDEV = 4
 TIGHT = fishr.CG(rtol=1e-14, max_steps=2000)

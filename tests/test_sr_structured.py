@@ -7,15 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax_models import MLP, RBM, ComplexOut, Holomorphic, Mixed, PerPosition
 from jax.sharding import PartitionSpec as P
+from sr_models import flat, random_like, rel_err
 
 import fishr
 from fishr import _sample_space as sample_space_mod
 from fishr import _sr_solve as sr_solve_mod
 from fishr import jacobian as jac_mod
 from fishr.capture import discover_layers
-from flax_models import MLP, RBM, ComplexOut, Holomorphic, Mixed, PerPosition
-from sr_models import flat, random_like, rel_err
 
 NDEV = 4
 TIGHT = fishr.CG(rtol=1e-14, max_steps=3000)
@@ -25,7 +25,7 @@ def _f64(tree):
     return jax.tree.map(lambda p: p.astype(jnp.promote_types(p.dtype, jnp.float64)), tree)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _case(name, n=16):
     key = jax.random.PRNGKey(0)
     spins = lambda d: jnp.sign(jax.random.normal(key, (n, d)))
@@ -123,7 +123,7 @@ def test_kernel_tiles_equal_the_full_kernel(name):
     """``kernel_tiles()`` against the kernel of the explicit rows: n = 650 samples in tiles
     of 256 rows (uneven: padded to 768 or 1536 rows, the pad rows an identity block)."""
     n = 650
-    log_psi, params, x, grad, holo = _case(name, n=n)
+    log_psi, params, x, _grad, holo = _case(name, n=n)
     layer = _jacobian(True, log_psi, params, x, holo)
     dense = _jacobian(False, log_psi, params, x, holo)
     rows = dense.rows.shape[0] * dense.rows.shape[1]

@@ -5,9 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from sr_models import flat, mlp_log_psi, mlp_params, random_like
 
 import fishr
-from sr_models import flat, mlp_log_psi, mlp_params, random_like
 
 
 @pytest.fixture(scope="module")

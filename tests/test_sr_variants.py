@@ -9,10 +9,17 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
+from sr_models import (
+    flat,
+    holomorphic_log_psi,
+    holomorphic_params,
+    jacobian_rows,
+    mlp_complex_log_psi,
+    mlp_log_psi,
+    mlp_params,
+)
 
 import fishr
-from sr_models import (flat, holomorphic_log_psi, holomorphic_params, jacobian_rows, mlp_complex_log_psi,
-                       mlp_log_psi, mlp_params)
 
 N = 24
 TIGHT = fishr.CG(rtol=1e-14, max_steps=2000)
@@ -23,7 +30,7 @@ KINDS = {
 }
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _problem(kind, n=N):
     log_psi, make, holomorphic = KINDS[kind]
     params = make()
@@ -171,7 +178,7 @@ def test_conditioning_bound_holds_and_damping_is_reported(mode, solver):
         np.testing.assert_allclose(used, (sigma.max() - kappa * sigma.min()) / (kappa - 1), rtol=1e-10)
     _close(flat(x), _reference(pr, used), 1e-8)
     # a damping that already meets the bound is kept
-    x2, state2 = jax.jit(lambda g, st, p, s: fishr.sr(pr["log_psi"], damping=1.0, mode=mode, solver=solver,
+    _x2, state2 = jax.jit(lambda g, st, p, s: fishr.sr(pr["log_psi"], damping=1.0, mode=mode, solver=solver,
                                                       max_cond_num=1e6).update(g, st, p, batch=s))(
         pr["grad"], tx.init(pr["params"]), pr["params"], pr["x"])
     assert float(state2.damping) == 1.0
@@ -471,9 +478,10 @@ def test_spring_term_uses_the_damping_used(mode, solver, energies):
 def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
     """float32 (factor in the working precision): robust SR's second solve rides along the first CG
     and is corrected by the factor; against a float64 solve it is as accurate as two separate solves."""
+    from flax_models import MLP
+
     from fishr._sample_space import kernel_solve
     from fishr.jacobian import DenseJacobian, LayerJacobian
-    from flax_models import MLP
 
     model = MLP(width=12)
     x = jax.random.normal(jax.random.PRNGKey(1), (96, 3), jnp.float32)

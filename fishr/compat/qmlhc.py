@@ -36,11 +36,12 @@ these return NaN parameters.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Mapping, Tuple
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
-from jax.flatten_util import ravel_pytree
 import numpy as np
+from jax.flatten_util import ravel_pytree
 
 from fishr import linalg
 from fishr._branch import branch_kfac_solve, projected_solve
@@ -82,7 +83,7 @@ class _BranchOptimizer:
 
     _name = ""
 
-    def initialize(self, params: Mapping[str, Any]) -> Dict[str, Any]:
+    def initialize(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Reset the step counter; returns ``{"steps": 0}``."""
         self._state = {"steps": 0}
         return dict(self._state)
@@ -106,7 +107,7 @@ class _BranchOptimizer:
 
     def step_params(
         self, model: Any, params: Mapping[str, Any], context: Mapping[str, Any]
-    ) -> Tuple[Dict[str, Any], Dict[str, Any]]:
+    ) -> tuple[dict[str, Any], dict[str, Any]]:
         """One step: ``theta - lr * P A^{-1} P^T g`` (clipped), ``g`` itself without branches."""
         with jax.enable_x64(True):
             arrays = {key: np.asarray(params[key], dtype=float) for key in sorted(params)}
@@ -159,7 +160,7 @@ class HCNaturalGrad(_BranchOptimizer):
         self.clip = clip
         self.grad_estimator = grad_estimator
         self._rng = np.random.default_rng(seed)
-        self._state: Dict[str, Any] = {}
+        self._state: dict[str, Any] = {}
 
     def _precondition(self, g, branches, projection):
         return _natgrad_preconditioner(g, branches, projection, self.fisher_damp, self.cg_iters)
@@ -189,7 +190,7 @@ class HCKFACLike(_BranchOptimizer):
         self.grad_estimator = grad_estimator
         self.clip = clip
         self._rng = np.random.default_rng(seed)
-        self._state: Dict[str, Any] = {}
+        self._state: dict[str, Any] = {}
 
     def _precondition(self, g, branches, projection):
         return _kfac_preconditioner(g, branches, projection, self.damp, max(1, self.blocks))

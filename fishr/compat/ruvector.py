@@ -42,7 +42,7 @@ switched on locally for each call).
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -134,7 +134,7 @@ class KFACLayer:
         self._num_updates = 0
 
     @classmethod
-    def new(cls, input_dim: int, output_dim: int) -> "KFACLayer":
+    def new(cls, input_dim: int, output_dim: int) -> KFACLayer:
         return cls(input_dim, output_dim)
 
     @property
@@ -149,11 +149,11 @@ class KFACLayer:
     def num_updates(self) -> int:
         return self._num_updates
 
-    def with_damping(self, damping: float) -> "KFACLayer":
+    def with_damping(self, damping: float) -> KFACLayer:
         self._damping = _rust_max(damping, EPS)
         return self
 
-    def with_ema(self, ema: float) -> "KFACLayer":
+    def with_ema(self, ema: float) -> KFACLayer:
         self._ema_factor = float(np.clip(float(ema), 0.0, 1.0))  # NaN stays NaN, as Rust's clamp
         return self
 
@@ -206,7 +206,7 @@ class KFACApproximation:
         self._damping = 1e-3
 
     @classmethod
-    def new(cls, layer_dims: Sequence[tuple[int, int]]) -> "KFACApproximation":
+    def new(cls, layer_dims: Sequence[tuple[int, int]]) -> KFACApproximation:
         return cls(layer_dims)
 
     @property
@@ -217,11 +217,11 @@ class KFACApproximation:
     def damping(self) -> float:
         return self._damping
 
-    def with_learning_rate(self, lr: float) -> "KFACApproximation":
+    def with_learning_rate(self, lr: float) -> KFACApproximation:
         self._learning_rate = _rust_max(lr, EPS)
         return self
 
-    def with_damping(self, damping: float) -> "KFACApproximation":
+    def with_damping(self, damping: float) -> KFACApproximation:
         self._damping = _rust_max(damping, EPS)
         for layer in self._layers:
             layer._damping = float(damping)  # unclamped, as in the seed

@@ -28,7 +28,8 @@ i.e. vmcnet's ``(0.25 F + damping I)^{-1} grad_E``. Conventions kept from vmcnet
 from __future__ import annotations
 
 import enum
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -64,7 +65,7 @@ def _fishr_mode(mode: Any) -> str:
     )
 
 
-def _pmap_axis_if_bound() -> Optional[str]:
+def _pmap_axis_if_bound() -> str | None:
     """``"pmap"`` inside a mapped axis of that name, else ``None`` (vmcnet's ``pmean_if_pmap`` test)."""
     try:
         distributed.device_count(PMAP_AXIS_NAME)
@@ -77,7 +78,7 @@ def get_fisher_inverse_fn(
     log_psi_apply: Callable[[Any, jax.Array], jax.Array],
     mean_grad_fn: Callable[[jax.Array], jax.Array],
     damping: float = 0.001,
-    maxiter: Optional[int] = None,
+    maxiter: int | None = None,
     mode: SRMode = SRMode.LAZY,
 ) -> Callable[[Any, Any, jax.Array], Any]:
     """Get a Fisher-preconditioned update (vmcnet's signature; see the module docs).
