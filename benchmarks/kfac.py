@@ -243,10 +243,14 @@ def format_table(report: dict) -> str:
             continue
         spread = f"({r['min_step_ms']:.2f}-{r['max_step_ms']:.2f})"
         lines.append(
-            f"{name:<22} {r['median_step_ms']:>15.2f} {spread:>17} {r.get('step_time_vs_fishr_kfac', float('nan')):>9.2f} "
+            f"{name:<22} {r['median_step_ms']:>15.2f} {spread:>17} "
+            f"{r.get('step_time_vs_fishr_kfac', float('nan')):>9.2f} "
             f"{r['loss_after']:>11.3e}"
         )
-    lines.append(f"(loss on all {DATA} samples after {next(iter(r['train_steps'] for r in report['results'].values() if 'train_steps' in r))} steps)")
+    lines.append(
+        f"(loss on all {DATA} samples after "
+        f"{next(iter(r['train_steps'] for r in report['results'].values() if 'train_steps' in r))} steps)"
+    )
     return "\n".join(lines)
 
 

@@ -21,7 +21,8 @@ energies; every tool computes the same exact SR update
 
 Run: ``python -m benchmarks.scale [--quick]`` (quick: ``N`` up to 1,024, ``w = 64``, a
 minute); the full preset is ``N = 4,096 ... 16,384`` at ``w = 128`` (``P = 35,329``) and
-``w = 512`` (``P = 534,529``) in float32, chunks of 256, tens of minutes on 2 cores. Results go to ``benchmarks/results/scale_{quick,full}.{md,json}``.
+``w = 512`` (``P = 534,529``) in float32, chunks of 256, tens of minutes on 2 cores. Results go to
+``benchmarks/results/scale_{quick,full}.{md,json}``.
 """
 
 from __future__ import annotations
@@ -156,7 +157,10 @@ def measure(tool: str, n: int, width: int, chunk: int, f64: bool, budget_bytes: 
             status = "ok" if row["finite"] else "non-finite"
         else:
             missing = "ModuleNotFoundError" in stderr
-            status = "not installed" if missing else f"failed ({stderr.strip().splitlines()[-1][:80] if stderr else child.returncode})"
+            status = (
+                "not installed" if missing
+                else f"failed ({stderr.strip().splitlines()[-1][:80] if stderr else child.returncode})"
+            )
     row["status"] = status
     return row
 

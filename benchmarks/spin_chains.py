@@ -141,7 +141,8 @@ def metropolis(log_psi, params, s, key, sweeps: int = 2, move: str = "flip"):
 
 
 def _log_cosh(x):
-    """``log cosh x`` without overflow: ``|x| + log1p(exp(-2|x|)) - log 2`` (real or complex via the principal branch)."""
+    """``log cosh x`` without overflow: ``|x| + log1p(exp(-2|x|)) - log 2``
+    (real or complex via the principal branch)."""
     if jnp.iscomplexobj(x):
         return jnp.log(jnp.cosh(x))
     ax = jnp.abs(x)

@@ -187,7 +187,8 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
     for n, spec in GRIDS[preset]:
         model, label, params, s, e_loc, grad = inputs(spec, n)
         p_count = sum(p.size for p in jax.tree.leaves(params))
-        log(f"[sr_timing] {label}, N={n}, P={p_count} ({'N << P' if 4 * n <= p_count else 'N >> P' if n >= 4 * p_count else 'N ~ P'}) ...",
+        log(f"[sr_timing] {label}, N={n}, P={p_count} "
+            f"({'N << P' if 4 * n <= p_count else 'N >> P' if n >= 4 * p_count else 'N ~ P'}) ...",
             flush=True)
         fns = methods(model, params, s, e_loc, grad, have_nk, DENSE_CHOL_MAX_P[preset])
         ref = reference_solution(model, params, s, grad)

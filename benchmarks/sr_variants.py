@@ -132,7 +132,8 @@ def square_bonds(lx: int, ly: int):
 
 @dataclass(frozen=True)
 class J1J2:
-    """The J1-J2 Heisenberg model on a periodic square lattice (the interface of :class:`benchmarks.spin_chains.SpinChain`).
+    """The J1-J2 Heisenberg model on a periodic square lattice
+    (the interface of :class:`benchmarks.spin_chains.SpinChain`).
 
     Pauli matrices; ``marshall=True`` rotates by Marshall's sign rule (the nearest-neighbour
     hopping changes sign; exact sign structure at ``J2 = 0``, a prior at ``J2 > 0``). A

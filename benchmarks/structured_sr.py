@@ -178,7 +178,8 @@ def _markdown(rows):
     for r in rows:
         cells = [f"{r[c][0]:.1f}" if c in r else "n/a" for c in cols]
         ratio = f"{r['structured / netket fastest exact']:.2f}x" if "structured / netket fastest exact" in r else "n/a"
-        lines.append(f"| {r['N']} | {r['P']} | {r['dtype']} | " + " | ".join(cells) + f" | {r['bound']:.1f} | {ratio} |")
+        lines.append(f"| {r['N']} | {r['P']} | {r['dtype']} | " + " | ".join(cells)
+                     + f" | {r['bound']:.1f} | {ratio} |")
     return "\n".join(lines)
 
 

@@ -59,7 +59,8 @@ def methods():
     for b in TR_BOUNDS:
         out[f"trust region lr={TR_LR:g} max_norm={b:g}"] = ("trust_region bound", lambda f, b=b: trust(f, TR_LR, b))
     for lr in TR_LRS:
-        out[f"trust region lr={lr:g} max_norm={TR_BOUND:g}"] = ("trust_region lr", lambda f, lr=lr: trust(f, lr, TR_BOUND))
+        out[f"trust region lr={lr:g} max_norm={TR_BOUND:g}"] = ("trust_region lr",
+                                                                lambda f, lr=lr: trust(f, lr, TR_BOUND))
     return out
 
 
@@ -86,13 +87,15 @@ def run(preset: str = "quick", log=print) -> dict:
                                  seconds=float(time.perf_counter() - t0)))
                 log(f"[trust_region] {system.name} {name:30s} seed {seed}: rel. error {rel:.2e}"
                     f"{' (diverged)' if diverged else ''}, {rows[-1]['ms_per_step']:.1f} ms/step")
-    return dict(preset=preset, settings=dict(damping=DAMPING, plain_lrs=PLAIN_LRS, tr_lr=TR_LR, tr_bound=TR_BOUND, tr_bounds=TR_BOUNDS, tr_lrs=TR_LRS,
+    return dict(preset=preset, settings=dict(damping=DAMPING, plain_lrs=PLAIN_LRS, tr_lr=TR_LR, tr_bound=TR_BOUND,
+                                             tr_bounds=TR_BOUNDS, tr_lrs=TR_LRS,
                                              **{k: v for k, v in cfg.items() if k != "systems"}),
                 rows=rows, summary=summarise(rows))
 
 
 def summarise(rows) -> list[dict]:
-    """Per system and method: mean relative error over seeds (NaN if any seed diverged) and the ratio to the best plain lr."""
+    """Per system and method: mean relative error over seeds (NaN if any seed diverged)
+    and the ratio to the best plain lr."""
     out = []
     for system in dict.fromkeys(r["system"] for r in rows):
         mine = [r for r in rows if r["system"] == system]
@@ -106,12 +109,14 @@ def summarise(rows) -> list[dict]:
         best = plain[best_name][0] if best_name else float("nan")
         for name, (mean, div, count, setting, ms) in means.items():
             out.append(dict(system=system, method=name, setting=setting, mean_rel_error=mean, diverged=div, runs=count,
-                            ms_per_step=ms, best_plain=best_name, vs_best_plain=mean / best if best_name else float("nan")))
+                            ms_per_step=ms, best_plain=best_name,
+                            vs_best_plain=mean / best if best_name else float("nan")))
     return out
 
 
 def markdown(report) -> str:
-    lines = ["| system | method | mean rel. error | diverged runs | vs best plain lr | ms / step |", "|---|---|---|---|---|---|"]
+    lines = ["| system | method | mean rel. error | diverged runs | vs best plain lr | ms / step |",
+             "|---|---|---|---|---|---|"]
     for r in report["summary"]:
         lines.append(f"| {r['system']} | {r['method']}{' (best plain)' if r['method'] == r['best_plain'] else ''} | "
                      f"{r['mean_rel_error']:.2e} | {r['diverged']}/{r['runs']} | {r['vs_best_plain']:.2f} | "

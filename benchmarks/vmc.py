@@ -219,7 +219,8 @@ def run(quick: bool = True, preset: str | None = None, only=None, log=print, net
         runs = {name: (lambda make=make, name=name: train(system, model, make, n, steps, progress=prog(name, log)))
                 for name, make in fishr_methods().items()}
         if have_nk:
-            runs["netket VMC_SR"] = lambda: train_netket(system, model, n, steps, False, progress=prog("netket VMC_SR", log))
+            runs["netket VMC_SR"] = lambda: train_netket(system, model, n, steps, False,
+                                                         progress=prog("netket VMC_SR", log))
             runs["netket VMC_SR ntk"] = lambda: train_netket(system, model, n, steps, True,
                                                              progress=prog("netket VMC_SR ntk", log))
         for name, fn in runs.items():
@@ -244,9 +245,11 @@ def markdown(rows) -> str:
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         reach = "not reached" if r["seconds_to_target"] is None else f"{r['seconds_to_target']:.1f}"
-        lines.append(f"| {r['system']} | {r['method']} | {r['steps']} | {r['final_energy']:.5f} ± {r['final_energy_err']:.5f} | "
+        lines.append(f"| {r['system']} | {r['method']} | {r['steps']} | "
+                     f"{r['final_energy']:.5f} ± {r['final_energy_err']:.5f} | "
                      f"{r['rel_error']:.1e} | {r['variance']:.2e} | {r['first_step_s']:.2f} | "
-                     f"{r['ms_per_step']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {reach} | {r['seconds_total']:.1f} |")
+                     f"{r['ms_per_step']:.1f} ({r['ms_min']:.1f}-{r['ms_max']:.1f}) | {reach} | "
+                     f"{r['seconds_total']:.1f} |")
     return "\n".join(lines)
 
 

@@ -66,7 +66,7 @@ from fishr._sr_solve import sr_solve
 from fishr.linalg import SolveInfo
 from fishr.solvers import CG, Cholesky, Eigh, Spectral
 
-__version__ = "0.2.0.dev0"
+__version__ = "0.2.0"
 
 __all__ = [
     "CG",

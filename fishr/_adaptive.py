@@ -1,7 +1,7 @@
 r"""Adaptive step size, momentum and damping, as optax pieces that follow any preconditioner.
 
-:func:`quadratic_step` (chain it after a preconditioner)
----------------------------------------------------------
+:func:`~fishr.quadratic_step` (chain it after a preconditioner)
+----------------------------------------------------------------
 With ``g`` the gradient, ``Delta`` the preconditioned direction (the incoming updates,
 e.g. ``(F + damping)^{-1} g``), ``v`` the previous update and ``C`` the exact curvature on
 the current batch (:mod:`fishr.curvature`), the update is ``delta = a Delta + b v`` with
@@ -10,32 +10,32 @@ the coefficients that minimise the damped quadratic model of the loss over that 
     M(delta) = g . delta + 1/2 delta^T (C + damping I) delta
 
 i.e. ``A w = -r`` with ``A = G + damping D``, ``G_jk = u_j^T C u_k``, ``D_jk = u_j . u_k``,
-``r_j = g . u_j`` and ``(u_1, u_2) = (Delta, v)`` (:func:`quadratic_model`). The sign is
+``r_j = g . u_j`` and ``(u_1, u_2) = (Delta, v)`` (:func:`~fishr.quadratic_model`). The sign is
 part of ``delta``: apply it with ``optax.apply_updates`` (no ``optax.sgd`` after it).
 ``learning_rate`` / ``momentum`` fix ``-a`` / ``b`` instead of adapting them (kfac-jax's
 ``use_adaptive_learning_rate`` / ``use_adaptive_momentum``). Where ``v = 0`` (the first
 step) or ``v`` is parallel to ``Delta`` (the 2 x 2 system is singular to working
 precision), the momentum is 0 and ``a`` comes from the 1 x 1 model.
 
-:func:`levenberg_marquardt` (wrap a chain)
-------------------------------------------
+:func:`~fishr.levenberg_marquardt` (wrap a chain)
+-------------------------------------------------
 Holds the damping (one value) and passes it, with the gradient, as the extra arguments
 ``damping=`` and ``grad=`` to every transform of the chain it wraps (:func:`fishr.kfac`,
-:func:`fishr.sr` and :func:`quadratic_step` read them). Every ``interval`` steps (on
+:func:`fishr.sr` and :func:`~fishr.quadratic_step` read them). Every ``interval`` steps (on
 steps ``t`` with ``(t + 1) % interval == 0``) it evaluates the reduction ratio on the
 current batch::
 
     rho = (L(params + delta) - L(params)) / M0(delta)
 
 with ``M0`` the model change without the damping term (``include_damping=True``: with
-it), taken from the :func:`quadratic_step` inside the chain; a NaN ratio counts as
+it), taken from the :func:`~fishr.quadratic_step` inside the chain; a NaN ratio counts as
 ``-100``. Then ``damping /= decay**interval`` if ``rho < lower``, ``damping *=
 decay**interval`` if ``rho > upper``, clipped to ``[min_damping, max_damping]``.
 Defaults (``interval=5``, ``decay=0.9``, ``lower=0.25``, ``upper=0.75``) are
 kfac-jax's and Martens & Grosse (2015)'s.
 
-:func:`trust_region` (chain it after :func:`fishr.sr`)
-------------------------------------------------------
+:func:`~fishr.trust_region` (chain it after :func:`fishr.sr`)
+-------------------------------------------------------------
 ``delta = -eta x`` with ``eta = min(lr, sqrt(max_norm / x^T S x))``: the step's squared
 length in the metric ``S`` (exact, :func:`fishr.curvature.fisher`) stays under
 ``max_norm`` (the norm constraint of FermiNet and vmcnet, with the exact metric
@@ -44,7 +44,7 @@ statistics (:class:`EnergyStats`).
 
 Non-finite values: if the incoming direction, the gradient, the curvature or the
 coefficients are not finite, the update is NaN and the state is left exactly as it
-was (``optax.apply_if_finite`` then skips the step). :func:`levenberg_marquardt` keeps
+was (``optax.apply_if_finite`` then skips the step). :func:`~fishr.levenberg_marquardt` keeps
 its state too when the update it returns is not finite; a finite update whose trial
 loss is not finite counts as ``rho = -100`` (the damping grows).
 
@@ -58,7 +58,7 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, cast
 
 import jax
 import jax.numpy as jnp
@@ -74,6 +74,7 @@ from fishr._validate import (
     check_real,
     damping_at,
     damping_ok,
+    next_count,
     poison,
     shared_damping,
     tree_all_finite,
@@ -120,7 +121,7 @@ def quadratic_model(
     learning_rate: Any | None = None,
     momentum: Any | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Coefficients ``w`` minimising ``M(w) = r . w + 1/2 w^T (G + damping D) w`` (module docstring).
+    """Coefficients ``w`` minimising ``M(w) = r^T w + 1/2 w^T (G + damping D) w`` (module docstring).
 
     Args:
       curvature_gram: ``G``, ``(k, k)`` with ``k`` 1 (``Delta``) or 2 (``Delta``, ``v``).
@@ -180,7 +181,7 @@ class QuadraticStepState(NamedTuple):
       damped_model_change: ``M(delta)``, with it.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
     previous: Any
     coefficients: jax.Array
     model_change: jax.Array
@@ -250,7 +251,8 @@ def quadratic_step(
             damped_model_change=zero,
         )
 
-    def update_fn(direction, state, params=None, *, grad=None, batch=None, **extra_args):
+    def update_fn(updates, state, params=None, *, grad=None, batch=None, **extra_args):
+        direction = updates
         if params is None or grad is None or batch is None:
             missing = [n for n, v in (("params", params), ("grad=", grad), ("batch=", batch)) if v is None]
             raise ValueError(f"{who}: update needs {', '.join(missing)} (the gradient, and the batch the "
@@ -282,7 +284,7 @@ def quadratic_step(
         ok = tree_all_finite((w, damped_change, grad_dots, gram)) & damping_ok(damping_now)
         delta = poison(delta, ok)
         new_state = QuadraticStepState(
-            count=optax.safe_increment(state.count),
+            count=next_count(state.count),
             previous=delta,
             coefficients=jnp.zeros((2,), dtype).at[:k].set(w),
             model_change=change,
@@ -307,7 +309,7 @@ class LevenbergMarquardtState(NamedTuple):
       inner_state: the wrapped chain's state.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
     damping: jax.Array
     rho: jax.Array
     inner_state: Any
@@ -399,7 +401,8 @@ def levenberg_marquardt(
             inner_state=inner.init(params),
         )
 
-    def update_fn(grads, state, params=None, *, batch=None, value=None, **extra_args):
+    def update_fn(updates, state, params=None, *, batch=None, value=None, **extra_args):
+        grads = updates
         if params is None or batch is None:
             raise ValueError(f"{who}: update needs `params` and `batch=` (the loss is evaluated on the batch).")
         for name in ("damping", "grad"):
@@ -425,7 +428,7 @@ def levenberg_marquardt(
         damping_new = jnp.where(adapt & (rho_or_low < lower), state.damping / factor,
                                 jnp.where(adapt & (rho_or_low > upper), state.damping * factor, state.damping))
         new_state = LevenbergMarquardtState(
-            count=optax.safe_increment(state.count),
+            count=next_count(state.count),
             damping=jnp.clip(damping_new, min_damping, max_damping).astype(state.damping.dtype),
             rho=jnp.where(adapt, rho, state.rho),
             inner_state=inner_state,
@@ -450,7 +453,7 @@ class EnergyStats(NamedTuple):
 
     mean: jax.Array
     variance: jax.Array
-    count: int
+    count: int  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
 
 
 def energy_stats(local_energies: jax.Array, axis_name: AxisName = None) -> EnergyStats:
@@ -471,7 +474,7 @@ class TrustRegionState(NamedTuple):
       bound: the ``max_norm`` used at the last step.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
     step_size: jax.Array
     metric_norm: jax.Array
     bound: jax.Array
@@ -532,7 +535,8 @@ def trust_region(
         zero = jnp.zeros((), dtype)
         return TrustRegionState(count=jnp.zeros((), jnp.int32), step_size=zero, metric_norm=zero, bound=zero)
 
-    def update_fn(direction, state, params=None, *, batch=None, local_energies=None, **extra_args):
+    def update_fn(updates, state, params=None, *, batch=None, local_energies=None, **extra_args):
+        direction = updates
         del extra_args
         if params is None or batch is None:
             raise ValueError(f"{who}: update needs `params` and `batch=` (the metric is evaluated on the batch).")
@@ -542,7 +546,7 @@ def trust_region(
                 raise ValueError(
                     f"{who}: this `max_norm` takes the energy statistics: pass `local_energies=` to update."
                 )
-            bound = max_norm(state.count, energy_stats(local_energies, axis_name))
+            bound = cast(Callable, max_norm)(state.count, energy_stats(local_energies, axis_name))
         else:
             bound = damping_at(max_norm, state.count)
         bound = jnp.asarray(bound, dtype)
@@ -551,7 +555,7 @@ def trust_region(
         eta = jnp.where(norm > 0, jnp.minimum(lr, jnp.sqrt(bound / jnp.where(norm > 0, norm, 1.0))), lr)
         ok = jnp.isfinite(eta) & (bound > 0) & (lr > 0)
         delta = poison(jax.tree.map(lambda x: (-eta).astype(x.dtype) * x, direction), ok)
-        new_state = TrustRegionState(count=optax.safe_increment(state.count), step_size=eta, metric_norm=norm,
+        new_state = TrustRegionState(count=next_count(state.count), step_size=eta, metric_norm=norm,
                                      bound=bound)
         new_state = optax.tree.where(tree_all_finite(delta), new_state, state)
         return delta, new_state
@@ -564,7 +568,7 @@ def trust_region(
 
 def adaptive_kfac(
     apply_fn: Callable[[Any, Any], jax.Array],
-    likelihood: str,
+    likelihood: Literal["gaussian", "categorical"],
     *,
     example_batch: Any,
     initial_damping: float = 1.0,

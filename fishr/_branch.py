@@ -15,12 +15,12 @@ The math and its conventions
   ``K`` counts the branches of *all* devices: with ``axis_name`` set, each
   device holds ``K / n_devices`` rows, the mean is the global one and the sum of
   outer products is ``psum``'d before dividing by the global ``K - 1``
-  (:func:`branch_covariance`).
+  (:func:`~fishr.branch_covariance`).
 * Projection ``P`` (``n x D``), parameters to states: by default
   ``P_ij ~ N(0, 1) / sqrt(D)``, drawn afresh at every step from a
   ``jax.random`` key; or a fixed user matrix, or a user *linear map*
   ``v (D,) -> P v (n,)`` (``P^T`` is then its ``jax.linear_transpose``).
-* Branch natural gradient (:func:`branch_natgrad_solve`)::
+* Branch natural gradient (:func:`~fishr.branch_natgrad_solve`)::
 
       update = P (C + damping I)^{-1} P^T g
 
@@ -30,7 +30,7 @@ The math and its conventions
   the test ``||r||_2 <= max(rtol ||b||, atol)`` before each iteration), or a direct
   ``fishr.Cholesky()`` / ``fishr.Eigh()``. (qmlhc's own loop tests only after an update
   and floors its denominators at ``1e-12``; :mod:`fishr.compat.qmlhc` keeps that.)
-* Branch-factored blocks (:func:`branch_kfac_solve`): ``C + damping I`` is cut
+* Branch-factored blocks (:func:`~fishr.branch_kfac_solve`): ``C + damping I`` is cut
   into ``blocks`` diagonal blocks (``blocks`` clamped to ``[1, D]``; sizes
   ``D // blocks``, the first ``D % blocks`` of them one larger), the
   off-diagonal blocks are dropped, and each block is solved exactly
@@ -44,7 +44,7 @@ The math and its conventions
   returned unchanged and no projection is drawn, as in the seeds.
 
 The sign and the learning rate are left to the chain, as in optax; the seeds'
-parameter clip is :func:`clip_params`. qmlhc's ``HCNaturalGrad`` is::
+parameter clip is :func:`~fishr.clip_params`. qmlhc's ``HCNaturalGrad`` is::
 
     optax.chain(fishr.branch_natgrad(fisher_damp, solver=fishr.CG(rtol=0.0, atol=1e-6,
                 max_steps=cg_iters, initial_guess="zeros"), key=key),
@@ -82,6 +82,7 @@ from fishr._validate import (
     check_key,
     damping_at,
     damping_ok,
+    next_count,
     poison,
     tree_all_finite,
 )
@@ -291,7 +292,7 @@ def branch_kfac_solve(
 
     A pure, jit-able function; arguments as :func:`branch_natgrad_solve`, with
     ``blocks`` the number of diagonal blocks (an int ``>= 1``, clamped to ``D``; sizes
-    from :func:`block_sizes`) and ``solver`` ``fishr.Cholesky()`` or ``fishr.Eigh()``
+    from ``fishr._branch.block_sizes``) and ``solver`` ``fishr.Cholesky()`` or ``fishr.Eigh()``
     for the blocks. Returns ``(update, fishr.SolveInfo)``; without branches ``grads``
     unchanged. The reported residual is that of the block-diagonal system.
     """
@@ -319,7 +320,7 @@ class BranchState(NamedTuple):
       info: :class:`fishr.SolveInfo` of the last finite solve with branches.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
     key: jax.Array
     info: SolveInfo
 
@@ -355,7 +356,7 @@ def _branch_transform(who, solve, damping, projection, key):
             new_key = jax.random.key_data(key)
             updates, info = solve(updates, branches, matrix, damping_now)
             info = jax.tree.map(lambda new, old: new.astype(old.dtype), info, state.info)
-        new_state = BranchState(optax.safe_increment(state.count), new_key, info)
+        new_state = BranchState(next_count(state.count), new_key, info)
         new_state = optax.tree.where(tree_all_finite(updates), new_state, state)
         return updates, new_state
 

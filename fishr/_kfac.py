@@ -40,6 +40,7 @@ from fishr._validate import (
     check_real,
     check_tree_matches_params,
     damping_ok,
+    next_count,
     poison,
     shared_damping,
     tree_all_finite,
@@ -69,7 +70,7 @@ class KFACState(NamedTuple):
         was not positive definite, so that the layer kept its previous inverse.
     """
 
-    count: jax.Array
+    count: jax.Array  # pyright: ignore[reportIncompatibleMethodOverride]  (optax states name it count too)
     factors: F.KroneckerFactors
     inverses: F.KroneckerFactors
     key: jax.Array
@@ -164,6 +165,23 @@ def kfac(
     Damping from the chain: ``update(..., damping=value)`` overrides ``damping`` for that
     step; :func:`fishr.levenberg_marquardt` passes its adapted damping this way, so the
     factors and the quadratic model use one value.
+
+    Examples:
+      A regression step on an unmodified Flax model: the dense layer is found from
+      ``example_batch`` and preconditioned by its Kronecker factors.
+
+      >>> import jax, jax.numpy as jnp, optax, flax.linen as nn, fishr
+      >>> model = nn.Dense(2)
+      >>> x = jax.random.normal(jax.random.key(0), (8, 3))
+      >>> y = jnp.zeros((8, 2))
+      >>> params = model.init(jax.random.key(1), x)
+      >>> opt = optax.chain(fishr.kfac(model.apply, 1e-3, likelihood="gaussian", example_batch=(x, y)),
+      ...                   optax.sgd(0.1))
+      >>> state = opt.init(params)
+      >>> grads = jax.grad(lambda p: 0.5 * jnp.mean(jnp.sum((model.apply(p, x) - y) ** 2, -1)))(params)
+      >>> updates, state = opt.update(grads, state, params, batch=(x, y))
+      >>> jax.tree.map(jnp.shape, updates)
+      {'params': {'bias': (2,), 'kernel': (3, 2)}}
     """
     who = "fishr.kfac"
     check_damping(damping, who)
@@ -238,7 +256,7 @@ def kfac(
             )
         nat = poison(F.precondition(updates, plan, inverses), ok & tree_all_finite(stats))
         new_state = KFACState(
-            count=optax.safe_increment(state.count),
+            count=next_count(state.count),
             factors=factors,
             inverses=inverses,
             key=jax.random.key_data(key),

@@ -294,6 +294,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         ``y2 = y2a + F (follow(y1) - follow(y1a))`` (``follow`` is affine, so the correction is
         ``F (shift (y1 - y1a))``, small: the factor's error on it is of second order). For a
         factor in the working precision."""
+        assert follow is not None
         y1a = _apply_factor(factor, rhs, rows)
         both, info, good = first_one(jnp.stack([rhs, follow(y1a, shift).astype(work)], axis=-1))
         y1, y2a = both[..., 0], both[..., 1]
@@ -434,6 +435,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             if momentum_term is not None:
                 u = jnp.stack([u, jac.matvec(momentum_term)], axis=-1)
             y, info, approx, approx_ok, shift = kernel_solve(jac, shift, solver, u)
+            assert not isinstance(y, tuple)  # one right-hand side (no follow-up)
             damping = shift / n
             x = woodbury(b, y if momentum_term is None else y[..., 0], damping)
             if momentum_term is not None:

@@ -41,7 +41,7 @@ Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
     back to the spectral pseudo-inverse ``Spectral(rtol=P eps)`` (``info.fallback = 3``).
 ``"sample_space"``
     The Woodbury identity on the ``N x N`` kernel ``Obar Obar^H``
-    (:mod:`fishr._sample_space`). Solver: :class:`fishr.Cholesky` (default),
+    (``fishr._sample_space``). Solver: :class:`fishr.Cholesky` (default),
     :class:`fishr.Eigh` or :class:`fishr.Spectral`. Needs ``damping > 0`` (or a
     ``Spectral`` cutoff).
 ``"auto"`` (default)
@@ -51,7 +51,7 @@ Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
     matrix fits in memory.
 
 Momentum (SPRING, Goldshlager, Abrahamsen & Lin 2024)
-----------------------------------------------------
+-----------------------------------------------------
 With ``mu = momentum`` in ``[0, 1)`` and the previous solution ``x_{k-1}``:
 
     x_k = (S + damping I)^{-1} (g + damping * mu * x_{k-1});   mu = 0 is plain SR.
@@ -136,6 +136,7 @@ from fishr.jacobian import (
     LayerJacobian,
     LinearizedJacobian,
     ScaledJacobian,
+    ShardedRowsJacobian,
     kernel_cost_per_pair,
     layers_pay_off,
 )
@@ -494,7 +495,7 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     if config.solve_dtype is None or not single:
         return _solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
                                   local_energies, metric, weights)
-    if not jax.config.jax_enable_x64:
+    if not jax.config.read("jax_enable_x64"):
         raise ValueError(f"{who}: solve_dtype='float64' needs double precision in JAX: "
                          "jax.config.update('jax_enable_x64', True) before building arrays.")
     up = lambda tree: jax.tree.map(_to_double, tree)
@@ -571,6 +572,7 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
     if config.mode == "lazy" and config.jacobian == "structured":
         jac = _build_jacobian(True, apply_fn, params, batch, config, who)
     elif config.mode == "lazy" and num_chunks(n_local, config.chunk_size) > 1:
+        assert config.chunk_size is not None  # more than one chunk
         jac = ChunkedLinearizedJacobian(_scores_of(apply_fn, config, who), params, batch, config.chunk_size,
                                         config.holomorphic, config.axis_name, mean_fn)
     elif config.mode == "lazy":
@@ -580,7 +582,8 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         structured = config.mode == "sample_space" and mean_fn is None and _wants_layers(
             config.jacobian, apply_fn, params, batch)
         jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
-        if ratios is not None:
+        if ratios is not None:  # weights took the generic rows
+            assert isinstance(jac, DenseJacobian | ShardedRowsJacobian)
             jac = jac.scaled_samples(jnp.sqrt(ratios))
 
     scale, metric_values = None, None
@@ -605,6 +608,7 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         b = grads if momentum_term is None else optax.tree.add_scale(grads, damping, momentum_term)
         x, info, used = _solve_lazy(jac, n_local, b, config.solver.start(b, previous), damping, config)
     elif config.mode == "dense":
+        assert isinstance(jac, DenseJacobian)  # dense mode: the generic rows on one device
         x, info, used = _solve_dense(jac, grads, momentum_term, previous, damping, config, local_energies, ratios)
     else:
         num_params = sum(int(jnp.size(leaf)) for leaf in jax.tree.leaves(params))
@@ -658,7 +662,7 @@ def sr_solve(
       batch: the local samples (array or pytree with a common leading batch axis).
       damping: ``damping >= 0`` (``> 0`` for ``"sample_space"``), a float or a scalar array.
       mode: ``"auto"`` (default: the cheaper exact solve, dense Cholesky or
-        sample_space, by :func:`auto_mode`'s documented rule; lazy only where neither
+        sample_space, by :func:`~fishr._sr_solve.auto_mode`'s documented rule; lazy only where neither
         matrix fits), ``"lazy"``, ``"dense"`` or ``"sample_space"``. :func:`fishr.sr`'s
         state records which ran.
       solver: a solver object (:mod:`fishr.solvers`) the mode accepts; ``None`` is the
@@ -689,7 +693,7 @@ def sr_solve(
         (``jacobian="structured"`` is refused, ``"auto"`` picks generic).
       local_energies: the local energies ``E_loc(x_i)`` of the local samples, shape
         ``(n_local,)`` (real or complex), whose centred values give the sample-space
-        coefficients of the VMC force (:func:`fishr._sample_space.energy_coefficients`):
+        coefficients of the VMC force (``fishr._sample_space.energy_coefficients``):
         ``mode="sample_space"`` then forms ``x = Obar^H (K + N damping)^{-1} (N c)`` with no
         division by the damping, the recommended VMC call. It solves for the force
         the energies define (and the momentum term), not for ``grads``:
@@ -738,6 +742,24 @@ def sr_solve(
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
       solve's diagnostics.
+
+    Examples:
+      The dense Cholesky solve equals ``(S + damping I)^{-1} g`` with ``S`` the covariance
+      of the per-sample scores ``O_i = d log psi(s_i) / d theta``:
+
+      >>> import jax, jax.numpy as jnp, fishr
+      >>> log_psi = lambda p, s: jnp.tanh(s @ p["w"]).sum(-1)
+      >>> params = {"w": 0.1 * jnp.arange(12.0).reshape(4, 3)}
+      >>> sigma = jnp.where(jnp.arange(32).reshape(8, 4) % 3 == 0, 1.0, -1.0)
+      >>> g = {"w": jnp.ones((4, 3))}
+      >>> x, info = fishr.sr_solve(log_psi, g, params, sigma, damping=1e-2, mode="dense",
+      ...                          solver=fishr.Cholesky())
+      >>> score = lambda s: jax.grad(lambda p: log_psi(p, s[None])[0])(params)["w"].ravel()
+      >>> o = jax.vmap(score)(sigma)
+      >>> s_matrix = (o - o.mean(0)).T @ (o - o.mean(0)) / 8
+      >>> want = jnp.linalg.solve(s_matrix + 1e-2 * jnp.eye(12), g["w"].ravel())
+      >>> bool(jnp.allclose(x["w"].ravel(), want, rtol=1e-4, atol=1e-6)), bool(info.converged)
+      (True, True)
     """
     who = "fishr.sr_solve"
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,

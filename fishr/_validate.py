@@ -39,6 +39,7 @@ __all__ = [
     "damping_at",
     "damping_ok",
     "local_batch_size",
+    "next_count",
     "poison",
     "shared_damping",
     "tree_all_finite",
@@ -51,7 +52,7 @@ def concrete_value(x: Any) -> Any:
     Schedules (callables) and traced values return ``None``: they are checked at run
     time (:func:`damping_ok`).
     """
-    if callable(x) or isinstance(x, jax.core.Tracer):
+    if callable(x) or isinstance(x, jax.core.Tracer):  # pyright: ignore[reportAttributeAccessIssue]
         return None
     try:
         return np.asarray(x)
@@ -129,8 +130,9 @@ def check_int(value: Any, who: str, name: str, minimum: int, allow_none: bool = 
 
 def check_real(value: Any, who: str, name: str, low: float, high: float, *, high_open: bool = False) -> None:
     """``value`` must be a real number in ``[low, high]`` (``[low, high)`` with ``high_open``)."""
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and low <= value
-    ok = ok and (value < high if high_open else value <= high)
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value))
+    ok = ok and low <= float(value)
+    ok = ok and (float(value) < high if high_open else float(value) <= high)
     if not ok:
         interval = f"[{low:g}, {high:g})" if high_open else f"[{low:g}, {high:g}]"
         raise ValueError(f"{who}: `{name}` must be a float in {interval}, got {value!r}.")
@@ -142,7 +144,8 @@ def check_positive(value: Any, who: str, name: str, above: float = 0.0, expected
     ``ValueError`` naming ``name`` and ``expected`` (default ``"None or a finite float > above"``)."""
     if value is None:
         return None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(value) and value > above:
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and np.isfinite(float(value)) \
+            and float(value) > above:
         return float(value)
     expected = expected or f"None or a finite float > {above:g}"
     raise ValueError(f"{who}: `{name}` must be {expected}, got {value!r}.")
@@ -165,7 +168,7 @@ def check_key(key: Any, who: str) -> tuple[jax.Array, Any]:
         key = jax.random.key(0)
     if isinstance(key, (numbers.Integral, bool)):
         raise TypeError(f"{who}: `key` must be a jax.random key, e.g. jax.random.key({key!r}); got the int {key!r}.")
-    if hasattr(key, "dtype") and jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
+    if hasattr(key, "dtype") and jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         if jnp.shape(key) != ():
             raise ValueError(f"{who}: `key` must be a single key (shape ()), got shape {jnp.shape(key)}.")
         return jax.random.key_data(key), jax.random.key_impl(key)
@@ -173,6 +176,11 @@ def check_key(key: Any, who: str) -> tuple[jax.Array, Any]:
     if arr.dtype != jnp.uint32 or arr.shape != (2,):
         raise TypeError(f"{who}: `key` must be a jax.random key (jax.random.key(seed)), got {key!r}.")
     return arr, jax.random.key_impl(jax.random.wrap_key_data(arr))
+
+
+def next_count(count: Any) -> jax.Array:
+    """``count + 1``, saturating at the int32 maximum (optax's ``safe_increment``), as an array."""
+    return jnp.asarray(optax.safe_increment(count))
 
 
 def local_batch_size(batch: Any, who: str, name: str = "batch") -> int:
@@ -184,6 +192,7 @@ def local_batch_size(batch: Any, who: str, name: str = "batch") -> int:
             f"batch axis; got leading sizes {sorted(map(str, sizes))}."
         )
     n = sizes.pop()
+    assert n is not None
     if n == 0:
         raise ValueError(f"{who}: `{name}` holds no samples (its leading axis has size 0).")
     return n

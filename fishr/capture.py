@@ -89,6 +89,8 @@ __all__ = [
     "LayerInfo",
     "LayerPlan",
     "Linearized",
+    "NormInfo",
+    "NormSpec",
     "augment_bias",
     "capture",
     "conv_patches",
@@ -275,7 +277,7 @@ def _contract_axes(module: Any, ndim: int) -> tuple[int, ...] | None:
     return axes if len(set(axes)) == len(axes) else None
 
 
-def _conv_spec(module: nn.Conv, x: Any) -> ConvSpec | None:
+def _conv_spec(module: nn.Conv | nnx.Conv, x: Any) -> ConvSpec | None:
     """The patch recipe of a Conv call, or ``None`` where capture does not apply (module docstring)."""
     if (
         module.feature_group_count != 1
@@ -303,7 +305,8 @@ def _conv_spec(module: nn.Conv, x: Any) -> ConvSpec | None:
     pre_pad = None
     if padding in ("CIRCULAR", "REFLECT"):
         dilated = [(k - 1) * d + 1 for k, d in zip(kernel_size, rhs_dil)]
-        pre_pad = (tuple(((k - 1) // 2, k // 2) for k in dilated), {"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
+        mode = {"CIRCULAR": "wrap", "REFLECT": "reflect"}[str(padding)]
+        pre_pad = (tuple(((k - 1) // 2, k // 2) for k in dilated), mode)
         padding = "VALID"
     elif padding == "CAUSAL":
         if rank != 1:
@@ -373,7 +376,7 @@ def _hooked(hook: Callable[[_Seen, Callable[[], jax.Array]], jax.Array], norms: 
         variables = ctx.module.variables.get("params", {})
         is_norm = isinstance(ctx.module, NORM_MODULES)
         seen = _Seen(module=ctx.module, kind=type(ctx.module).__name__,
-                     name="/".join(str(p) for p in ctx.module.scope.path),
+                     name="/".join(str(p) for p in ctx.module.path),
                      kernel=variables.get("scale" if is_norm else "kernel"),
                      bias=variables.get("bias"), x=iargs[0] if iargs else ikwargs["x" if is_norm else "inputs"])
         return hook(seen, lambda: next_fun(*iargs, **ikwargs))
@@ -395,7 +398,7 @@ def _hooked(hook: Callable[[_Seen, Callable[[], jax.Array]], jax.Array], norms: 
     with nn.intercept_methods(interceptor):
         try:
             for cls, original in originals.items():
-                cls.__call__ = wrap(cls, original)
+                cls.__call__ = wrap(cls, original)  # pyright: ignore[reportAttributeAccessIssue]  (restored below)
             yield
         finally:
             for cls, original in originals.items():
@@ -680,6 +683,7 @@ def capture(fn: Callable[..., jax.Array], params: Any, *args: Any, cotangent: ja
     """
     lin = linearize_layers(fn, params, *args, norms=norms)
     u = jnp.ones_like(lin.outputs) if cotangent is None else cotangent
+    assert lin.pullback_all is not None  # linearize_layers always sets it
     layer_grads, norm_grads = lin.pullback_all(u)
     return Captured(lin.outputs, lin.plan, lin.inputs, layer_grads, lin.norm_inputs, norm_grads)
 
@@ -740,7 +744,7 @@ def report(fn: Callable[..., jax.Array], params: Any, *args: Any) -> tuple[Cover
     by_leaf: dict[int, tuple[Any, str]] = {}
     for layer in plan.layers:
         by_leaf[layer.kernel_index] = (layer, "kernel")
-        if layer.has_bias:
+        if layer.bias_index is not None:
             by_leaf[layer.bias_index] = (layer, "bias")
     for norm in plan.norms:
         for index, role in ((norm.scale_index, "scale"), (norm.bias_index, "bias")):

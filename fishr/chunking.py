@@ -57,7 +57,7 @@ def map_chunks(fn: Callable[[Any], Any], batch: Any, chunk_size: int | None) -> 
     ``fn(batch)``.
     """
     n = jax.tree.leaves(batch)[0].shape[0]
-    if num_chunks(n, chunk_size) == 1:
+    if chunk_size is None or num_chunks(n, chunk_size) == 1:
         return fn(batch)
     out = lax.map(fn, _split(batch, n, chunk_size, "edge"))
     return jax.tree.map(lambda y: y.reshape((y.shape[0] * y.shape[1],) + y.shape[2:])[:n], out)
@@ -70,7 +70,7 @@ def sum_chunks(fn: Callable[[Any, Any], Any], batch: Any, per_sample: Any, chunk
     padded samples add nothing; the sum runs in a ``lax.scan`` with one chunk live at a time.
     """
     n = jax.tree.leaves(batch)[0].shape[0]
-    if num_chunks(n, chunk_size) == 1:
+    if chunk_size is None or num_chunks(n, chunk_size) == 1:
         return fn(batch, per_sample)
     chunks = (_split(batch, n, chunk_size, "edge"), _split(per_sample, n, chunk_size, "zero"))
     shapes = jax.eval_shape(fn, *jax.tree.map(lambda x: x[0], chunks))  # fn appears once, inside the scan

@@ -36,9 +36,9 @@ compiled program does not grow with ``n``.
     (:class:`DenseJacobian` restricted to them), which are centred before their Gram
     matrix is formed. The layers' kernel is centred as ``H K H`` with
     ``H = I - 1 1^T / n`` acting on the sample index, applied through the row means
-    of ``K`` (see :func:`_centre_block`); that subtraction cancels digits when the
+    of ``K`` (see ``_centre_block``); that subtraction cancels digits when the
     mean score is large next to its spread, so the kernel serves as the
-    preconditioner of a solve whose products are exact (:mod:`fishr._sample_space`).
+    preconditioner of a solve whose products are exact (``fishr._sample_space``).
 
     Per layer, :meth:`LayerJacobian.build` takes the cheaper of the structured
     kernel, ``n^2 T^2 (k + C^2 m)`` multiply-adds, and the generic one through
@@ -106,7 +106,7 @@ def _single(dtype) -> Any:
     return jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
 
 
-def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[jax.Array, jax.Array],
+def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
                  jax.Array]], ts: int | None = None) -> jax.Array:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
@@ -456,7 +456,7 @@ class ShardedRowsJacobian(NamedTuple):
 # --------------------------------------------------------------------------- captured layers
 
 
-def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: jax.Array | None, yj: jax.Array | None,
+def _uncentred_layer_block(kind: str, xi: jax.Array, xj: jax.Array, yi: jax.Array, yj: jax.Array,
                            c: int) -> jax.Array:
     """One layer's ``(O O^H)[ic, jc']`` for two sample ranges, shape ``(m_i, C, m_j, C)``.
 
@@ -529,7 +529,7 @@ class LayerJacobian(NamedTuple):
         gradients), of the layers whose per-sample gradients are cheaper than their structured
         kernel (many positions: folded into rows ``G_ic = sum_t a_it^T d_ict`` at build time, and
         then in ``plan.uncovered``) and of LayerNorm / RMSNorm scales and biases (``sum_t xhat_t d_t`` and
-        ``sum_t d_t`` from the same capture, no per-sample pass), see :func:`_rest_leaves`.
+        ``sum_t d_t`` from the same capture, no per-sample pass), see ``_rest_leaves``.
       unravel_rest: flat ``P_rest`` vector -> list of uncovered leaves.
       treedef: the parameters' tree structure.
       shapes: the parameters' leaf shapes.
@@ -571,7 +571,7 @@ class LayerJacobian(NamedTuple):
             per_component = []
             for comp in range(c):
                 cot = jnp.zeros_like(lin.outputs).at[:, comp].set(1)
-                per_component.append(lin.pullback_all(cot))
+                per_component.append(lin.pullback_all(cot))  # pyright: ignore[reportOptionalCall]  (norms=True)
             d = tuple(jnp.stack([pc[0][l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
             a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
             uncovered = [leaves[i] for i in lin.plan.uncovered]
@@ -581,7 +581,9 @@ class LayerJacobian(NamedTuple):
             for layer, x, y in zip(lin.plan.layers, a, d):
                 if layer.positions == 1 or layer_kernel_is_structured(
                         n_global, c, layer.positions, layer.d_in + int(layer.has_bias), layer.d_out):
-                    kept.append(layer), kept_a.append(x), kept_d.append(y)
+                    kept.append(layer)
+                    kept_a.append(x)
+                    kept_d.append(y)
                     continue
                 g = jnp.einsum("ntk,nctm->nckm", x, y)
                 folded_rows.append(g[:, :, :layer.d_in].reshape(g.shape[0], c, -1))
@@ -658,7 +660,7 @@ class LayerJacobian(NamedTuple):
             w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
             block = jnp.einsum("ntk,ntm->km", a.conj(), w)
             leaves[layer.kernel_index] = block[: layer.d_in].reshape(self.shapes[layer.kernel_index])
-            if layer.has_bias:
+            if layer.bias_index is not None:
                 leaves[layer.bias_index] = block[layer.d_in].reshape(self.shapes[layer.bias_index])
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
@@ -666,8 +668,8 @@ class LayerJacobian(NamedTuple):
     def kernel_tiles(self, ts: int | None = None) -> jax.Array:
         """The tiles of the centred kernel ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
-        Per layer the cheaper exact form (:meth:`_kernel_factors`); the layers' part is
-        centred through its row means (:func:`_centre_block`), the uncovered
+        Per layer the cheaper exact form (``_kernel_factors``); the layers' part is
+        centred through its row means (``_centre_block``), the uncovered
         parameters' rows are centred before their Gram matrix. Local batch only (call
         after :meth:`gather` when the batch is split over devices).
         """
@@ -679,15 +681,14 @@ class LayerJacobian(NamedTuple):
         rest = self.rest - self.rest.mean(axis=0, keepdims=True)
 
         def make_block(m, n_pad):
-            take = [(kind, _slicer(x, n_pad, m), None if y is None else _slicer(y, n_pad, m)) for kind, x, y in factors]
+            take = [(kind, _slicer(x, n_pad, m), _slicer(y, n_pad, m)) for kind, x, y in factors]
             take_rest, take_r = _slicer(rest, n_pad, m), _slicer(r, n_pad, m)
             take_valid = _slicer(jnp.ones((n,), dtype), n_pad, m)
 
             def block(i0, j0):
                 out = jnp.zeros((m, c, m, c), dtype)
                 for kind, tx, ty in take:
-                    out = out + _uncentred_layer_block(kind, tx(i0), tx(j0), None if ty is None else ty(i0),
-                                                       None if ty is None else ty(j0), c)
+                    out = out + _uncentred_layer_block(kind, tx(i0), tx(j0), ty(i0), ty(j0), c)
                 if factors:
                     valid = take_valid(i0)[:, None, None, None] * take_valid(j0)[None, None, :, None]
                     out = _centre_block(out, take_r(i0), take_r(j0), s) * valid

@@ -287,11 +287,11 @@ def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any
                 f"expected {layer.kernel_shape}."
             )
         gamma = kernel.reshape(layer.d_in, layer.d_out)
-        if layer.has_bias:
+        if layer.bias_index is not None:
             gamma = jnp.concatenate([gamma, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
         nat = precondition_matrix(gamma, a_inv, g_inv).astype(kernel.dtype)
         out[layer.kernel_index] = nat[: layer.d_in].reshape(layer.kernel_shape)
-        if layer.has_bias:
+        if layer.bias_index is not None:
             bias = leaves[layer.bias_index]
             out[layer.bias_index] = nat[layer.d_in].reshape(jnp.shape(bias)).astype(bias.dtype)
     for norm, inv in zip(plan.norms, inverses.diag):

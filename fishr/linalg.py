@@ -25,7 +25,7 @@ caller can detect the bad step with ``optax.apply_if_finite`` or its own check.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
@@ -326,8 +326,9 @@ def tile_size(n: int) -> int:
     return 256 if n <= 6144 else 512
 
 
-def to_tiles(a: jax.Array, ts: int) -> jax.Array:
+def to_tiles(a: jax.Array | np.ndarray, ts: int) -> jax.Array:
     """An ``(nb ts) x (nb ts)`` matrix as its tiles ``t[i, j]``, shape ``(nb, nb, ts, ts)``."""
+    a = jnp.asarray(a)
     nb = a.shape[0] // ts
     return a.reshape(nb, ts, nb, ts).transpose(0, 2, 1, 3)
 
@@ -497,7 +498,7 @@ def tiled_cholesky_solve(factor: TiledFactor, b: jax.Array) -> jax.Array:
             for k in range(i):
                 r = r - t[i, k] @ y[k]
             y.append(inv[i] @ r)
-        x = [None] * nb
+        x: list[Any] = [None] * nb
         for i in reversed(range(nb)):
             r = y[i]
             for k in range(i + 1, nb):
@@ -563,7 +564,18 @@ def tiled_inf_norm(tiles: jax.Array) -> jax.Array:
     return jnp.max(rows)
 
 
-def eigh_solve(a: jax.Array, b: jax.Array, damping=0.0, return_eigenvalues: bool = False):
+@overload
+def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, return_eigenvalues: Literal[False] = False) -> jax.Array:
+    ...
+
+
+@overload
+def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, *,
+               return_eigenvalues: Literal[True]) -> tuple[jax.Array, jax.Array]:
+    ...
+
+
+def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, return_eigenvalues: bool = False):
     """``(a + damping I)^{-1} b`` for Hermitian ``a`` by ``a = U diag(w) U^H``.
 
     ``x = U diag(1 / (w + damping)) U^H b``; NaN wherever ``w + damping <= 0`` enters

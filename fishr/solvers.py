@@ -65,6 +65,16 @@ class CG:
     A solve that stops at ``max_steps`` above the tolerance reports
     ``converged=False``; one whose result is worse than zero (divergence) or not
     finite returns NaN (see :func:`fishr.linalg.cg`).
+
+    Examples:
+      >>> import fishr
+      >>> fishr.CG(rtol=1e-8, max_steps=50)
+      CG(rtol=1e-08, atol=0.0, max_steps=50, initial_guess='rhs')
+      >>> tx = fishr.sr(lambda p, s: s @ p, 1e-3, mode="lazy", solver=fishr.CG(rtol=1e-8, max_steps=50))
+      >>> fishr.CG(max_steps=-5)
+      Traceback (most recent call last):
+      ...
+      ValueError: fishr.CG: `max_steps` must be an int >= 1 or None, got -5.
     """
 
     rtol: float = 1e-5
@@ -116,7 +126,7 @@ class DirectSolver:
     """A direct solve of a damped Hermitian PSD matrix (:class:`Cholesky`, :class:`Eigh`).
 
     With ``damping == 0`` a matrix that is singular to working precision gives NaN
-    (there is no solution; see :func:`_singular_undamped`); a matrix that is not positive
+    (there is no solution; see ``_singular_undamped``); a matrix that is not positive
     definite after damping gives NaN too.
     """
 

@@ -70,8 +70,8 @@ def sr_gain(sigma: jax.Array, damping: Any, gamma: Any = None) -> jax.Array:
     return (sigma + robust_gamma(gamma, damping) * damping**2) / (sigma + damping) ** 2
 
 
-def spectral_filter(sigma: jax.Array, damping: Any, *, gamma: Any = None, rtol: float = 0.0,
-                    rtol_smooth: float = 0.0, weights: jax.Array | None = None,
+def spectral_filter(sigma: jax.Array, damping: Any, *, gamma: Any = None, rtol: float | jax.Array = 0.0,
+                    rtol_smooth: float | jax.Array = 0.0, weights: jax.Array | None = None,
                     sigma_max: jax.Array | None = None) -> jax.Array:
     """``f(sigma)`` of the module docstring for eigenvalues ``sigma`` of ``S`` (clipped at 0).
 

@@ -81,7 +81,8 @@ def np_qmlhc_run(kind, params, contexts, *, lr, damping, seed, clip=None, cg_ite
             b = np.asarray(b, dtype=float)
             d = b.shape[1]
             p = rng.normal(size=(theta.size, d)) / np.sqrt(d)
-            pre = np_natgrad(g, b, p, damping, "cg", cg_iters) if kind == "natgrad" else np_kfac(g, b, p, damping, blocks)
+            pre = (np_natgrad(g, b, p, damping, "cg", cg_iters) if kind == "natgrad"
+                   else np_kfac(g, b, p, damping, blocks))
         theta = theta - lr * pre
         if clip is not None:
             theta = np.clip(theta, -clip, clip)

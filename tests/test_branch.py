@@ -55,7 +55,8 @@ def test_block_sizes_follow_the_seed():
             assert branch.block_sizes(d, blocks) == tuple(np_block_sizes(d, blocks)), (d, blocks)
 
 
-@pytest.mark.parametrize("iters, tol, scale", [(8, 1e-6, 1.0), (2, 1e-6, 1.0), (50, 1e-3, 1.0), (8, 1e-6, 1e-9), (0, 1e-6, 1.0)])
+@pytest.mark.parametrize("iters, tol, scale",
+                         [(8, 1e-6, 1.0), (2, 1e-6, 1.0), (50, 1e-3, 1.0), (8, 1e-6, 1e-9), (0, 1e-6, 1.0)])
 def test_linalg_cg_reproduces_qmlhc_cg_solve(iters, tol, scale):
     """Seed settings of the shared CG: from zero, >= 1 step, absolute tol after each update, 1e-12 floors."""
     rng = np.random.default_rng(1)

@@ -247,8 +247,9 @@ def test_conv_and_attention_equal_on_devices_and_one_device(name):
     opt = fishr.kfac(fn, 1e-2, example_batch=x)
     one = jax.jit(lambda xs: opt.update(grad, opt.init(params), params, batch=xs)[0])(x)
     opt_d = fishr.kfac(fn, 1e-2, example_batch=x[:2], axis_name="devices")
+    # as tests/test_sr_structured.py
     many = jax.jit(jax.shard_map(lambda xs: opt_d.update(grad, opt_d.init(params), params, batch=xs)[0],
-                                 mesh=mesh, in_specs=P("devices"), out_specs=P(), check_vma=False))(x)  # as tests/test_sr_structured.py
+                                 mesh=mesh, in_specs=P("devices"), out_specs=P(), check_vma=False))(x)
     assert rel_err(flat(many), flat(one)) <= 1e-10
 
 

@@ -140,7 +140,8 @@ def test_errors_are_the_seeds(cls):
 def test_step_without_initialize_and_input_types():
     """No initialize() needed (the counter starts from 0); float32/jax/list values are read as float64."""
     params = {"b": [0.1, 0.2], "a": jnp.asarray(np.ones((2, 2), np.float32))}
-    ctx = {"grads": {"a": np.ones(4, np.float32), "b": (1.0, -1.0)}, "info": {"branches": [[0.0, 1.0, 2.0], [1.0, 0.5, 0.0]]}}
+    ctx = {"grads": {"a": np.ones(4, np.float32), "b": (1.0, -1.0)},
+           "info": {"branches": [[0.0, 1.0, 2.0], [1.0, 0.5, 0.0]]}}
     ref = list(np_qmlhc_run("natgrad", params, [ctx], lr=5e-3, damping=1e-3, seed=12345))
     new, state = HCNaturalGrad().step_params(None, params, ctx)
     assert state["steps"] == 1 and new["a"].dtype == np.float64 and new["a"].shape == (2, 2)

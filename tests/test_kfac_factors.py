@@ -154,7 +154,8 @@ def test_vmapped_layers_are_not_captured():
     assert plan.layers == () and len(plan.uncovered) == 2
     g = random_like(jax.random.PRNGKey(0), params)
     _, fac = statistics(fn, params, x)
-    assert fac.a == () and jax.tree.all(jax.tree.map(lambda u, v: bool(jnp.all(u == v)), F.precondition(g, plan, fac), g))
+    assert fac.a == () and jax.tree.all(
+        jax.tree.map(lambda u, v: bool(jnp.all(u == v)), F.precondition(g, plan, fac), g))
 
 
 def test_ema_first_update_replaces_then_mixes():

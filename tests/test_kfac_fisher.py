@@ -77,7 +77,8 @@ def test_preconditioned_gradient_is_dense_solve(kind, method):
 
     def step(p, x, g):
         plan, fac = F.factor_statistics(score, p, x)
-        inv = F.factor_inverses(fac, damping, kind=kind, solver={"cholesky": fishr.Cholesky(), "eigh": fishr.Eigh()}[method])
+        inv = F.factor_inverses(fac, damping, kind=kind,
+                                solver={"cholesky": fishr.Cholesky(), "eigh": fishr.Eigh()}[method])
         return fac, F.precondition(g, plan, inv)
 
     fac, nat = jax.jit(step)(params, x, grads)

@@ -75,11 +75,13 @@ def test_damping_schedule_and_inverse_every(mlp_problem):
         before = state
         _nat, state = update(grads, state, params, batch)
         if step % 2 == 0:  # recomputed with the schedule's damping at this count
-            want = F.factor_inverses(state.factors, schedule(step), kind="pi")  # evaluated in float64 (fishr.checks.damping_at)
+            # evaluated in float64 (fishr.checks.damping_at)
+            want = F.factor_inverses(state.factors, schedule(step), kind="pi")
             assert all(max_rel(u, v) <= TOL for u, v in zip(jax.tree.leaves(state.inverses), jax.tree.leaves(want)))
         else:  # factors move, inverses are kept
             assert max_rel(state.factors.g[-1], before.factors.g[-1]) > 1e-6  # new sampled labels
-            assert all(bool(jnp.all(u == v)) for u, v in zip(jax.tree.leaves(state.inverses), jax.tree.leaves(before.inverses)))
+            assert all(bool(jnp.all(u == v))
+                       for u, v in zip(jax.tree.leaves(state.inverses), jax.tree.leaves(before.inverses)))
     assert int(state.count) == 3
 
 

@@ -57,7 +57,8 @@ def _start(tmp):
     for i in range(NPROC):
         out, log = Path(tmp) / f"out{i}.npz", open(Path(tmp) / f"log{i}.txt", "w+")
         cmd = [sys.executable, str(WORKER), str(port), str(NPROC), str(i), str(out)]
-        procs.append((subprocess.Popen(cmd, env=env, cwd=WORKER.parent, stdout=log, stderr=subprocess.STDOUT), out, log))
+        procs.append((subprocess.Popen(cmd, env=env, cwd=WORKER.parent, stdout=log, stderr=subprocess.STDOUT),
+                      out, log))
     return procs
 
 

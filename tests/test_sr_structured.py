@@ -234,7 +234,8 @@ def test_structured_rejected_for_dense_mode():
 @pytest.mark.parametrize("name", ["mixed", "complex_out"])
 def test_structured_multidevice(name, mode):
     log_psi, params, x, grad, holo = _case(name, n=32)
-    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured", solver=TIGHT if mode == "lazy" else None)
+    kw = dict(damping=1e-3, mode=mode, holomorphic=holo, jacobian="structured",
+              solver=TIGHT if mode == "lazy" else None)
     single, _ = jax.jit(functools.partial(fishr.sr_solve, log_psi, **kw))(grad, params, x)
     solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="d", **kw)[0]
 

@@ -180,8 +180,8 @@ def test_unknown_mode_and_solver():
         fishr.sr(mlp_log_psi, mode="exact")
     with pytest.raises(TypeError, match=r"`solver` must be one of fishr.CG\(\) in mode='lazy'"):
         fishr.sr(mlp_log_psi, mode="lazy", solver=fishr.Cholesky())
-    with pytest.raises(TypeError, match=r"`solver` must be one of fishr.Cholesky\(\), fishr.Eigh\(\), fishr.Spectral\(\) "
-                                        r"in mode='sample_space'"):
+    with pytest.raises(TypeError, match=r"`solver` must be one of fishr.Cholesky\(\), fishr.Eigh\(\), "
+                                        r"fishr.Spectral\(\) in mode='sample_space'"):
         fishr.sr(mlp_log_psi, mode="sample_space", solver=fishr.CG())
     with pytest.raises(TypeError, match="`solver`"):
         fishr.sr(mlp_log_psi, mode="dense", solver="cholesky")

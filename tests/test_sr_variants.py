@@ -185,7 +185,8 @@ def test_conditioning_bound_holds_and_damping_is_reported(mode, solver):
 
 
 @pytest.mark.parametrize("mode,solver", [("dense", fishr.Cholesky()), ("sample_space", fishr.Cholesky()),
-                                         ("sample_space", fishr.Spectral())], ids=["dense", "ss-cholesky", "ss-spectral"])
+                                         ("sample_space", fishr.Spectral())],
+                         ids=["dense", "ss-cholesky", "ss-spectral"])
 def test_trace_damping_adds_a_multiple_of_the_trace(mode, solver):
     """quantax's shift: damping + t tr S, then the condition bound on top."""
     pr = _problem("complex")

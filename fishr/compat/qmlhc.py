@@ -1,4 +1,4 @@
-"""qmlhc's ``HCNaturalGrad`` and ``HCKFACLike``, with their interface and numbers, on :mod:`fishr.branch`.
+"""qmlhc's ``HCNaturalGrad`` and ``HCKFACLike``, with their interface and numbers, on :mod:`fishr._branch`.
 
 A drop-in for ``qmlhc.optim.numpy_optim``: same constructors and defaults,
 ``initialize(params) -> state`` and ``step_params(model, params, context) ->
@@ -40,6 +40,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
@@ -82,6 +83,10 @@ class _BranchOptimizer:
     """What the two qmlhc optimizers share: parameter layout, gradient, projection draw, update."""
 
     _name = ""
+    lr: float
+    clip: float | None
+    grad_estimator: Callable[..., Any] | None
+    _rng: np.random.Generator
 
     def initialize(self, params: Mapping[str, Any]) -> dict[str, Any]:
         """Reset the step counter; returns ``{"steps": 0}``."""
@@ -126,7 +131,7 @@ class _BranchOptimizer:
             theta_new = theta - self.lr * precond
             if self.clip is not None:
                 theta_new = np.clip(theta_new, -self.clip, self.clip)
-            new_params = {key: np.asarray(value) for key, value in unravel(theta_new).items()}
+            new_params = {key: np.asarray(value) for key, value in unravel(jnp.asarray(theta_new)).items()}
         self._state = {
             "steps": self._state.get("steps", 0) + 1,
             "precond_norm": float(np.linalg.norm(precond)),

@@ -35,13 +35,13 @@ import jax
 import jax.numpy as jnp
 
 from fishr import distributed
-from fishr._sr_solve import sr_solve
+from fishr._sr_solve import Mode, sr_solve
 from fishr.solvers import CG
 
 __all__ = ["PMAP_AXIS_NAME", "SRMode", "get_fisher_inverse_fn"]
 
 PMAP_AXIS_NAME = "pmap"  # vmcnet's utils.distribute.PMAP_AXIS_NAME
-_FISHR_MODES = {"LAZY": "lazy", "DEBUG": "dense"}
+_FISHR_MODES: dict[str, Mode] = {"LAZY": "lazy", "DEBUG": "dense"}
 
 
 class SRMode(enum.Enum):
@@ -55,7 +55,7 @@ class SRMode(enum.Enum):
     DEBUG = enum.auto()
 
 
-def _fishr_mode(mode: Any) -> str:
+def _fishr_mode(mode: Any) -> Mode:
     name = getattr(mode, "name", None)  # also vmcnet's own SRMode members
     if isinstance(mode, enum.Enum) and name in _FISHR_MODES:
         return _FISHR_MODES[name]
