@@ -59,6 +59,7 @@ layer's previous inverse, the ruvector adapter raises).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -66,7 +67,7 @@ import jax.numpy as jnp
 
 from fishr import distributed
 from fishr._validate import check_choice
-from fishr.capture import LayerInfo, LayerPlan, augment_bias, capture
+from fishr.capture import LayerInfo, LayerPlan, NormInfo, augment_bias, capture
 from fishr.distributed import AxisName
 from fishr.linalg import pi_damping, trace_damping
 from fishr.solvers import Cholesky, DirectSolver, Eigh, check_solver
@@ -164,7 +165,12 @@ def precondition_matrix(grad_matrix: jax.Array, a_inv: jax.Array, g_inv: jax.Arr
 
 
 def factor_statistics(
-    score_fn, params: Any, *args: Any, centre: bool = False, axis_name: AxisName = None, norms: bool = True
+    score_fn: Callable[..., jax.Array],
+    params: Any,
+    *args: Any,
+    centre: bool = False,
+    axis_name: AxisName = None,
+    norms: bool = True,
 ) -> tuple[LayerPlan, KroneckerFactors]:
     """This batch's ``(A, G)`` for every captured layer of ``score_fn(params, *args)`` (shape ``(n_local,)``).
 
@@ -195,12 +201,12 @@ def _factor_dims(layer: LayerInfo) -> tuple[int, int]:
     return layer.d_in + int(layer.has_bias), layer.d_out
 
 
-def norm_size(norm) -> int:
+def norm_size(norm: NormInfo) -> int:
     """Length of a norm layer's ``[scale, bias]`` diagonal block."""
     return norm.features * (int(norm.scale_index is not None) + int(norm.bias_index is not None))
 
 
-def zero_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
+def zero_factors(plan: LayerPlan, dtype: Any) -> KroneckerFactors:
     """All-zero factors for ``plan`` (the seed's initial state)."""
     dims = [_factor_dims(layer) for layer in plan.layers]
     return KroneckerFactors(
@@ -209,7 +215,7 @@ def zero_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
     )
 
 
-def identity_factors(plan: LayerPlan, dtype) -> KroneckerFactors:
+def identity_factors(plan: LayerPlan, dtype: Any) -> KroneckerFactors:
     """Identity matrices for ``plan``: as inverses they leave every gradient unchanged."""
     dims = [_factor_dims(layer) for layer in plan.layers]
     return KroneckerFactors(

@@ -270,7 +270,7 @@ def _add_to_diagonal(a: jax.Array, shift) -> jax.Array:
     return a + shift * jnp.eye(a.shape[-1], dtype=a.dtype)
 
 
-def cholesky_factor(a: jax.Array, damping=0.0) -> jax.Array:
+def cholesky_factor(a: jax.Array, damping: Any = 0.0) -> jax.Array:
     """The Cholesky factor of ``a + damping I`` that :func:`cholesky_factor_solve` uses.
 
     For Hermitian PSD ``a``, batched over leading axes. Only the upper triangle of
@@ -299,7 +299,7 @@ def cholesky_factor_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((factor, True), b)
 
 
-def cholesky_solve(a: jax.Array, b: jax.Array, damping=0.0) -> jax.Array:
+def cholesky_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0) -> jax.Array:
     """``(a + damping I)^{-1} b`` for Hermitian PSD ``a`` by a Cholesky factorisation.
 
     ``b`` may be a vector ``(n,)`` or a matrix ``(n, k)`` (with ``a`` and ``b`` batched
@@ -418,7 +418,7 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift) -> TiledFactor:
     return TiledFactor(jnp.stack(rows), jnp.stack(inv))
 
 
-def tiled_cholesky(tiles: jax.Array, shift=0.0) -> TiledFactor:
+def tiled_cholesky(tiles: jax.Array, shift: Any = 0.0) -> TiledFactor:
     r"""The Cholesky factor of ``A + shift I``, ``A`` Hermitian PSD given by its tiles on and below the diagonal.
 
     ``tiles`` has shape ``(nb, nb, ts, ts)`` (:func:`to_tiles` layout); only the tiles
@@ -575,7 +575,9 @@ def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, *,
     ...
 
 
-def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, return_eigenvalues: bool = False):
+def eigh_solve(
+    a: jax.Array, b: jax.Array, damping: Any = 0.0, return_eigenvalues: bool = False
+) -> jax.Array | tuple[jax.Array, jax.Array]:
     """``(a + damping I)^{-1} b`` for Hermitian ``a`` by ``a = U diag(w) U^H``.
 
     ``x = U diag(1 / (w + damping)) U^H b``; NaN wherever ``w + damping <= 0`` enters
@@ -593,7 +595,7 @@ def eigh_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0, return_eigenvalue
     return (x, w - damping) if return_eigenvalues else x
 
 
-def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Array:
+def psd_inverse(a: jax.Array, damping: Any = 0.0, method: str = "cholesky") -> jax.Array:
     """Explicit ``(a + damping I)^{-1}`` of a Hermitian PSD matrix.
 
     ``method="cholesky"`` factors ``a + damping I = L L^H`` and returns
@@ -610,13 +612,13 @@ def psd_inverse(a: jax.Array, damping=0.0, method: str = "cholesky") -> jax.Arra
     raise ValueError(f"psd_inverse: `method` must be 'cholesky' or 'eigh', got {method!r}.")
 
 
-def trace_damping(a: jax.Array, damping, minimum: float = 0.0) -> jax.Array:
+def trace_damping(a: jax.Array, damping: Any, minimum: float = 0.0) -> jax.Array:
     """Diagonal shift ``max(damping * tr(a) / n, minimum)`` for an ``n x n`` factor."""
     n = a.shape[-1]
     return jnp.maximum(damping * jnp.real(jnp.trace(a)) / n, minimum)
 
 
-def pi_damping(a: jax.Array, g: jax.Array, damping, minimum: float = 1e-12) -> tuple[jax.Array, jax.Array]:
+def pi_damping(a: jax.Array, g: jax.Array, damping: Any, minimum: float = 1e-12) -> tuple[jax.Array, jax.Array]:
     r"""Martens & Grosse (2015) factored Tikhonov damping for ``a (x) g``.
 
     ``pi = sqrt((tr a / dim a) / (tr g / dim g))``; the shifts are

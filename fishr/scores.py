@@ -121,14 +121,15 @@ def inactive_leaves(apply_fn: ApplyFn, params: Any, batch: Any) -> Any:
     return jax.tree.unflatten(jax.tree.structure(params), [not a for a in active])
 
 
-def split_batch(batch: Any, likelihood: str, who: str = "fishr.kfac"):
+def split_batch(batch: Any, likelihood: str, who: str = "fishr.kfac") -> tuple[Any, Any]:
     """``(inputs, labels)`` of a likelihood's batch; a clear error naming ``who`` for anything else."""
     if not isinstance(batch, (tuple, list)) or len(batch) != 2:
         raise ValueError(
             f"{who}: with likelihood={likelihood!r}, `batch` must be a pair (inputs, labels); "
             f"got {type(batch).__name__}."
         )
-    return batch
+    inputs, labels = batch
+    return inputs, labels
 
 
 def _sample_keys(key: jax.Array, n_local: int, axis_name: AxisName) -> jax.Array:

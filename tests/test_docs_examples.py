@@ -114,10 +114,11 @@ lr, n_steps = 0.02, 2
 
 
 def markdown_files() -> list[Path]:
+    """README.md and every docs page with a ```python block (most pages include README sections)."""
     docs = ROOT / "docs"
     pages = sorted(p for p in docs.rglob("*.md") if "_build" not in p.parts and "generated" not in p.parts) \
         if docs.is_dir() else []
-    return [ROOT / "README.md", *pages]
+    return [p for p in [ROOT / "README.md", *pages] if "```python" in p.read_text()]
 
 
 def blocks_of(path: Path) -> list[dict]:
