@@ -28,8 +28,6 @@ import pytest
 
 import fishr
 
-pytest.importorskip("build")
-
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -44,6 +42,7 @@ def public_modules() -> list[str]:
 
 @pytest.fixture(scope="module")
 def dist(tmp_path_factory):
+    pytest.importorskip("build")
     out = tmp_path_factory.mktemp("dist")
     # a copy of the tracked files, so build artefacts never land in the checkout
     src = tmp_path_factory.mktemp("src")
