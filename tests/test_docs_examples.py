@@ -228,3 +228,15 @@ def test_docstring_examples_run(test):
     out = []
     result = runner.run(test, out=out.append)
     assert result.failed == 0, textwrap.indent("".join(out), "  ")
+
+
+def test_readme_commands_are_the_ones_ci_runs():
+    """The README's test command and its checks command are what ``.ci/run`` runs (the
+    README's third command, the main job, runs the benchmarks and is not part of CI)."""
+    ci = (ROOT / ".ci" / "run").read_text().splitlines()
+    bash = re.findall(r"^```bash[ \t]*\n(.*?)^```", (ROOT / "README.md").read_text(), re.S | re.M)
+    test_command = next(b for b in bash if "pytest" in b).strip()
+    assert test_command.split(" && ", 2)[2] in ci  # after the venv set-up, which .ci/run does line by line
+    checks = next(b for b in bash if "sphinx" in b).strip()
+    for command in checks.split(" && "):
+        assert command in ci, command
