@@ -6,6 +6,10 @@ import pytest
 
 from benchmarks import scale
 
+# each test starts benchmark workers in child processes (a JAX import and a compile each):
+# slow, outside CI's time budget; run them with -m slow
+pytestmark = pytest.mark.slow
+
 
 def test_num_params_matches_the_model():
     assert scale.num_params(512) == 534_529  # the full preset's P (issue 15: P >= 5e5)
