@@ -17,6 +17,10 @@ from benchmarks.spin_chains import (
     sparse_hamiltonian,
 )
 
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
+# 20-minute budget; run them with -m slow
+pytestmark = pytest.mark.slow
+
 
 def _visible(params, scale):
     """Rescale random initial parameters so that amplitudes vary visibly across the basis."""

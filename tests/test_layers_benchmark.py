@@ -14,6 +14,10 @@ import pytest
 
 from benchmarks import layers
 
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
+# 20-minute budget; run them with -m slow
+pytestmark = pytest.mark.slow
+
 TINY = layers.PRESETS["tiny"]
 
 

@@ -12,6 +12,10 @@ import pytest
 from benchmarks import sr_variants as bench
 from benchmarks.spin_chains import MLP
 
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
+# 20-minute budget; run them with -m slow
+pytestmark = pytest.mark.slow
+
 
 def test_square_lattice_bonds():
     nn, nnn = bench.square_bonds(4, 4)
