@@ -326,9 +326,20 @@ def tile_size(n: int) -> int:
     return 256 if n <= 6144 else 512
 
 
-def to_tiles(a: jax.Array | np.ndarray, ts: int) -> jax.Array:
-    """An ``(nb ts) x (nb ts)`` matrix as its tiles ``t[i, j]``, shape ``(nb, nb, ts, ts)``."""
-    a = jnp.asarray(a)
+@overload
+def to_tiles(a: np.ndarray, ts: int) -> np.ndarray:
+    ...
+
+
+@overload
+def to_tiles(a: jax.Array, ts: int) -> jax.Array:
+    ...
+
+
+def to_tiles(a: Any, ts: int) -> Any:
+    """An ``(nb ts) x (nb ts)`` matrix as its tiles ``t[i, j]``, shape ``(nb, nb, ts, ts)``.
+
+    A NumPy matrix stays NumPy (a static matrix is tiled at trace time, not in the program)."""
     nb = a.shape[0] // ts
     return a.reshape(nb, ts, nb, ts).transpose(0, 2, 1, 3)
 
