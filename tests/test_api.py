@@ -78,7 +78,8 @@ def test_every_solve_returns_x_and_solve_info():
     grads = random_like(jax.random.PRNGKey(2), params)
     branches = np.random.default_rng(0).normal(size=(6, 4))
     projection = np.random.default_rng(1).normal(size=(jax.flatten_util.ravel_pytree(grads)[0].size, 4))
-    outs = [fishr.sr_solve(mlp_log_psi, grads, params, x, mode=m) for m in fishr.SR_MODES]
+    outs = [jax.jit(lambda g, p, m=m: fishr.sr_solve(mlp_log_psi, g, p, x, mode=m))(grads, params)
+            for m in fishr.SR_MODES]
     outs.append(fishr.branch_natgrad_solve(grads, branches, projection))
     outs.append(fishr.branch_kfac_solve(grads, branches, projection))
     for out in outs:
@@ -153,10 +154,10 @@ def test_a_flax_dense_model_runs_through_every_method():
     params = model.init(jax.random.PRNGKey(1), x)
     apply = lambda p, s: model.apply(p, s)[:, 0]
     grads = jax.tree.map(jnp.ones_like, params)
-    for mode in fishr.SR_MODES:
+    for mode in fishr.SR_MODES:  # jitted: op by op these take several times longer (README examples run eagerly)
         tx = fishr.sr(apply, 1e-2, mode=mode)
-        out, _ = tx.update(grads, tx.init(params), params, batch=x)
+        out, _ = jax.jit(tx.update)(grads, tx.init(params), params, batch=x)
         assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out))
     tx = fishr.kfac(apply, 1e-2, example_batch=x)
-    out, _ = tx.update(grads, tx.init(params), params, batch=x)
+    out, _ = jax.jit(tx.update)(grads, tx.init(params), params, batch=x)
     assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree.leaves(out))

@@ -64,7 +64,7 @@ def _model_case(name):
         cfg = CONV_CASES[name]
         model = CNN(**cfg)
         x = jax.random.normal(key, (6, 9, 9, 2) if cfg.get("rank", 2) == 2 else (6, 11, 2))
-    params = model.init(jax.random.PRNGKey(1), x)
+    params = jax.jit(model.init)(jax.random.PRNGKey(1), x)  # jit: Flax init op by op takes ~1 s
     return model.apply, params, x
 
 
@@ -157,7 +157,7 @@ def test_kfac_preconditions_conv_kernels():
     fn, params, x = _model_case("same")
     grad = random_like(jax.random.PRNGKey(3), params)
     opt = fishr.kfac(fn, 1e-2, example_batch=x)
-    nat, _state = opt.update(grad, opt.init(params), params, batch=x)
+    nat, _state = jax.jit(opt.update)(grad, opt.init(params), params, batch=x)
     plan = discover_layers(fn, params, x)
     leaves, gleaves = jax.tree.leaves(nat), jax.tree.leaves(grad)
     for layer in plan.layers:  # every kernel is preconditioned (not passed through)

@@ -77,7 +77,8 @@ def test_chunked_multidevice_equals_one_device():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
     for mode in ("lazy", "sample_space"):
         kw = dict(damping=1e-3, mode=mode, solver=TIGHT if mode == "lazy" else None)
-        one = flat(fishr.sr_solve(apply_fn, grads, params, x, local_energies=energies, **kw)[0])
+        one = flat(jax.jit(lambda xs, es: fishr.sr_solve(apply_fn, grads, params, xs, local_energies=es, **kw)[0])(
+            x, energies))
 
         def local(xs, es):
             return fishr.sr_solve(apply_fn, grads, params, xs, local_energies=es, axis_name="d", chunk_size=3,

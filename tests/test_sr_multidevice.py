@@ -48,7 +48,7 @@ def _assert_close(a, b, tol=1e-10):
 def test_pmap_and_shard_map_equal_single_device(problem, log_psi, mode, solver):
     params, x, grad = problem
     kw = dict(damping=1e-3, mode=mode, solver=solver)
-    single, _ = fishr.sr_solve(log_psi, grad, params, x, **kw)
+    single = jax.jit(lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, **kw)[0])(grad, params, x)
 
     solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="devices", **kw)[0]
 
@@ -74,8 +74,9 @@ def test_transform_in_chain_under_pmap_and_shard_map(problem, mode, solver):
     )
     single = make(None)
     s_state = single.init(params)
+    single_update = jax.jit(single.update)
     for _ in range(2):  # two steps, so the momentum state is exercised
-        s_upd, s_state = single.update(grad, s_state, params, batch=x)
+        s_upd, s_state = single_update(grad, s_state, params, batch=x)
 
     multi = make("devices")
     state = multi.init(params)

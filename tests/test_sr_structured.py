@@ -37,7 +37,7 @@ def _case(name, n=16):
         "complex_out": (ComplexOut(), jax.random.normal(key, (n, 4)), False),
         "holomorphic": (Holomorphic(), spins(6), True),
     }[name]
-    params = _f64(model.init(jax.random.PRNGKey(1), x))
+    params = _f64(jax.jit(model.init)(jax.random.PRNGKey(1), x))  # jit: Flax's init op by op takes ~1 s
     grad = random_like(jax.random.PRNGKey(2), params)
     return model.apply, params, x, grad, holo
 
@@ -127,12 +127,17 @@ def test_structured_equals_generic(name, mode):
 @pytest.mark.parametrize("name", [heavy(c) for c in CASES])
 def test_layer_products_and_kernel_equal_explicit_rows(name):
     log_psi, params, x, grad, holo = _case(name)
-    layer = _jacobian(True, log_psi, params, x, holo)
-    dense = _jacobian(False, log_psi, params, x, holo)
-    np.testing.assert_allclose(layer.gram(), dense.gram(), rtol=1e-10, atol=1e-10 * np.abs(dense.gram()).max())
-    np.testing.assert_allclose(layer.matvec(grad), dense.matvec(grad), rtol=1e-10, atol=1e-12)
-    u = jax.random.normal(jax.random.PRNGKey(4), dense.rows.shape[:2])
-    np.testing.assert_allclose(flat(layer.rmatvec(u)), flat(dense.rmatvec(u)), rtol=1e-10, atol=1e-12)
+
+    @jax.jit  # one program: op by op the capture and the products take several times longer
+    def both(p, s, g):
+        layer, dense = _jacobian(True, log_psi, p, s, holo), _jacobian(False, log_psi, p, s, holo)
+        u = jax.random.normal(jax.random.PRNGKey(4), dense.rows.shape[:2])
+        return [(j.gram(), j.matvec(g), j.rmatvec(u)) for j in (layer, dense)]
+
+    (layer_gram, layer_mv, layer_rmv), (dense_gram, dense_mv, dense_rmv) = both(params, x, grad)
+    np.testing.assert_allclose(layer_gram, dense_gram, rtol=1e-10, atol=1e-10 * np.abs(dense_gram).max())
+    np.testing.assert_allclose(layer_mv, dense_mv, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(flat(layer_rmv), flat(dense_rmv), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mlp", "per_position", heavy("complex_out")])
@@ -141,14 +146,18 @@ def test_kernel_tiles_equal_the_full_kernel(name):
     of 256 rows (uneven: padded to 768 or 1536 rows, the pad rows an identity block)."""
     n = 650
     log_psi, params, x, _grad, holo = _case(name, n=n)
-    layer = _jacobian(True, log_psi, params, x, holo)
-    dense = _jacobian(False, log_psi, params, x, holo)
-    rows = dense.rows.shape[0] * dense.rows.shape[1]
-    ob = np.asarray(dense.flat_rows)
+    @jax.jit  # one program: op by op the capture and the tiles take several times longer
+    def kernels(p, s):
+        layer, dense = _jacobian(True, log_psi, p, s, holo), _jacobian(False, log_psi, p, s, holo)
+        return [(j.kernel_tiles(), j.gram()) for j in (layer, dense)], dense.flat_rows
+
+    parts, ob = kernels(params, x)
+    ob = np.asarray(ob)
+    rows = ob.shape[0]
     full = ob @ ob.conj().T
     tol = dict(rtol=1e-10, atol=1e-10 * np.abs(full).max())
-    for jac in (layer, dense):
-        tiles = np.asarray(jac.kernel_tiles())
+    for tiles, gram in parts:
+        tiles = np.asarray(tiles)
         nb, _, ts, _ = tiles.shape
         assert ts == 256 and nb == -(-rows // 256)
         padded = np.eye(nb * ts, dtype=full.dtype)
@@ -158,7 +167,7 @@ def test_kernel_tiles_equal_the_full_kernel(name):
                 np.testing.assert_allclose(tiles[i, j], padded[i * ts:(i + 1) * ts, j * ts:(j + 1) * ts], **tol)
             for j in range(i + 1, nb):
                 np.testing.assert_array_equal(tiles[i, j], 0)
-        np.testing.assert_allclose(np.asarray(jac.gram()), full, **tol)
+        np.testing.assert_allclose(np.asarray(gram), full, **tol)
 
 
 @pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), "holomorphic"])

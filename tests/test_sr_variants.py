@@ -259,8 +259,8 @@ def test_variants_on_four_devices_equal_one_device():
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("devices",))
     for mode, solver in [("dense", fishr.Spectral(snr=1.0, rtol_smooth=1e-3)), ("sample_space", fishr.Cholesky())]:
         kw = dict(damping=1e-2, mode=mode, solver=solver, gamma="sqrt", max_cond_num=1e3)
-        single, _ = fishr.sr_solve(pr["log_psi"], pr["grad"], pr["params"], pr["x"],
-                                   local_energies=pr["energies"], **kw)
+        single = jax.jit(lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, local_energies=e, **kw)[0])(
+            pr["grad"], pr["params"], pr["x"], pr["energies"])
         solve = lambda g, p, s, e: fishr.sr_solve(pr["log_psi"], g, p, s, local_energies=e, axis_name="devices",
                                                   **kw)[0]
         sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(), P("devices"), P("devices")),
@@ -496,14 +496,13 @@ def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
     shift = 96 * 1e-4
     follow = lambda y1, sh: sh * y1 - w
 
-    jac = build(params, x)
     (y1, y2), info, good = jax.jit(lambda: (lambda o: (o[0], o[1], o[3]))(
-        kernel_solve(jac, shift, fishr.Cholesky(), rhs, follow)))()
-    single = jax.jit(lambda u: kernel_solve(jac, shift, fishr.Cholesky(), u)[0])
+        kernel_solve(build(params, x), shift, fishr.Cholesky(), rhs, follow)))()
+    single = jax.jit(lambda u: kernel_solve(build(params, x), shift, fishr.Cholesky(), u)[0])
     z1 = single(rhs)
     z2 = single(follow(z1, shift))
     up = lambda t: jax.tree.map(lambda a: np.asarray(a, np.float64), t)
-    k = np.asarray(build(up(params), up(x)).gram())
+    k = np.asarray(jax.jit(lambda p, s: build(p, s).gram())(up(params), up(x)))
     exact1 = np.linalg.solve(k + shift * np.eye(96), np.asarray(rhs, np.float64))
     exact2 = np.linalg.solve(k + shift * np.eye(96), shift * exact1 - np.asarray(w, np.float64))
     err = lambda a, b: np.max(np.abs(np.asarray(a, np.float64) - b)) / np.max(np.abs(b))
