@@ -1,5 +1,8 @@
 """fishr.linalg against NumPy/SciPy float64 references."""
 
+import itertools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -101,6 +104,22 @@ def test_tiled_cholesky_and_solve(complex_, n, ts):
                                rtol=1e-10)
     np.testing.assert_allclose(np.asarray(linalg.tiled_cholesky_solve(factor, jnp.asarray(padded[:, 0])))[:n],
                                expected[:, 0], rtol=1e-10)
+
+
+@pytest.mark.parametrize("segments", [1, 3, 6, 13])
+def test_tiled_solve_by_row_groups_equals_lapack(monkeypatch, segments):
+    """The looped solve with its tile rows in any number of groups (13 tile rows; 1 group reads
+    whole rows, 13 would be one row each and is raised to groups of 2) solves the system."""
+    groups = linalg._row_segments(13, segments)
+    assert groups[0][0] == 0 and groups[-1][1] == 13 and all(hi - lo >= 2 for lo, hi in groups[:-1])
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(groups))
+    monkeypatch.setattr(linalg._row_segments, "__defaults__", (segments,))
+    a = _spd(100, True, seed=25)
+    tiles, _ = _padded_tiles(a, 8)
+    b = np.random.default_rng(26).normal(size=(104, 2)) + 1j
+    b[100:] = 0
+    x = jax.jit(lambda t, b: linalg.tiled_cholesky_solve(linalg.tiled_cholesky(t, 0.3), b))(tiles, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x)[:100], np.linalg.solve(a + 0.3 * np.eye(100), b[:100]), rtol=1e-10)
 
 
 @pytest.mark.parametrize("complex_", [False, True])
