@@ -58,17 +58,16 @@ def random_like(key, tree):
     return jax.tree.unflatten(treedef, out)
 
 
-def jacobian_rows(log_psi, params, x, holomorphic=False, jit=True):
+def jacobian_rows(log_psi, params, x, holomorphic=False):
     """Per-sample O_i as a dense NumPy array (N, P), complex where log psi is complex.
 
     Built column by column from jax.jacfwd of the batched function (an independent
-    route from fishr's vmap-of-jacrev). ``jit=True`` (the default) compiles it first: several
-    times faster than running it op by op.
+    route from fishr's vmap-of-jacrev), compiled: several times faster than op by op.
     """
     flat, unravel = ravel_pytree(params)
     f = lambda p: log_psi(unravel(p), x)
     out = jax.eval_shape(f, flat)
-    wrap = jax.jit if jit else (lambda g: g)
+    wrap = jax.jit
     if holomorphic:
         return np.asarray(wrap(jax.jacfwd(f, holomorphic=True))(flat))
     if jnp.issubdtype(out.dtype, jnp.complexfloating):

@@ -38,7 +38,7 @@ def _vit():
     params = model.init(jax.random.PRNGKey(0), s[:2])
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.PRNGKey(3), p.shape, p.dtype), params)
     energies = np.asarray(jax.random.normal(jax.random.PRNGKey(7), (N,)) * 3.0 - 10.0)
-    o = jacobian_rows(model.apply, params, s, jit=True)
+    o = jacobian_rows(model.apply, params, s)
     return model.apply, params, s, energies, o
 
 
