@@ -25,7 +25,10 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
 
 The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; unrolled up to 8
 tile rows, a loop of fixed program size beyond), factored by
-:func:`fishr.linalg.tiled_cholesky` (likewise) and used as the *preconditioner* of a
+:func:`fishr.linalg.tiled_cholesky` (likewise), kept assembled up to
+``ASSEMBLED_MAX_ROWS`` = 2,048 rows (applied by two triangular solves, which compile to
+one operation each) and as tiles beyond (applied by tile products, in loops of fixed
+program size), and used as the *preconditioner* of a
 conjugate-gradient solve of ``(K + N damping) y = u``
 whose products ``Obar (Obar^H y)`` are exact (the Jacobian's own ``matvec`` /
 ``rmatvec``, which centre on the sample vector). So the computed kernel need only be
@@ -35,11 +38,11 @@ digits when the mean score is large next to its spread) costs CG iterations, not
 accuracy. With a factor in the working precision (single-precision input; any input
 on accelerators) of a kernel from centred rows, the factor's solve is used directly, a
 direct solve as NetKet's ``srt`` (``converged`` reports LAPACK ``dsposv``'s
-backward-error test on its residual). CG iterates on from there until its residual
-stops halving (the rounding floor of the products) for the layers' kernel, whose
-centring through row means cancels digits (float32 on the transformer: 7.5e-4 direct,
-against 1.6e-4 for NetKet's ``srt``), and, from zero, for a single-precision factor of
-double-precision input: the backward-error test alone
+backward-error test on its residual). CG runs, from zero (its first step is the
+factor's solve), until its residual stops halving (the rounding floor of the products)
+for the layers' kernel, whose centring through row means cancels digits (float32 on
+the transformer: 7.5e-4 direct, against 1.6e-4 for NetKet's ``srt``), and for a
+single-precision factor of double-precision input: the backward-error test alone
 allows forward errors of ``cond(K) eps``, and stopping at it left 100x the error of
 a direct solve on a transformer (7.5e-11 against NetKet ``srt``'s 6.5e-13; 7.6e-13
 when iterated, 11 steps).
@@ -78,7 +81,9 @@ from fishr.linalg import (
     TiledFactor,
     cg,
     cholesky_factor,
+    cholesky_factor_solve,
     eigh_solve,
+    from_tiles,
     hermitian_from_lower_tiles,
     meets_backward_error,
     psd_inf_norm_bound,
@@ -157,27 +162,47 @@ def _rows(jac) -> tuple[int, int]:
     return jac.rows_shape
 
 
-def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[TiledFactor, jax.Array]:
+ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which the factor is applied assembled (triangular solves)
+
+Factor = TiledFactor | jax.Array  # by tiles, or assembled: the lower factor L' of conj(A) (cholesky_factor's)
+
+
+def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[Factor, jax.Array]:
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded), and whether it is finite.
 
     ``kind="tiled"``: :func:`fishr.linalg.tiled_cholesky`; ``"lapack"``: the backend's
-    Cholesky of the assembled matrix, converted to tiles, so that both are applied by
-    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only: XLA's CPU
-    triangular solve on the whole factor is 10x slower).
+    Cholesky of the assembled matrix. Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
+    is returned assembled, as :func:`fishr.linalg.cholesky_factor` gives it (the factor
+    of ``conj(A)``), and applied by two triangular solves: one operation in the program
+    where the solve by tiles is ``nb^2`` tile products, compiled anew at every place the
+    factor is applied (the CG preconditioner, its start, the refinement, the fallback).
+    That halved what the compiler spends on the solves: the first call of the float32
+    RBM sample-space update at ``N = 1,024`` fell 4.4 -> 2.9 s, at ``N = 2,048`` 7.7 ->
+    5.8 s, warm calls unchanged within their spread (2-core CPU, jax 0.9.1). Beyond, the
+    triangular solve on the whole factor falls behind the tiled one (``n = 4,096``,
+    float32: 62 against 18 ms per solve), so larger factors stay tiles and are applied by
+    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only).
     """
+    ts = tiles.shape[2]
+    assembled = tiles.shape[0] * ts <= ASSEMBLED_MAX_ROWS
+    factor: Factor
     if kind == "lapack":
-        factor = tiled_factor_from_cholesky(cholesky_factor(hermitian_from_lower_tiles(tiles), shift),
-                                            tiles.shape[2])
+        lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
+        factor = lower if assembled else tiled_factor_from_cholesky(lower, ts)
     else:
-        factor = tiled_cholesky(tiles, shift)
-    return factor, jnp.all(jnp.isfinite(factor.tiles))
+        tiled = tiled_cholesky(tiles, shift)
+        factor = from_tiles(tiled.tiles).conj() if assembled else tiled
+    return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
 
 
-def _apply_factor(factor: TiledFactor, u: jax.Array, rows: int) -> jax.Array:
+def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
-    n_pad = factor.tiles.shape[0] * factor.tiles.shape[2]
-    flat = jnp.pad(u.reshape(rows, -1).astype(factor.tiles.dtype), ((0, n_pad - rows), (0, 0)))
-    return tiled_cholesky_solve(factor, flat)[:rows].reshape(u.shape).astype(u.dtype)
+    tiled = isinstance(factor, TiledFactor)
+    dtype, n_pad = (factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]) if tiled else (
+        factor.dtype, factor.shape[0])
+    flat = jnp.pad(u.reshape(rows, -1).astype(dtype), ((0, n_pad - rows), (0, 0)))
+    solved = tiled_cholesky_solve(factor, flat) if tiled else cholesky_factor_solve(factor, flat)
+    return solved[:rows].reshape(u.shape).astype(u.dtype)
 
 
 def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, start: int):
@@ -277,11 +302,8 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
     layers = getattr(jac, "plan", None) is not None and bool(jac.plan.layers)  # centred via row means
 
     def first_one(u):
-        if single:
+        if single or layers:  # CG from zero: its first step is the factor's solve, optimally scaled
             y, info = pcg(factor, u)
-            return y, info, finite & info.converged
-        if layers:  # layers centred via row means: CG on
-            y, info = pcg(factor, u, _apply_factor(factor, u, rows))
             return y, info, finite & info.converged
         y = _apply_factor(factor, u, rows)
         good = finite & jnp.all(jnp.isfinite(y))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import fishr
-from fishr import linalg
+from fishr import _sample_space, linalg
 
 
 def _spd(n, complex_=False, seed=0):
@@ -152,6 +152,50 @@ def test_tiled_cholesky_reads_only_the_lower_tiles(complex_):
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(30), b), rtol=1e-10)
     full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(t)))
     np.testing.assert_allclose(full, a, atol=1e-14)
+
+
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("kind", ["tiled", "lapack"])
+@pytest.mark.parametrize("max_rows", [0, 2048], ids=["by_tiles", "assembled"])
+def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, max_rows):
+    """The sample-space kernel factor, from either factorisation, is kept assembled (applied by two
+    triangular solves) up to ``ASSEMBLED_MAX_ROWS`` padded rows and as tiles beyond; both solve
+    ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows padded to 48)."""
+    monkeypatch.setattr(_sample_space, "ASSEMBLED_MAX_ROWS", max_rows)
+    a = _spd(45, complex_, seed=27)
+    tiles, _ = _padded_tiles(a, 16)
+    factor, finite = jax.jit(lambda t: _sample_space._factor(t, 0.3, kind))(tiles)
+    assert bool(finite) and isinstance(factor, linalg.TiledFactor) == (max_rows == 0)
+    rng = np.random.default_rng(28)
+    b = rng.normal(size=(45, 2)) + (1j * rng.normal(size=(45, 2)) if complex_ else 0)
+    x = jax.jit(lambda f, b: _sample_space._apply_factor(f, b, 45))(factor, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(45), b), rtol=1e-10)
+
+
+def test_small_sample_space_programs_apply_the_factor_by_triangular_solves():
+    """At N = 64 (one tile) the sample-space update applies its kernel factor by triangular solves
+    on the assembled 64 x 64 factor, not by tile products: the program the compiler sees is small."""
+    from sr_models import mlp_log_psi, mlp_params, random_like
+
+    params = mlp_params(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (64, 3))
+    grad = random_like(jax.random.PRNGKey(2), params)
+    jaxpr = jax.make_jaxpr(lambda g, p, s: fishr.sr_solve(mlp_log_psi, g, p, s, damping=1e-3,
+                                                          mode="sample_space")[0])(grad, params, x).jaxpr
+
+    def shapes(jaxpr):
+        for eqn in jaxpr.eqns:
+            if eqn.primitive.name == "triangular_solve":
+                yield eqn.invars[0].aval.shape
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, (tuple, list)) else [value]:
+                    inner = getattr(sub, "jaxpr", sub)
+                    if hasattr(inner, "eqns"):
+                        yield from shapes(inner)
+
+    found = list(shapes(jaxpr))
+    assert (64, 64) in found, found  # the kernel factor's solves (the tiles' own inverses are 64 x 64 too: one tile)
+    assert sum(shape == (64, 64) for shape in found) >= 4  # forward and backward, in the direct solve and in CG
 
 
 def test_tiled_cholesky_not_positive_definite_gives_nan():

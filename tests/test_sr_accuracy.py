@@ -19,7 +19,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.linalg
 from sr_models import flat, jacobian_rows
 
 import fishr
@@ -56,12 +55,15 @@ def _exact(o, energies, damping):
 
 
 def _direct(o, energies, damping, dtype):
-    """NetKet srt's algorithm in ``dtype``: centred rows, Cholesky of ``K / N + damping``, ``Obar^T y``."""
-    o = o.astype(dtype)
-    ob = o - o.mean(0)
-    c = _force_coefficients(energies.astype(dtype)).astype(dtype)
-    k = ob @ ob.T / dtype(o.shape[0]) + dtype(damping) * np.eye(o.shape[0], dtype=dtype)
-    return ob.T @ scipy.linalg.cho_solve(scipy.linalg.cho_factor(k, lower=True), c)
+    """NetKet srt's algorithm in ``dtype``, computed as NetKet computes it, by XLA (not NumPy: on a
+    2-core AVX2 CPU this float32 solve's error is 7.1e-4 with XLA's product for the kernel and
+    1.7e-4 with OpenBLAS's, the algorithm unchanged): centred rows, Cholesky of ``K / N + damping``,
+    ``Obar^T y``."""
+    ob = jnp.asarray(o, dtype)
+    ob = ob - ob.mean(0)
+    c = jnp.asarray(_force_coefficients(energies), dtype)
+    k = ob @ ob.T / o.shape[0] + jnp.asarray(damping, dtype) * jnp.eye(o.shape[0], dtype=dtype)
+    return np.asarray(ob.T @ jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(k, lower=True), c))
 
 
 def _err(x, ref):

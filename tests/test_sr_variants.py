@@ -509,7 +509,9 @@ def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
     assert bool(good) and int(info.fallback) == 0
     assert err(y1, exact1) <= 2 * err(z1, exact1) + 1e-6
     assert err(y2, exact2) <= 2 * err(z2, exact2) + 1e-6
-    assert err(y2, exact2) < 1e-3
+    # a sanity bound against a broken solve (the claim is the comparison above): float32 rounding of this
+    # kernel leaves 1.0e-6 (structured, CG) and 8.5e-4 to 1.1e-3 (generic, direct) on the CPUs measured
+    assert err(y2, exact2) < 3e-3
 
 
 def _nonholomorphic_log_psi(params, x):
