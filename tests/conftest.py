@@ -12,3 +12,15 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
+
+if os.environ.get("FISHR_TEST_COMPILE_CACHE", "1") == "1":
+    # One compilation cache for the test run, shared by the xdist workers: many tests compile the
+    # same program through a new closure (a fresh `jax.jit(lambda ...)`), which JAX's in-memory cache
+    # does not recognise but the persistent cache (keyed by the program itself) does. A fresh
+    # directory per run, so that every run compiles every program at least once.
+    import tempfile
+
+    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
+    jax.config.update("jax_compilation_cache_dir", os.path.join(tempfile.gettempdir(), f"fishr-tests-jax-{_run}"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
