@@ -176,9 +176,10 @@ def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[Factor, jax.Array]
     of ``conj(A)``), and applied by two triangular solves: one operation in the program
     where the solve by tiles is ``nb^2`` tile products, compiled anew at every place the
     factor is applied (the CG preconditioner, its start, the refinement, the fallback).
-    That halved what the compiler spends on the solves: the first call of the float32
-    RBM sample-space update at ``N = 1,024`` fell 4.4 -> 2.9 s, at ``N = 2,048`` 7.7 ->
-    5.8 s, warm calls unchanged within their spread (2-core CPU, jax 0.9.1). Beyond, the
+    With CG started from zero (no separate solve for its start) the first call of the
+    float32 RBM sample-space update fell 5.7 -> 4.3 s at ``N = 1,024`` and 8.3 -> 5.9 s at
+    ``N = 2,048`` (fresh processes, median of 3, 2-core CPU, jax 0.9.1), warm calls
+    unchanged within their spread. Beyond, the
     triangular solve on the whole factor falls behind the tiled one (``n = 4,096``,
     float32: 62 against 18 ms per solve), so larger factors stay tiles and are applied by
     :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only).
