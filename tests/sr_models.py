@@ -98,3 +98,12 @@ def flat(tree):
 
 def rel_err(a, b):
     return float(np.linalg.norm(np.asarray(a) - np.asarray(b)) / np.linalg.norm(np.asarray(b)))
+
+
+def sub_jaxprs(eqn):
+    """``(param name, jaxpr)`` for every jaxpr an equation holds (loop bodies, branches, inner calls)."""
+    for name, value in eqn.params.items():
+        for sub in value if isinstance(value, (tuple, list)) else [value]:
+            inner = getattr(sub, "jaxpr", sub)
+            if hasattr(inner, "eqns"):
+                yield name, inner

@@ -175,7 +175,7 @@ def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch
 def test_small_sample_space_programs_apply_the_factor_by_triangular_solves():
     """At N = 64 (one tile) the sample-space update applies its kernel factor by triangular solves
     on the assembled 64 x 64 factor, not by tile products: the program the compiler sees is small."""
-    from sr_models import mlp_log_psi, mlp_params, random_like
+    from sr_models import mlp_log_psi, mlp_params, random_like, sub_jaxprs
 
     params = mlp_params(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (64, 3))
@@ -187,11 +187,8 @@ def test_small_sample_space_programs_apply_the_factor_by_triangular_solves():
         for eqn in jaxpr.eqns:
             if eqn.primitive.name == "triangular_solve":
                 yield eqn.invars[0].aval.shape
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, (tuple, list)) else [value]:
-                    inner = getattr(sub, "jaxpr", sub)
-                    if hasattr(inner, "eqns"):
-                        yield from shapes(inner)
+            for _, inner in sub_jaxprs(eqn):
+                yield from shapes(inner)
 
     found = list(shapes(jaxpr))
     assert (64, 64) in found, found  # the kernel factor's solves (the tiles' own inverses are 64 x 64 too: one tile)

@@ -18,6 +18,7 @@ from sr_models import (
     mlp_params,
     random_like,
     rel_err,
+    sub_jaxprs,
 )
 
 import fishr
@@ -204,14 +205,10 @@ def test_default_max_steps_is_ten_times_params(problem):
 def _loop_bodies(jaxpr):
     """Every ``while`` body inside ``jaxpr`` (recursively through nested calls)."""
     for eqn in jaxpr.eqns:
-        for name, value in eqn.params.items():
-            subs = value if isinstance(value, (tuple, list)) else [value]
-            for sub in subs:
-                inner = getattr(sub, "jaxpr", sub)
-                if hasattr(inner, "eqns"):
-                    if eqn.primitive.name == "while" and name == "body_jaxpr":
-                        yield inner
-                    yield from _loop_bodies(inner)
+        for name, inner in sub_jaxprs(eqn):
+            if eqn.primitive.name == "while" and name == "body_jaxpr":
+                yield inner
+            yield from _loop_bodies(inner)
 
 
 @pytest.mark.parametrize("log_psi", [mlp_log_psi, mlp_complex_log_psi], ids=["real", "complex"])
