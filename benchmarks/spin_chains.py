@@ -14,7 +14,8 @@ Periodic chains of ``L`` spins ``s_i = +-1`` (sigma^z eigenvalues), Pauli-matrix
 * :func:`exact_ground_energy`: its lowest eigenvalue by Lanczos (``scipy.sparse.linalg.eigsh``),
   computed by the benchmark, not pasted.
 * :func:`local_energies`: ``E_loc(s) = sum_s' <s|H|s'> psi(s') / psi(s)``, batched, for real or
-  complex ``log psi``.
+  complex ``log psi``; :meth:`SpinChain.variational_energy`: the exact ``<H>`` of a model by
+  enumerating the basis (no sampling error).
 * :func:`metropolis`: Metropolis on ``|psi|^2`` for many chains at once, jitted (``lax.scan``):
   single-spin flips (Ising) or exchanges of two spins (Heisenberg; conserves the magnetisation,
   the ground state lies in the ``sum s = 0`` sector).
@@ -211,3 +212,20 @@ class SpinChain:
 
     def local_energies(self, log_psi, params, s):
         return local_energies(self.kind, log_psi, params, s)
+
+    def variational_energy(self, log_psi, params, chunk: int = 4096) -> float:
+        """``<psi|H|psi> / <psi|psi>`` exactly, by enumerating the basis: ``sum_s |psi(s)|^2 E_loc(s)``
+        over all ``2^L`` configurations (Ising) or the ``sum s = 0`` sector (Heisenberg: the sector of
+        the ground state, which the sampler's exchanges never leave), in float64 from the model's
+        ``log psi`` and local energies. No Monte Carlo error, so final states compare to the digit."""
+        spins = _basis_spins(self.length).astype(np.float32)
+        if self.kind == "heisenberg":
+            spins = spins[spins.sum(axis=1) == 0]
+        count = len(spins)
+        spins = np.concatenate([spins, np.repeat(spins[:1], -count % chunk, axis=0)])  # whole chunks: one program
+        both = jax.jit(lambda p, s: (log_psi(p, s), local_energies(self.kind, log_psi, p, s)))
+        logs, energies = zip(*(both(params, spins[i:i + chunk]) for i in range(0, len(spins), chunk)))
+        log_w = 2 * np.real(np.concatenate([np.asarray(x) for x in logs])[:count]).astype(np.float64)
+        e_loc = np.real(np.concatenate([np.asarray(x) for x in energies])[:count]).astype(np.float64)
+        w = np.exp(log_w - log_w.max())
+        return float(np.sum(w * e_loc) / np.sum(w))

@@ -115,6 +115,23 @@ def test_hydrogen_local_energy_matches_finite_differences():
     np.testing.assert_allclose(e_loc, expected, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ising", "heisenberg"])
+def test_variational_energy_is_the_dense_expectation(kind):
+    """<psi|H|psi> / <psi|psi> with the dense Hamiltonian and the model's amplitudes on every basis
+    state (zero outside the sum s = 0 sector for Heisenberg, where the sampler stays)."""
+    length = 6
+    model = RBM(alpha=1)
+    params = _visible(model.init(jax.random.PRNGKey(0), jnp.ones((1, length))), 0.5)
+    spins = _basis_spins(length)
+    psi = np.exp(np.asarray(model.apply(params, jnp.asarray(spins, jnp.float32)), np.float64))
+    if kind == "heisenberg":
+        psi = np.where(spins.sum(axis=1) == 0, psi, 0.0)
+    h = sparse_hamiltonian(kind, length).toarray()
+    expected = psi @ h @ psi / (psi @ psi)
+    assert SpinChain(kind, length).variational_energy(model.apply, params, chunk=16) == pytest.approx(expected,
+                                                                                                      rel=1e-6)
+
+
 def test_trust_region_summary_compares_with_the_best_plain_rate():
     from benchmarks import trust_region
 
