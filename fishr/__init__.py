@@ -20,7 +20,7 @@ Transforms (``optax.GradientTransformationExtraArgs``) and their pure solves:
 Adaptive steps (chain them after a preconditioner; math in their docstrings):
 :func:`quadratic_step` (step size and momentum from the exact quadratic model),
 :func:`levenberg_marquardt` (the damping, one value shared by the chain it wraps),
-:func:`trust_region` (SR steps of bounded length in the metric ``S``) and
+:func:`trust_region` (SR steps of bounded, self-adapting length in the metric ``S``) and
 :func:`adaptive_kfac` (K-FAC with all three, no learning rate); the exact curvature
 they use is in :mod:`fishr.curvature`.
 

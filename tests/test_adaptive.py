@@ -310,6 +310,44 @@ def test_trust_region_bounds_the_metric_length(log_psi):
         tr.update(direction, tr.init(params), params, batch=x)
 
 
+@pytest.mark.parametrize("log_psi", [mlp_log_psi, mlp_complex_log_psi], ids=["real", "complex"])
+def test_trust_region_scale_follows_kestens_rule_in_the_metric(log_psi):
+    """Three steps against the module docstring's formulas with a dense float64 S: the metric
+    cosine of successive directions moves log m by kappa c (clipped to the range); adapt_rate=0
+    is the fixed trust region (m = 1, no previous direction kept)."""
+    params = mlp_params(jax.random.PRNGKey(0))
+    x = jax.random.normal(jax.random.PRNGKey(1), (12, 3))
+    s = _dense_s(log_psi, params, x)
+    first = random_like(jax.random.PRNGKey(2), params)
+    # the second direction turns back against the first (c < 0), the third agrees with the second (c > 0)
+    second = jax.tree.map(lambda a, b: -a + 0.5 * b, first, random_like(jax.random.PRNGKey(3), params))
+    third = jax.tree.map(lambda a, b: a + 0.3 * b, second, random_like(jax.random.PRNGKey(4), params))
+    lr, bound, kappa = 0.1, 1e-3, 0.7
+    for rate, limit in [(kappa, 100.0), (kappa, 1.2), (0.0, 100.0)]:
+        tr = fishr.trust_region(fishr.curvature.fisher(log_psi), learning_rate=lr, max_norm=bound, adapt_rate=rate,
+                                adapt_range=limit)
+        state, m, prev = tr.init(params), 1.0, None
+        for direction in (first, second, third):
+            delta, state = tr.update(direction, state, params, batch=x)
+            v = _vec(direction)
+            c = 0.0 if prev is None else v @ s @ prev / np.sqrt((v @ s @ v) * (prev @ s @ prev))
+            m = float(np.clip(m * np.exp(rate * c), 1 / limit, limit))
+            eta = m * min(lr, np.sqrt(bound / (v @ s @ v)))
+            np.testing.assert_allclose(float(state.cosine), c if rate else 0.0, rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(float(state.scale), m, rtol=1e-12)
+            np.testing.assert_allclose(_vec(delta), -eta * v, rtol=1e-10)
+            assert _vec(delta) @ s @ _vec(delta) <= m**2 * bound * (1 + 1e-10)
+            prev = v
+        if rate == 0:
+            assert state.previous == () and float(state.scale) == 1.0
+        else:
+            np.testing.assert_array_equal(_vec(state.previous), _vec(third))
+    with pytest.raises(ValueError, match="adapt_rate"):
+        fishr.trust_region(fishr.curvature.fisher(log_psi), adapt_rate=-0.1)
+    with pytest.raises(ValueError, match="adapt_range"):
+        fishr.trust_region(fishr.curvature.fisher(log_psi), adapt_range=0.5)
+
+
 # --------------------------------------------------------------------------- bad input, non-finite values
 
 
@@ -401,11 +439,14 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
     direction = random_like(jax.random.PRNGKey(3), sp)
     e_loc = jax.random.normal(jax.random.PRNGKey(4), (32,))
 
-    def tr_step(axis_name, xs, es):
+    second = jax.tree.map(lambda a, b: b - a, direction, random_like(jax.random.PRNGKey(5), sp))
+
+    def tr_step(axis_name, xs, es):  # two steps: the second one's metric cosine and scale
         tr = fishr.trust_region(fishr.curvature.fisher(mlp_complex_log_psi, axis_name=axis_name), 1.0,
                                 lambda t, e: 1e-3 * e.variance, axis_name=axis_name)
         delta, state = tr.update(direction, tr.init(sp), sp, batch=xs, local_energies=es)
-        return delta, state.bound, state.metric_norm
+        delta2, state = tr.update(second, state, sp, batch=xs, local_energies=es)
+        return delta, state.bound, state.metric_norm, delta2, state.cosine, state.scale
 
     single = jax.jit(lambda xs, es: tr_step(None, xs, es))(x, e_loc)
     sharded = jax.jit(jax.shard_map(lambda xs, es: tr_step("devices", xs, es), mesh=mesh,
@@ -413,6 +454,7 @@ def test_adaptive_kfac_and_trust_region_equal_on_devices_and_one_device():
     for a, b in zip(jax.tree.leaves(sharded), jax.tree.leaves(single)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-12, atol=1e-14)
     assert float(single[1]) < float(single[2])  # the bound is active
+    assert float(single[4]) < 0 and float(single[5]) < 1  # the directions turn back: the scale shrinks
 
 
 
