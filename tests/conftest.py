@@ -1,10 +1,20 @@
-"""Test set-up: 4 simulated CPU devices and float64, both before jax is imported."""
+"""Test set-up: 4 simulated CPU devices, float64 and quick compilation, before jax is imported."""
 
 import os
 
-_flag = "--xla_force_host_platform_device_count=4"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+_flags = ["--xla_force_host_platform_device_count=4"]
+if os.environ.get("FISHR_TEST_FAST_COMPILE", "1") == "1":
+    # The suite is compile-bound (hundreds of small programs, each run a few times). LLVM's
+    # optimisation of the generated CPU kernels is most of XLA's compile time and none of what the
+    # tests check: the programs (HLO) and their floating-point semantics (no fast-math either way)
+    # are the same; results differ by rounding only (multiply-adds contracted or not), as between
+    # two CPUs: SR updates by 1e-14 (sample_space, float64) to 1e-8 (CG to its tolerance) relative.
+    # Measured: test_sr_structured.py + test_capture_layers.py 261 -> 159 s on 2 cores.
+    # FISHR_TEST_FAST_COMPILE=0 compiles as users do.
+    _flags.append("--xla_backend_optimization_level=0")
+for _flag in _flags:
+    if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Threaded OpenBLAS spins on small LAPACK calls (Cholesky) when the cores are busy.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
