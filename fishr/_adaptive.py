@@ -603,7 +603,7 @@ def trust_region(
                                jnp.clip(gram[0, 1] / jnp.sqrt(jnp.where(both > 0, both, 1.0)), -1.0, 1.0), 0.0)
             scale = jnp.clip(scale * jnp.exp(adapt_rate * cosine), 1.0 / adapt_range, adapt_range).astype(dtype)
             eta = scale * eta
-        ok = jnp.isfinite(eta) & jnp.isfinite(cosine) & (bound > 0) & (lr > 0)
+        ok = jnp.all(jnp.isfinite(gram)) & jnp.isfinite(eta) & (bound > 0) & (lr > 0)  # a NaN x^T S x fails here
         delta = poison(jax.tree.map(lambda x: (-eta).astype(x.dtype) * x, direction), ok)
         new_state = TrustRegionState(count=next_count(state.count), step_size=eta, metric_norm=norm, bound=bound,
                                      scale=scale, cosine=cosine,

@@ -377,6 +377,18 @@ def test_bad_input_is_named():
         step.update(cparams, step.init(cparams), cparams, batch=(x, x), grad=cparams, damping=0.1)
 
 
+@pytest.mark.parametrize("adapt_rate", [0.1, 0.0])
+def test_trust_region_non_finite_curvature_gives_nan_and_keeps_the_state(adapt_rate):
+    params = {"w": jnp.ones((3,))}
+    nan_metric = lambda p, b, vectors: jnp.full((len(vectors), len(vectors)), jnp.nan)
+    tr = fishr.trust_region(nan_metric, adapt_rate=adapt_rate)
+    state = tr.init(params)
+    delta, new_state = tr.update(params, state, params, batch=jnp.zeros((4, 3)))
+    assert not np.isfinite(_vec(delta)).any()
+    for a, b in zip(jax.tree.leaves(new_state), jax.tree.leaves(state)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_non_finite_direction_keeps_the_state():
     params = _mlp_params(jax.random.PRNGKey(0))
     x = jax.random.normal(jax.random.PRNGKey(1), (8, 3))
