@@ -550,8 +550,8 @@ def trust_region(
         energy error of every base setting over a 100x span of ``learning_rate`` and
         ``max_norm`` was 0.76-1.07x that of the best hand-tuned plain-SR learning rate on
         the benchmark chains (``benchmarks/trust_region.py``, exact energies; README),
-        against 1.11-1.62x for the fixed trust region; 0.03 and 0.3 gave 0.87-1.10x and
-        0.92-1.18x on the Ising chain.
+        against 1.11-1.62x for the fixed trust region; 0.03 gave 0.87-1.12x and 0.3
+        0.92-1.31x (Ising and Heisenberg chains).
       adapt_range: ``m`` stays in ``[1 / adapt_range, adapt_range]`` (``>= 1``).
       axis_name: mapped axis name(s) when the samples are split over devices (the energy
         statistics; the curvature carries its own).
