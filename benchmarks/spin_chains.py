@@ -25,6 +25,7 @@ Periodic chains of ``L`` spins ``s_i = +-1`` (sigma^z eigenvalues), Pauli-matrix
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import flax.linen as nn
 import jax
@@ -190,6 +191,13 @@ class MLP(nn.Module):
         return out[..., 0] + 1j * out[..., 1] if self.complex_output else out[..., 0]
 
 
+@partial(jax.jit, static_argnums=(0, 1))
+def _amplitudes_and_local_energies(kind: str, log_psi, params, s):
+    """``(log psi(s), E_loc(s))`` for a chunk of configurations; compiled once per chain kind and model
+    (``log psi`` is static: a benchmark scores many final states of one model)."""
+    return log_psi(params, s), local_energies(kind, log_psi, params, s)
+
+
 @dataclass(frozen=True)
 class SpinChain:
     """One chain workload, the interface :mod:`benchmarks.vmc` trains on."""
@@ -223,8 +231,8 @@ class SpinChain:
             spins = spins[spins.sum(axis=1) == 0]
         count = len(spins)
         spins = np.concatenate([spins, np.repeat(spins[:1], -count % chunk, axis=0)])  # whole chunks: one program
-        both = jax.jit(lambda p, s: (log_psi(p, s), local_energies(self.kind, log_psi, p, s)))
-        logs, energies = zip(*(both(params, spins[i:i + chunk]) for i in range(0, len(spins), chunk)))
+        logs, energies = zip(*(_amplitudes_and_local_energies(self.kind, log_psi, params, spins[i:i + chunk])
+                               for i in range(0, len(spins), chunk)))
         log_w = 2 * np.real(np.concatenate([np.asarray(x) for x in logs])[:count]).astype(np.float64)
         e_loc = np.real(np.concatenate([np.asarray(x) for x in energies])[:count]).astype(np.float64)
         w = np.exp(log_w - log_w.max())
