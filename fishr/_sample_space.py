@@ -50,7 +50,11 @@ when iterated, 11 steps).
 Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). The common path
 is one factor and its direct solve or CG (0). If that factor is not finite (a
 non-positive pivot) or its CG does not converge, a fallback runs under ``lax.cond``
-(only then), with LAPACK on the assembled kernel and CG to the rounding floor:
+(only then), with LAPACK on the assembled kernel (the factor kept assembled and applied
+by two triangular solves at every size) and CG to the rounding floor on that assembled
+kernel (one matrix product per step: the fallback solves the kernel as computed, in
+its precision, instead of repeating the Jacobian's exact products, which made it a
+fifth of the compiled program; at ``N = 4,096`` it is now ~0.6 s of compile less):
 
 1. for double-precision input on the CPU, the kernel in double precision;
 2. the shift of the *preconditioner* raised by ``10^j eps_f ||K||`` (``j = 0, 2, 4``;
@@ -76,6 +80,7 @@ from jax import lax
 
 from fishr import distributed
 from fishr.distributed import AxisName
+from fishr.jacobian import kernel_from_tiles
 from fishr.linalg import (
     SolveInfo,
     TiledFactor,
@@ -167,7 +172,7 @@ ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which the factor is applie
 Factor = TiledFactor | jax.Array  # by tiles, or assembled: the lower factor L' of conj(A) (cholesky_factor's)
 
 
-def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[Factor, jax.Array]:
+def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded), and whether it is finite.
 
     ``kind="tiled"``: :func:`fishr.linalg.tiled_cholesky`; ``"lapack"``: the backend's
@@ -182,10 +187,13 @@ def _factor(tiles: jax.Array, shift: Any, kind: str) -> tuple[Factor, jax.Array]
     unchanged within their spread. Beyond, the
     triangular solve on the whole factor falls behind the tiled one (``n = 4,096``,
     float32: 62 against 18 ms per solve), so larger factors stay tiles and are applied by
-    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only).
+    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only). ``assembled=True``
+    keeps any size assembled (the fallback's factor: rare, so its program size counts,
+    not its speed).
     """
     ts = tiles.shape[2]
-    assembled = tiles.shape[0] * ts <= ASSEMBLED_MAX_ROWS
+    if assembled is None:
+        assembled = tiles.shape[0] * ts <= ASSEMBLED_MAX_ROWS
     factor: Factor
     if kind == "lapack":
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
@@ -210,10 +218,11 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
     """The first finite LAPACK factor of ``A + (shift + raise_by[j]) I``, ``j = start, start + 1, ...``.
 
     A ``while_loop`` on the assembled matrix (a rare path: LAPACK compiles in a fraction
-    of the tiled loop's time). Returns ``(factor, j)``; ``j == len(raise_by)`` when none
-    was finite (the factor is then NaN).
+    of the tiled loop's time), the factor kept assembled at every size (applied by two
+    triangular solves). Returns ``(factor, j)``; ``j == len(raise_by)`` when none was
+    finite (the factor is then NaN).
     """
-    make = lambda j: _factor(tiles, shift + raise_by[j], "lapack")
+    make = lambda j: _factor(tiles, shift + raise_by[j], "lapack", assembled=True)
     # one factorisation in the program (inside the loop), from a NaN placeholder
     factor = jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), jax.eval_shape(make, start)[0])
 
@@ -290,9 +299,9 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         eps = jnp.finfo(dtype).eps / 2  # the unit roundoff of the factor's precision
         return jnp.asarray([0.0, 1.0, 1e2, 1e4], real) * eps * k_norm
 
-    def pcg(factor, u, x0=None):
+    def pcg(factor, u, product=operator):
         precondition = lambda r: _apply_factor(factor, r, rows)
-        return cg(operator, u, x0, rtol=0.0, atol=0.0, max_steps=MAX_STEPS,
+        return cg(product, u, None, rtol=0.0, atol=0.0, max_steps=MAX_STEPS,
                   preconditioner=precondition, backward_error=a_norm, stop_on_stagnation=True,
                   to_rounding_floor=True)
 
@@ -329,12 +338,22 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
 
     def fallback(_):
         if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
-            f, j = _raised_shift_factor(jac.kernel_tiles(), shift, raise_by(work), 0)
+            f_tiles = jac.kernel_tiles()
+            f, j = _raised_shift_factor(f_tiles, shift, raise_by(work), 0)
             code = jnp.where(j > 0, 2, 1)
         else:  # 2: the same kernel, factored with a raised shift
-            f, j = _raised_shift_factor(tiles, shift, raise_by(tiles.dtype), 1)
+            f_tiles = tiles
+            f, j = _raised_shift_factor(f_tiles, shift, raise_by(tiles.dtype), 1)
             code = jnp.asarray(2)
-        y_f, info_f, _ = twice(lambda u: pcg(f, u) + (jnp.asarray(True),))
+        # CG on the assembled kernel the factor was made from (one matrix product, not the
+        # Jacobian's products again: the fallback's share of the program, see the module docs)
+        kernel = kernel_from_tiles(f_tiles, rows).astype(work)
+
+        def assembled(y):
+            flat = y.reshape(rows, -1)
+            return (kernel @ flat).reshape(y.shape) + shift * y
+
+        y_f, info_f, _ = twice(lambda u: pcg(f, u, assembled) + (jnp.asarray(True),))
         return y_f, info_f._replace(fallback=code.astype(jnp.int32))
 
     def first(_):

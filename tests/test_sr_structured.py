@@ -201,6 +201,33 @@ def test_single_precision_factor_falls_back_to_the_float64_factor():
     assert rel_err(flat(out), ref) <= 1e-6
 
 
+@pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
+def test_forced_fallback_equals_the_first_path(name, monkeypatch):
+    """The fallback branch (LAPACK factor of the assembled kernel, CG on that kernel) run in
+    place of the first path on a well-posed problem: the same update to double-precision
+    rounding, for real, complex-output and holomorphic models (the conjugation conventions of
+    the assembled kernel's product), and it reports which fallback ran."""
+    log_psi, params, x, grad, holo = _case(name, n=300)
+    solve = lambda: jax.jit(functools.partial(fishr.sr_solve, log_psi, damping=1e-3, mode="sample_space",
+                                              holomorphic=holo))(grad, params, x)
+    first, info = solve()
+    assert int(info.fallback) == 0
+    lax = sample_space_mod.lax
+
+    class TakeFallback:  # lax with cond(pred, true_fn, false_fn) always taking the fallback branch
+        def __getattr__(self, key):
+            return getattr(lax, key)
+
+        @staticmethod
+        def cond(pred, true_fn, false_fn, operand):
+            return false_fn(operand)
+
+    monkeypatch.setattr(sample_space_mod, "lax", TakeFallback())
+    forced, info = solve()
+    assert int(info.fallback) == 1 and bool(info.converged)  # float64 input: the double-precision kernel
+    assert rel_err(flat(forced), flat(first)) <= 1e-13
+
+
 def test_kernel_factorisation_rule():
     rule = sample_space_mod.kernel_factorisation
     assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
