@@ -198,6 +198,25 @@ def _amplitudes_and_local_energies(kind: str, log_psi, params, s):
     return log_psi(params, s), local_energies(kind, log_psi, params, s)
 
 
+def enumerated_energy(evaluate, spins: np.ndarray, chunk: int = 4096, with_variance: bool = False):
+    """``sum_s |psi(s)|^2 E_loc(s) / sum_s |psi(s)|^2`` over the configurations ``spins`` (a whole basis or
+    the sector that holds the state), in float64; ``evaluate(s) -> (log psi(s), E_loc(s))`` for a chunk.
+
+    Equal to ``<psi|H|psi> / <psi|psi>`` when ``H`` does not leave the span of ``spins``. The
+    configurations are padded to whole chunks, so ``evaluate`` compiles once. ``with_variance``:
+    ``(energy, variance of Re E_loc under |psi|^2)``.
+    """
+    count = len(spins)
+    spins = np.concatenate([spins, np.repeat(spins[:1], -count % chunk, axis=0)])
+    logs, energies = zip(*(evaluate(spins[i:i + chunk]) for i in range(0, len(spins), chunk)))
+    log_w = 2 * np.real(np.concatenate([np.asarray(x) for x in logs])[:count]).astype(np.float64)
+    e_loc = np.real(np.concatenate([np.asarray(x) for x in energies])[:count]).astype(np.float64)
+    w = np.exp(log_w - log_w.max())
+    w /= w.sum()
+    energy = float(np.sum(w * e_loc))
+    return (energy, float(np.sum(w * (e_loc - energy) ** 2))) if with_variance else energy
+
+
 @dataclass(frozen=True)
 class SpinChain:
     """One chain workload, the interface :mod:`benchmarks.vmc` trains on."""
@@ -221,19 +240,13 @@ class SpinChain:
     def local_energies(self, log_psi, params, s):
         return local_energies(self.kind, log_psi, params, s)
 
-    def variational_energy(self, log_psi, params, chunk: int = 4096) -> float:
-        """``<psi|H|psi> / <psi|psi>`` exactly, by enumerating the basis: ``sum_s |psi(s)|^2 E_loc(s)``
-        over all ``2^L`` configurations (Ising) or the ``sum s = 0`` sector (Heisenberg: the sector of
-        the ground state, which the sampler's exchanges never leave), in float64 from the model's
-        ``log psi`` and local energies. No Monte Carlo error, so final states compare to the digit."""
+    def variational_energy(self, log_psi, params, chunk: int = 4096, with_variance: bool = False):
+        """``<psi|H|psi> / <psi|psi>`` exactly, by enumerating the basis (:func:`enumerated_energy`) over
+        all ``2^L`` configurations (Ising) or the ``sum s = 0`` sector (Heisenberg: the sector of the
+        ground state, which the sampler's exchanges never leave). No Monte Carlo error, so final
+        states compare to the digit."""
         spins = _basis_spins(self.length).astype(np.float32)
         if self.kind == "heisenberg":
             spins = spins[spins.sum(axis=1) == 0]
-        count = len(spins)
-        spins = np.concatenate([spins, np.repeat(spins[:1], -count % chunk, axis=0)])  # whole chunks: one program
-        logs, energies = zip(*(_amplitudes_and_local_energies(self.kind, log_psi, params, spins[i:i + chunk])
-                               for i in range(0, len(spins), chunk)))
-        log_w = 2 * np.real(np.concatenate([np.asarray(x) for x in logs])[:count]).astype(np.float64)
-        e_loc = np.real(np.concatenate([np.asarray(x) for x in energies])[:count]).astype(np.float64)
-        w = np.exp(log_w - log_w.max())
-        return float(np.sum(w * e_loc) / np.sum(w))
+        return enumerated_energy(partial(_amplitudes_and_local_energies, self.kind, log_psi, params), spins, chunk,
+                                 with_variance)

@@ -49,6 +49,20 @@ def test_local_energies_are_h_psi_over_psi(marshall):
     np.testing.assert_allclose(e_loc, h_psi[pick] / psi[pick], rtol=1e-10, atol=1e-10)
 
 
+def test_variational_energy_is_the_sparse_expectation():
+    """<psi|H|psi> / <psi|psi> over the S^z = 0 sector with the sparse Hamiltonian and a complex
+    MLP's amplitudes, against the enumerated local-energy average (float64 model)."""
+    system = bench.J1J2(4, 2, 0.5)
+    model = MLP(widths=(8,), complex_output=True, param_dtype=jnp.float64)
+    basis = system.sector_basis()
+    spins = jnp.asarray(1 - 2 * ((basis[:, None] >> np.arange(8)) & 1), jnp.float64)
+    params = jax.jit(model.init)(jax.random.PRNGKey(0), spins[:2])
+    params = jax.tree.map(lambda p: p + 0.5 * np.random.default_rng(1).standard_normal(p.shape), params)
+    psi = np.exp(np.asarray(jax.jit(model.apply)(params, spins)))
+    expected = np.real(np.vdot(psi, system.sparse_hamiltonian() @ psi) / np.vdot(psi, psi))
+    assert system.variational_energy(model.apply, params, chunk=16) == pytest.approx(expected, rel=1e-6)
+
+
 def test_tiny_report_structure_and_finite_numbers():
     have_nk = importlib.util.find_spec("netket") is not None
     # a subset of each part (compilation dominates at tiny sizes); NetKet's rows skip cleanly without it
@@ -73,7 +87,7 @@ def test_tiny_report_structure_and_finite_numbers():
     (r,) = q["rows"]
     assert r["method"] == "Spectral smooth+snr" and not r["diverged"]
     assert len(r["energies"]) == bench.PRESETS["tiny"]["steps"]
-    for key in ("final_energy_err", "rel_error", "variance", "ms_per_step", "seconds_total", "first_step_s"):
+    for key in ("rel_error", "variance", "ms_per_step", "seconds_total", "first_step_s"):
         assert math.isfinite(r[key]) and r[key] > 0, key
     assert q["exact"] < r["final_energy"] < 0 and r["damping_used_last"] == pytest.approx(bench.DAMPING_B)
     text = bench.markdown(report)
