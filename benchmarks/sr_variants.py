@@ -17,6 +17,9 @@ perturbed off the initialisation by 0.1 N(0, 1), synthetic local energies
 * ``max_cond_num 1e7``: conditioning control, bounded by ``tr S`` with the Cholesky solve;
 * ``MARCH var`` / ``MARCH diff``: ``march=``; a diagonal metric needs the generic rows,
   so these compare with ``plain generic`` as well as with ``plain``;
+* ``MARCH var factored`` / ``MARCH diff factored``: ``march=``, ``factored_metric=True``
+  (each layer's block of the metric by its rank-one factorisation, carried by the
+  structured Jacobian), compared with ``plain``;
 * ``Spectral()``: ``solver=fishr.Spectral()`` (eigendecomposition of the ``N x N`` kernel);
 * ``Spectral smooth+snr``: ``fishr.Spectral(rtol_smooth=1e-8, snr=2.0)``;
 * ``netket srt chol`` / ``netket srt pinv_smooth`` (when NetKet is installed): NetKet's
@@ -53,7 +56,8 @@ damping, all ``mode="sample_space"`` with ``local_energies=``; the methods are s
 lockstep (one step of each in turn), so that machine noise hits all alike:
 
 * ``plain SR``; ``SPRING`` (``momentum=0.9``); ``robust SR + SPRING`` (``gamma="sqrt"``);
-  ``MARCH var + SPRING``; ``Spectral smooth+snr`` (``Spectral(rtol_smooth=1e-8, snr=2.0)``);
+  ``MARCH var + SPRING``; ``MARCH var factored + SPRING`` (``factored_metric=True``); ``Spectral smooth+snr``
+  (``Spectral(rtol_smooth=1e-8, snr=2.0)``);
   ``max_cond_num`` (plain SR with ``max_cond_num=KAPPA_B``); ``trust region (defaults)``: plain SR
   followed by ``fishr.trust_region(fishr.curvature.fisher(log_psi))`` with its defaults in place of
   ``optax.sgd`` (no learning rate chosen for this problem).
@@ -101,7 +105,7 @@ DAMPING_B, LR_B, MU_B, KAPPA_B = 1e-3, 0.005, 0.9, 1e5
 PRESETS = {
     "tiny": dict(cost_sizes=(64,), cost_widths=(8, 8), cost_repeats=2,
                  lattice=(4, 4), j2=0.5, widths=(8,), n_samples=32, steps=2),
-    "quick": dict(cost_sizes=(1024, 4096), cost_widths=(64, 64, 64), cost_repeats=(5, 2),
+    "quick": dict(cost_sizes=(1024, 4096), cost_widths=(64, 64, 64), cost_repeats=(5, 3),
                   lattice=(4, 4), j2=0.5, widths=(64, 64), n_samples=512, steps=300),
     "full": dict(cost_sizes=(1024, 2048, 4096), cost_widths=(64, 64, 64), cost_repeats=(11, 7, 5),
                  lattice=(4, 4), j2=0.5, widths=(64, 64), n_samples=1024, steps=600),
@@ -249,6 +253,7 @@ def quality_methods(damping: float = DAMPING_B, lr: float = LR_B, mu: float = MU
         "SPRING": lambda f: sr(f, momentum=mu),
         "robust SR + SPRING": lambda f: sr(f, momentum=mu, gamma="sqrt"),
         "MARCH var + SPRING": lambda f: sr(f, momentum=mu, march="var"),
+        "MARCH var factored + SPRING": lambda f: sr(f, momentum=mu, march="var", factored_metric=True),
         "Spectral smooth+snr": lambda f: sr(f, solver=fishr.Spectral(rtol_smooth=1e-8, snr=2.0)),
         f"max_cond_num {kappa:g}": lambda f: sr(f, max_cond_num=kappa),
         # no learning rate: fishr.trust_region's defaults (lr 0.05, max_norm 1e-3, Kesten factor) after plain SR
@@ -332,7 +337,8 @@ def cost_problem(n: int, widths=(64, 64, 64), sites: int = 16, seed: int = 0):
 
 
 COST_ROWS = ("plain", "plain generic", "robust sqrt", "robust 1.0", "max_cond_num 1e7", "MARCH var", "MARCH diff",
-             "Spectral()", "Spectral smooth+snr", "netket srt chol", "netket srt pinv_smooth")
+             "MARCH var factored", "MARCH diff factored", "Spectral()", "Spectral smooth+snr", "netket srt chol",
+             "netket srt pinv_smooth")
 
 
 def cost_methods(model, params, s, energies, grad, have_nk: bool, only=None) -> dict:
@@ -345,6 +351,8 @@ def cost_methods(model, params, s, energies, grad, have_nk: bool, only=None) -> 
         "max_cond_num 1e7": dict(max_cond_num=1e7),
         "MARCH var": dict(march="var"),
         "MARCH diff": dict(march="diff"),
+        "MARCH var factored": dict(march="var", factored_metric=True),
+        "MARCH diff factored": dict(march="diff", factored_metric=True),
         "Spectral()": dict(solver=fishr.Spectral()),
         "Spectral smooth+snr": dict(solver=fishr.Spectral(rtol_smooth=1e-8, snr=2.0)),
     }
@@ -400,6 +408,8 @@ def cost_ratios(warm: dict) -> dict:
         "MARCH diff / plain": ("MARCH diff", "plain"),
         "MARCH var / plain generic": ("MARCH var", "plain generic"),
         "MARCH diff / plain generic": ("MARCH diff", "plain generic"),
+        "MARCH var factored / plain": ("MARCH var factored", "plain"),
+        "MARCH diff factored / plain": ("MARCH diff factored", "plain"),
         "Spectral() / plain": ("Spectral()", "plain"),
         "Spectral() / plain generic": ("Spectral()", "plain generic"),
         "Spectral smooth+snr / plain": ("Spectral smooth+snr", "plain"),
@@ -445,7 +455,8 @@ def targets(cost_rows: list[dict]) -> list[dict]:
     out = []
     for key, limit in (("robust sqrt / plain", 1.1), ("robust 1.0 / plain", 1.1), ("MARCH var / plain", 1.1),
                        ("MARCH diff / plain", 1.1), ("MARCH var / plain generic", 1.1),
-                       ("MARCH diff / plain generic", 1.1), ("Spectral() / plain", 3.0),
+                       ("MARCH diff / plain generic", 1.1), ("MARCH var factored / plain", 1.1),
+                       ("MARCH diff factored / plain", 1.1), ("Spectral() / plain", 3.0),
                        ("Spectral() / plain generic", 3.0)):
         if key in ratios:
             out.append(dict(N=row["N"], ratio=key, value=ratios[key], value_min=row["ratios_min"][key], target=limit,

@@ -9,7 +9,13 @@ which is ``x = (S + d M)^{-1} (g + d mu M x_prev)`` for plain SR with SPRING mom
 (the momentum is projected in the metric's geometry, as JaQMC composes MARCH with
 SPRING); robust SR, the spectral cutoffs and the damping rules act on ``S~``.
 Every solve stays exact; the layers' statistics cannot carry a per-column scale, so a
-metric uses the generic Jacobian.
+metric uses the generic Jacobian, unless it is *factored*: with ``factored_metric=True``
+each captured layer's ``(k, m)`` block of ``M`` (kernel rows, then the bias row) is
+replaced by the rank-one ``u w^T`` with the same row and column sums
+(:func:`kronecker_factored`), so ``s = u^{-1/2} (x) w^{-1/2}`` scales the layer's inputs
+and output gradients and the structured Jacobian carries it (the solve is exact for the
+factored metric; leaves in no captured layer keep their own entries). ``diag S`` then
+comes from the layers' statistics as well (:meth:`fishr.jacobian.LayerJacobian.score_variance`).
 
 * ``diag_damping = rho``: ``S + d I + rho diag S`` (NetKet's ``diag_scale``; jVMC's
   ``diagonalShift`` is ``d = 0``, which fishr does not take: ``d > 0`` is needed), i.e.
@@ -31,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-__all__ = ["MARCH_MODES", "march_diff_update", "march_var_update", "metric_fn"]
+__all__ = ["MARCH_MODES", "kronecker_factored", "march_diff_update", "march_var_update", "metric_fn"]
 
 MARCH_MODES = ("var", "diff")
 
@@ -79,3 +85,37 @@ def metric_fn(base: Any, diag_damping: float, damping: Any) -> Callable[[Callabl
         return m
 
     return metric
+
+
+
+def kronecker_factored(metric: Any, layers: Any) -> tuple[Any, dict]:
+    """``metric`` with each captured layer's block replaced by its rank-one (Kronecker) factorisation.
+
+    For a layer whose parameters form the ``(k, m)`` block ``B`` (kernel rows ``d_in``, then
+    the bias row, as :class:`fishr.jacobian.LayerJacobian` orders them), ``B`` (positive)
+    becomes ``B^ = r c^T / sum(B)`` with ``r = B 1`` and ``c = B^T 1`` its row and column
+    sums (Adafactor's factorisation of a positive matrix, which keeps every row and column
+    sum of ``B``), i.e. ``B^ = u w^T`` with ``u = r / sqrt(sum B)``, ``w = c / sqrt(sum B)``:
+    a per-input times a per-output factor, which the layers' statistics carry (inputs
+    scaled by ``u^{-1/2}``, output gradients by ``w^{-1/2}``). Leaves in no captured layer
+    keep their entries. ``layers``: the :class:`fishr.capture.LayerInfo` tuple of
+    :func:`fishr.capture.discover_layers`.
+
+    Returns ``(metric^, factors)`` with ``factors[kernel_index] = (u, w)``.
+    """
+    leaves = list(jax.tree.leaves(metric))
+    factors = {}
+    for layer in layers:
+        kernel = leaves[layer.kernel_index]
+        block = kernel.reshape(layer.d_in, layer.d_out)
+        if layer.has_bias:
+            block = jnp.concatenate([block, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
+        root = jnp.sqrt(block.sum())
+        u, w = block.sum(axis=1) / root, block.sum(axis=0) / root
+        factors[layer.kernel_index] = (u, w)
+        factored = jnp.outer(u, w)
+        leaves[layer.kernel_index] = factored[:layer.d_in].reshape(kernel.shape).astype(kernel.dtype)
+        if layer.has_bias:
+            bias = leaves[layer.bias_index]
+            leaves[layer.bias_index] = factored[layer.d_in].reshape(bias.shape).astype(bias.dtype)
+    return jax.tree.unflatten(jax.tree.structure(metric), leaves), factors

@@ -65,6 +65,7 @@ def sr(
     score_clip: float | None = None,
     prune: bool = False,
     chunk_size: int | None = None,
+    factored_metric: bool = False,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 
@@ -107,6 +108,10 @@ def sr(
         squared change of the update, used from the next step; any mode). Solves
         ``(S + d M)^{-1} (g + d mu M x_prev)`` with ``M = (v + march_eps)^{1/2}`` (JaQMC's
         conventions; see :mod:`fishr._metric`). ``march_decay`` is ``beta`` of the average.
+      factored_metric: with ``march`` or ``diag_damping``, each captured layer's block of the
+        metric is replaced by its rank-one factorisation (row and column sums), which the
+        structured Jacobian carries: MARCH at the cost of plain sample-space SR instead of
+        the per-sample rows' (see :func:`fishr.sr_solve`); the accumulator stays per entry.
       solve_dtype: ``None`` or ``"float64"``: float32 inputs are solved in float64 (needs
         ``jax_enable_x64``; the update keeps the gradient's dtype; see :func:`fishr.sr_solve`).
       score_clip: ``None`` or ``c > 0``: clip each sample's score row to a mean absolute
@@ -143,7 +148,7 @@ def sr(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune, chunk_size=chunk_size)
+                       score_clip=score_clip, prune=prune, chunk_size=chunk_size, factored_metric=factored_metric)
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)

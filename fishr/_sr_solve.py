@@ -92,7 +92,11 @@ relative to the diagonal ``diag_damping=rho`` (``M = 1 + (rho / damping) diag S`
 MARCH (:func:`fishr.sr`'s ``march=``). Solved exactly as SR in the coordinates
 ``theta~ = M^{1/2} theta`` (the Jacobian's columns scaled by ``M^{-1/2}``, so the generic
 Jacobian); the damping rules, robust SR and the spectral cutoffs act on ``S`` in those
-coordinates, and ``info.residual_norm`` is measured there.
+coordinates, and ``info.residual_norm`` is measured there. With ``factored_metric=True``
+each captured layer's block of ``M`` is first replaced by its rank-one factorisation
+``u w^T`` (same row and column sums), which the structured Jacobian carries by scaling
+the layer's inputs by ``u^{-1/2}`` and its output gradients by ``w^{-1/2}``: the solve
+is exact for that metric at the cost of plain structured SR.
 
 Bad damping at run time
 -----------------------
@@ -115,7 +119,7 @@ from jax.flatten_util import ravel_pytree
 
 from fishr import distributed
 from fishr._complex_params import has_complex, join_pairs, split_pairs
-from fishr._metric import metric_fn
+from fishr._metric import kronecker_factored, metric_fn
 from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
 from fishr._validate import (
     check_choice,
@@ -178,6 +182,7 @@ class SRConfig:
     score_clip: float | None = None
     prune: bool = False
     chunk_size: int | None = None  # samples per chunk of the score passes (fishr.chunking)
+    factored_metric: bool = False  # a diagonal metric's layer blocks by their Kronecker factorisation
 
 
 def runs_lazy(mode: str, solver: Any) -> bool:
@@ -202,7 +207,7 @@ def _check_solve_dtype(solve_dtype: Any, who: str) -> str | None:
 def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, momentum: Any, holomorphic: Any,
               axis_name: AxisName, gamma: Any = None, max_cond_num: Any = None,
               trace_damping: Any = 0.0, diag_damping: Any = 0.0, solve_dtype: Any = None, score_clip: Any = None,
-              prune: Any = False, chunk_size: Any = None) -> SRConfig:
+              prune: Any = False, chunk_size: Any = None, factored_metric: Any = False) -> SRConfig:
     """Validate SR's options (naming ``who`` in every error) and fill in the mode's default solver."""
     check_choice(mode, MODE_CHOICES, who, "mode")
     pseudo_inverse = isinstance(solver, Spectral) and solver.has_cutoff
@@ -240,6 +245,8 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
                              "jacobian 'generic' or 'auto'.")
     if not isinstance(prune, bool):
         raise ValueError(f"{who}: `prune` must be True or False, got {prune!r}.")
+    if not isinstance(factored_metric, bool):
+        raise ValueError(f"{who}: `factored_metric` must be True or False, got {factored_metric!r}.")
     if trace_damping > 0 and runs_lazy(mode, solver):
         raise ValueError(f"{who}: `trace_damping` needs tr S from a formed matrix (modes 'dense', 'sample_space' or "
                          "'auto' without a CG solver); mode 'lazy' forms nothing.")
@@ -247,7 +254,7 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
                     not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
                     float(diag_damping), _check_solve_dtype(solve_dtype, who), score_clip, prune,
-                    check_chunk_size(chunk_size, who))
+                    check_chunk_size(chunk_size, who), factored_metric)
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
@@ -504,6 +511,12 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     return out._replace(x=jax.tree.map(lambda x, g: x.astype(g.dtype), out.x, grads))
 
 
+def _inverse_root(m: jax.Array) -> jax.Array:
+    """``m^{-1/2}`` of a metric's entries, NaN where an entry is not positive and finite."""
+    m = jnp.real(m)
+    return jnp.where((m > 0) & jnp.isfinite(m), jax.lax.rsqrt(jnp.maximum(m, jnp.finfo(m.dtype).tiny)), jnp.nan)
+
+
 def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
                        previous: Any | None, who: str, mean_fn=None, local_energies: jax.Array | None = None,
                        metric: Callable[[Callable[[], Any]], Any] | None = None,
@@ -547,10 +560,11 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
             raise ValueError(f"{who}: `weights` need the generic per-sample rows: mode 'dense', 'sample_space' or "
                              "'auto', jacobian 'generic' or 'auto', and no `mean_fn`.")
         config = dataclasses.replace(config, jacobian="generic")
-    if metric is not None:  # a diagonal metric rescales the columns: the generic Jacobian
+    if metric is not None and not config.factored_metric:  # a per-entry diagonal metric: the generic Jacobian
         if config.jacobian == "structured":
             raise ValueError(f"{who}: a diagonal metric (march, diag_damping, metric=) needs jacobian='generic' or "
-                             "'auto' (it rescales every column, which the layers' statistics cannot).")
+                             "'auto' (it rescales every column, which the layers' statistics cannot; "
+                             "with factored_metric=True they can).")
         config = dataclasses.replace(config, jacobian="generic")
     requested_solver = config.solver
     config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn)
@@ -589,16 +603,26 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
     scale, metric_values = None, None
     if metric is not None:  # theta = s theta~ with s = M^{-1/2}: SR in theta~ is (S + d M)^{-1} in theta
         def score_variance():
+            if isinstance(jac, LayerJacobian):
+                return jac.score_variance()
             if not isinstance(jac, DenseJacobian):
                 raise ValueError(f"{who}: a metric from the score variance (march='var', diag_damping) needs the "
-                                 "per-sample rows: mode 'dense' or 'sample_space' (not 'lazy').")
+                                 "per-sample rows or the layers' statistics: mode 'dense' or 'sample_space' (not "
+                                 "'lazy').")
             return jax.tree.map(jnp.real, jac.unravel(jac.score_variance()))
 
         metric_values = metric(score_variance)
+        factors = {}
+        if config.factored_metric:  # each layer's block u w^T: carried by the layers' statistics
+            metric_values, factors = kronecker_factored(metric_values, discover_layers(apply_fn, params, batch).layers)
         # a metric entry that is not positive and finite gives NaN (the transform keeps its state)
-        scale = jax.tree.map(lambda m: jnp.where((jnp.real(m) > 0) & jnp.isfinite(m), jax.lax.rsqrt(
-            jnp.maximum(jnp.real(m), jnp.finfo(jnp.real(m).dtype).tiny)), jnp.nan), metric_values)
-        jac = jac.scaled(scale) if isinstance(jac, DenseJacobian) else ScaledJacobian(jac, scale)
+        scale = jax.tree.map(_inverse_root, metric_values)
+        if isinstance(jac, LayerJacobian):
+            jac = jac.scaled(scale, {k: (_inverse_root(u), _inverse_root(w)) for k, (u, w) in factors.items()})
+        elif isinstance(jac, DenseJacobian):
+            jac = jac.scaled(scale)
+        else:
+            jac = ScaledJacobian(jac, scale)
         grads = _times(scale, grads)
         previous = None if previous is None else _times(scale, previous, divide=True)
 
@@ -649,6 +673,7 @@ def sr_solve(
     score_clip: float | None = None,
     prune: bool = False,
     chunk_size: int | None = None,
+    factored_metric: bool = False,
 ) -> tuple[Any, SolveInfo]:
     """Solve ``(S + damping I) x = grads + damping * momentum * previous`` (see the module docs).
 
@@ -738,6 +763,13 @@ def sr_solve(
         per-sample Jacobian and the layer statistics are built chunk by chunk (what they
         keep is the same: ``N x P`` rows for the generic Jacobian, ``N x (k + m)`` per
         layer for the structured one). Equal to the unchunked solve up to rounding.
+      factored_metric: with a diagonal metric (``metric``, ``diag_damping``, MARCH), replace
+        each captured layer's block of ``M`` by its rank-one factorisation ``u w^T`` (row
+        and column sums, :func:`fishr._metric.kronecker_factored`; other leaves keep their
+        entries). The solve is then exact for that factored metric, and the structured
+        Jacobian can carry it (the layers' inputs and output gradients scaled), so
+        ``mode="sample_space"`` keeps the cost of plain SR instead of taking the per-sample
+        rows (module docs, "Diagonal metrics").
 
     Returns:
       ``(x, fishr.SolveInfo)``: the solution with the structure of ``params`` and the
@@ -765,7 +797,7 @@ def sr_solve(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune, chunk_size=chunk_size)
+                       score_clip=score_clip, prune=prune, chunk_size=chunk_size, factored_metric=factored_metric)
     if metric is not None:
         check_tree_matches_params(metric, params, who, "`metric`")
     out = solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn, local_energies,

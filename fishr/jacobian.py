@@ -510,6 +510,9 @@ def layers_pay_off(plan: LayerPlan, num_params: int, c: int = 1) -> bool:
     return 2 * kernel_cost_per_pair(plan, num_params, c) <= kernel_cost_per_pair(None, num_params, c)
 
 
+VARIANCE_CHUNK_ELEMENTS = 1 << 24  # entries of the per-sample gradients held at once for diag S (T > 1)
+
+
 def _rest_leaves(plan: LayerPlan) -> tuple[int, ...]:
     """The leaves with explicit rows in :class:`LayerJacobian`, in the order of ``rest``'s columns: the
     uncovered ones (rows by per-sample gradients), then each norm's scale and bias (rows from its
@@ -729,6 +732,54 @@ class LayerJacobian(NamedTuple):
             mean = jnp.einsum("jtk,jctm->ckm", a, d) / n
             r = r + jnp.einsum("itk,ekm,ictm->ice", a, mean.conj(), d)
         return r
+
+    def score_variance(self) -> Any:
+        """``diag S = mean_i sum_c |Obar_icp|^2`` over all samples, as a real parameter pytree.
+
+        Per layer from its statistics, ``mean_i sum_c |O_ic|^2 - sum_c |mean_i O_ic|^2`` with
+        ``O_ic = sum_t a_it^T d_ict`` (``k x m``): at ``T = 1`` one product of the squared
+        moduli, ``|a|^2^T |d|^2``, never the per-sample gradients; at ``T > 1`` the
+        per-sample gradients chunk by chunk (``VARIANCE_CHUNK_ELEMENTS`` entries at a time).
+        The difference is clipped at zero (it cancels digits where the mean score is large
+        next to its spread, as the layers' kernel centring does; a metric needs no more).
+        The explicit rows are centred first (exact).
+        """
+        n_global = distributed.batch_size(self.rest.shape[0], self.axis_name)
+        real = jnp.finfo(self.rest.dtype).dtype
+        leaves: list = [None] * len(self.shapes)
+        rest = self.rest - distributed.batch_mean(self.rest, self.axis_name, keepdims=True)
+        rest_variance = distributed.batch_mean(jnp.sum(jnp.abs(rest) ** 2, axis=1), self.axis_name)
+        for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(rest_variance)):
+            leaves[i] = leaf
+        for a, d, layer in zip(self.a, self.d, self.plan.layers):
+            if a.shape[1] == 1:
+                second = jnp.einsum("nk,ncm->km", jnp.abs(a[:, 0]) ** 2, jnp.abs(d[:, :, 0]) ** 2)
+            else:
+                rows_per_chunk = max(1, VARIANCE_CHUNK_ELEMENTS // (d.shape[1] * a.shape[2] * d.shape[3]))
+
+                def squares(stats, mask):
+                    g = jnp.einsum("ntk,nctm->nckm", *stats)
+                    return jnp.einsum("n,nckm->km", mask, jnp.abs(g) ** 2)
+
+                second = sum_chunks(squares, (a, d), jnp.ones((a.shape[0],), real), rows_per_chunk)
+            mean = distributed.psum(jnp.einsum("ntk,nctm->ckm", a, d), self.axis_name) / n_global
+            block = distributed.psum(second, self.axis_name) / n_global - jnp.sum(jnp.abs(mean) ** 2, axis=0)
+            block = jnp.maximum(jnp.real(block), 0).astype(real)
+            leaves[layer.kernel_index] = block[:layer.d_in].reshape(self.shapes[layer.kernel_index])
+            if layer.bias_index is not None:
+                leaves[layer.bias_index] = block[layer.d_in].reshape(self.shapes[layer.bias_index])
+        return jax.tree.unflatten(self.treedef, [jnp.real(leaf).astype(real) for leaf in leaves])
+
+    def scaled(self, scale: Any, factors: dict) -> LayerJacobian:
+        """The Jacobian of ``theta = scale * theta~`` where each captured layer's block of
+        ``scale`` is the product ``u w^T`` of ``factors[kernel_index] = (u, w)`` (``u`` over
+        the ``k`` inputs with the bias, ``w`` over the ``m`` outputs): the layer's inputs are
+        scaled by ``u``, its output gradients by ``w``; the explicit rows' columns by ``scale``."""
+        leaves = jax.tree.leaves(scale)
+        rest_scale = ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0]
+        a = tuple(x * factors[layer.kernel_index][0].astype(x.dtype) for x, layer in zip(self.a, self.plan.layers))
+        d = tuple(y * factors[layer.kernel_index][1].astype(y.dtype) for y, layer in zip(self.d, self.plan.layers))
+        return self._replace(a=a, d=d, rest=self.rest * rest_scale.astype(self.rest.dtype))
 
     def single_precision(self) -> LayerJacobian:
         """The same statistics rounded to single precision (for a preconditioning factor)."""
