@@ -75,7 +75,7 @@ earlier versions used an estimate from fresh samples, whose standard error of ~1
 relative was as large as some of the differences), the relative error against the exact
 ground energy, the damping the last step used
 (``state.damping``, which ``max_cond_num`` raises), the first step (compile + run), the
-median warm step (min-max) and the total wall time of the training steps. One seed.
+median warm step (min-max) and the total wall time of the training steps. One seed per run (``--seed``).
 
 Run ``python -m benchmarks.sr_variants [--preset tiny|quick|full] [--json FILE]``;
 ``OPENBLAS_NUM_THREADS=1`` (set by ``benchmarks/__init__.py`` before NumPy loads). NetKet
@@ -467,7 +467,7 @@ def targets(cost_rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- part B: VMC quality
 
 
-def run_quality(cfg: dict, log=print, methods=None) -> dict:
+def run_quality(cfg: dict, log=print, methods=None, seed: int = 0) -> dict:
     system = J1J2(*cfg["lattice"], j2=cfg["j2"])
     t0 = time.perf_counter()
     e0 = system.exact_energy()
@@ -483,7 +483,7 @@ def run_quality(cfg: dict, log=print, methods=None) -> dict:
         f"{lanczos_s:.1f} s); MLP {'-'.join(str(w) for w in (system.length,) + tuple(cfg['widths']))} complex "
         f"output, P={p_count}, float32; N={n} samples, {steps} steps, sgd lr {LR_B}, damping {DAMPING_B}", flush=True)
     t0 = time.perf_counter()
-    runs = train_lockstep(system, model, makers, n, steps, log=log)
+    runs = train_lockstep(system, model, makers, n, steps, seed=seed, log=log)
     train_s = time.perf_counter() - t0
     rows = []
     for name, r in runs.items():
@@ -503,25 +503,26 @@ def run_quality(cfg: dict, log=print, methods=None) -> dict:
             energies=[float(e) for e in energies]))
         log(f"[sr_variants]   {name:24s} E = {e_mean:.5f}, rel. error {rows[-1]['rel_error']:.2e}, "
             f"{rows[-1]['ms_per_step']:.1f} ms/step", flush=True)
-    return dict(system=system.name, exact=e0, n_samples=n, steps=steps, lr=LR_B, damping=DAMPING_B, momentum=MU_B,
-                max_cond_num=KAPPA_B, params=p_count, train_seconds=train_s, rows=rows)
+    return dict(system=system.name, exact=e0, seed=seed, n_samples=n, steps=steps, lr=LR_B, damping=DAMPING_B,
+                momentum=MU_B, max_cond_num=KAPPA_B, params=p_count, train_seconds=train_s, rows=rows)
 
 
 # --------------------------------------------------------------------------- the report
 
 
 def run(preset: str = "quick", log=print, netket: bool = True, parts=("quality", "cost"), methods=None,
-        cost_rows=None) -> dict:
+        cost_rows=None, seed: int = 0) -> dict:
     """Both parts (quality first: importing NetKet for part A switches jax to float64 by default).
 
     ``methods``: a subset of :func:`quality_methods` for part B, ``cost_rows`` of the fishr rows
     of :data:`COST_ROWS` for part A (``"plain"`` always runs); ``None``: all (the tests take subsets).
+    ``seed``: part B's initial parameters, samples and Monte Carlo keys.
     """
     cfg = PRESETS[preset]
     t0 = time.perf_counter()
     report = dict(preset=preset, settings={k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()})
     if "quality" in parts:
-        report["quality"] = run_quality(cfg, log, methods)
+        report["quality"] = run_quality(cfg, log, methods, seed)
     if "cost" in parts:
         have_nk = netket_available(netket, log, "[sr_variants]")
         report["netket"] = have_nk
@@ -578,7 +579,8 @@ def markdown(report) -> str:
     if "quality" in report:
         q = report["quality"]
         out.append(f"### B. {q['system']}: exact E0 = {q['exact']:.6f}; N = {q['n_samples']}, {q['steps']} steps, "
-                   f"sgd lr {q['lr']:g}, damping {q['damping']:g}, SPRING momentum {q['momentum']:g}")
+                   f"sgd lr {q['lr']:g}, damping {q['damping']:g}, SPRING momentum {q['momentum']:g}, "
+                   f"seed {q.get('seed', 0)}")
         out.append("")
         out.append("| method | final E (exact) | rel. error | var E_loc | damping used (last / max) | "
                    "first step s | median ms / step (min-max) | total s |")
@@ -602,8 +604,11 @@ def main(argv=None) -> None:
     parser.add_argument("--preset", choices=sorted(PRESETS), default="quick")
     parser.add_argument("--no-netket", action="store_true", help="skip NetKet's rows")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--seed", type=int, default=0, help="part B's seed (parameters, samples, Monte Carlo)")
+    parser.add_argument("--part", choices=("quality", "cost", "both"), default="both")
     args = parser.parse_args(argv)
-    report = run(args.preset, netket=not args.no_netket)
+    parts = ("quality", "cost") if args.part == "both" else (args.part,)
+    report = run(args.preset, netket=not args.no_netket, parts=parts, seed=args.seed)
     print(markdown(report))
     if args.json:
         with open(args.json, "w") as f:

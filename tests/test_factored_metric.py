@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
+from jax.sharding import PartitionSpec as P
 from sr_models import flat, jacobian_rows, rel_err
 from test_sr_structured import _case as _structured_case
 from test_sr_structured import _f64, _jacobian
@@ -144,3 +145,16 @@ def test_factored_metric_options():
     x_bad, _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-2, mode="sample_space", jacobian="structured",
                               metric=bad, factored_metric=True)
     assert not np.isfinite(flat(x_bad)).all()
+
+
+def test_factored_metric_on_four_devices_equals_one_device():
+    """The layers' score variance (diag_damping) and the factored scaling with samples split over 4 devices."""
+    log_psi, params, x, grad, _ = _case("two_positions", n=32)
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("devices",))
+    kw = dict(damping=1e-2, mode="sample_space", jacobian="structured", diag_damping=0.1, factored_metric=True,
+              metric=_positive_metric(params))
+    single = jax.jit(lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, **kw)[0])(grad, params, x)
+    solve = lambda g, p, s: fishr.sr_solve(log_psi, g, p, s, axis_name="devices", **kw)[0]
+    sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(), P("devices")), out_specs=P(),
+                                    check_vma=False))(grad, params, x)
+    assert np.all(np.isfinite(flat(single))) and rel_err(flat(sharded), flat(single)) < 1e-10
