@@ -12,7 +12,7 @@ Every solve stays exact; the layers' statistics cannot carry a per-column scale,
 metric uses the generic Jacobian, unless it is *factored*: with ``factored_metric=True``
 each captured layer's ``(k, m)`` block of ``M`` (kernel rows, then the bias row) is
 replaced by the rank-one ``u w^T`` with the same row and column sums
-(:func:`kronecker_factored`), so ``s = u^{-1/2} (x) w^{-1/2}`` scales the layer's inputs
+(``kronecker_factored`` below), so ``s = u^{-1/2} (x) w^{-1/2}`` scales the layer's inputs
 and output gradients and the structured Jacobian carries it (the solve is exact for the
 factored metric; leaves in no captured layer keep their own entries). ``diag S`` then
 comes from the layers' statistics as well (:meth:`fishr.jacobian.LayerJacobian.score_variance`).

@@ -765,7 +765,7 @@ def sr_solve(
         layer for the structured one). Equal to the unchunked solve up to rounding.
       factored_metric: with a diagonal metric (``metric``, ``diag_damping``, MARCH), replace
         each captured layer's block of ``M`` by its rank-one factorisation ``u w^T`` (row
-        and column sums, :func:`fishr._metric.kronecker_factored`; other leaves keep their
+        and column sums, ``fishr._metric.kronecker_factored``; other leaves keep their
         entries). The solve is then exact for that factored metric, and the structured
         Jacobian can carry it (the layers' inputs and output gradients scaled), so
         ``mode="sample_space"`` keeps the cost of plain SR instead of taking the per-sample
