@@ -228,6 +228,24 @@ def test_forced_fallback_equals_the_first_path(name, monkeypatch):
     assert rel_err(flat(forced), flat(first)) <= 1e-13
 
 
+@pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
+def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, monkeypatch):
+    """Single-precision input, layers' kernel: the fallback is the next attempt of the solve's loop
+    (the preconditioner's shift raised by ``eps ||K||``, CG on the exact products). Started there on a
+    well-posed problem it gives the first path's update to float32 rounding and reports fallback 2."""
+    log_psi, params, x, grad, holo = _case(name, n=300)
+    single = lambda t: jax.tree.map(lambda a: a.astype(jnp.complex64 if jnp.iscomplexobj(a) else jnp.float32), t)
+    params, grad, x = single(params), single(grad), x.astype(jnp.float32)
+    solve = lambda: jax.jit(functools.partial(fishr.sr_solve, log_psi, damping=1e-3, mode="sample_space",
+                                              holomorphic=holo, jacobian="structured"))(grad, params, x)
+    first, info = solve()
+    assert int(info.fallback) == 0 and bool(info.converged)
+    monkeypatch.setattr(sample_space_mod, "FIRST_ATTEMPT", 1)
+    forced, info = solve()
+    assert int(info.fallback) == 2 and bool(info.converged)
+    assert rel_err(flat(forced), flat(first)) <= 1e-5
+
+
 def test_kernel_factorisation_rule():
     rule = sample_space_mod.kernel_factorisation
     assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
