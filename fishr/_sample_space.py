@@ -210,6 +210,14 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
 
 
+def _nan_factor(tiles: jax.Array) -> Factor:
+    """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` (assembled or by tiles)."""
+    nb, _, ts, _ = tiles.shape
+    if nb * ts <= ASSEMBLED_MAX_ROWS:
+        return jnp.full((nb * ts, nb * ts), jnp.nan, tiles.dtype)
+    return TiledFactor(jnp.full(tiles.shape, jnp.nan, tiles.dtype), jnp.full((nb, ts, ts), jnp.nan, tiles.dtype))
+
+
 def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
     tiled = isinstance(factor, TiledFactor)
@@ -230,7 +238,8 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
     """
     make = lambda j: _factor(tiles, shift + raise_by[j], "lapack", assembled=True)
     # one factorisation in the program (inside the loop), from a NaN placeholder
-    factor = jax.tree.map(lambda a: jnp.full(a.shape, jnp.nan, a.dtype), jax.eval_shape(make, start)[0])
+    n_pad = tiles.shape[0] * tiles.shape[2]
+    factor = jnp.full((n_pad, n_pad), jnp.nan, tiles.dtype)  # assembled (``make``'s structure)
 
     def cond(carry):
         _, ok, j = carry
@@ -248,18 +257,17 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
 FIRST_ATTEMPT = 0  # the shift the attempts start from (tests force the fallback with 1)
 
 
-def _attempts(make_factor: Callable, solve_with: Callable, rhs: jax.Array, follow: Callable | None, real: Any,
-              count: int, first: int):
+def _attempts(make_factor: Callable, placeholder: Factor, solve_with: Callable, rhs: jax.Array,
+              follow: Callable | None, real: Any, count: int, first: int):
     """``solve_with(*make_factor(j))`` for ``j = first, first + 1, ...`` until one is good (or ``count``).
 
     One ``lax.while_loop`` whose body holds the factorisation and the solve once; the first
-    attempt is the common path, the others its fallback. Returns ``(factor, y, info, good, j)``
-    of the last attempt.
+    attempt is the common path, the others its fallback. ``placeholder``: a factor of the
+    structure ``make_factor`` returns (:func:`_nan_factor`; built without tracing the
+    factorisation a second time). Returns ``(factor, y, info, good, j)`` of the last attempt.
     """
-    factor_shape = jax.eval_shape(lambda: make_factor(first)[0])
-    nan = lambda s: jnp.full(s.shape, jnp.nan, s.dtype)
     y0 = jnp.zeros_like(rhs) if follow is None else (jnp.zeros_like(rhs), jnp.zeros_like(rhs))
-    start = (jax.tree.map(nan, factor_shape), y0, solve_info(jnp.zeros((), real), False), jnp.asarray(False))
+    start = (placeholder, y0, solve_info(jnp.zeros((), real), False), jnp.asarray(False))
 
     def body(carry):
         _, j = carry
@@ -377,8 +385,8 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         # fallback (2) is the same factor and CG with the preconditioner's shift raised, as further
         # attempts of one loop: one factor and one CG in the compiled program (module docstring)
         shifts = shift + raise_by(tiles.dtype)
-        factor, y, info, good, j = _attempts(lambda j: _factor(tiles, shifts[j], kind), solve_with, rhs, follow,
-                                             real, shifts.shape[0], FIRST_ATTEMPT)
+        factor, y, info, good, j = _attempts(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
+                                             solve_with, rhs, follow, real, shifts.shape[0], FIRST_ATTEMPT)
         info = info._replace(fallback=jnp.where(j > 0, 2, 0).astype(jnp.int32))
         return y, info, lambda u: _apply_factor(factor, u, rows), good & (j == 0), shift
 
