@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fishr.capture import layer_block, put_layer_block
+
 __all__ = ["MARCH_MODES", "kronecker_factored", "march_diff_update", "march_var_update", "metric_fn"]
 
 MARCH_MODES = ("var", "diff")
@@ -87,7 +89,6 @@ def metric_fn(base: Any, diag_damping: float, damping: Any) -> Callable[[Callabl
     return metric
 
 
-
 def kronecker_factored(metric: Any, layers: Any) -> tuple[Any, dict]:
     """``metric`` with each captured layer's block replaced by its rank-one (Kronecker) factorisation.
 
@@ -103,19 +104,13 @@ def kronecker_factored(metric: Any, layers: Any) -> tuple[Any, dict]:
 
     Returns ``(metric^, factors)`` with ``factors[kernel_index] = (u, w)``.
     """
-    leaves = list(jax.tree.leaves(metric))
-    factors = {}
+    original = jax.tree.leaves(metric)
+    shapes, dtypes = [jnp.shape(leaf) for leaf in original], [leaf.dtype for leaf in original]
+    leaves, factors = list(original), {}
     for layer in layers:
-        kernel = leaves[layer.kernel_index]
-        block = kernel.reshape(layer.d_in, layer.d_out)
-        if layer.has_bias:
-            block = jnp.concatenate([block, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
+        block = layer_block(original, layer)
         root = jnp.sqrt(block.sum())
         u, w = block.sum(axis=1) / root, block.sum(axis=0) / root
         factors[layer.kernel_index] = (u, w)
-        factored = jnp.outer(u, w)
-        leaves[layer.kernel_index] = factored[:layer.d_in].reshape(kernel.shape).astype(kernel.dtype)
-        if layer.has_bias:
-            bias = leaves[layer.bias_index]
-            leaves[layer.bias_index] = factored[layer.d_in].reshape(bias.shape).astype(bias.dtype)
+        put_layer_block(leaves, layer, jnp.outer(u, w), shapes, dtypes)
     return jax.tree.unflatten(jax.tree.structure(metric), leaves), factors

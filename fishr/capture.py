@@ -71,7 +71,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -96,7 +96,9 @@ __all__ = [
     "conv_patches",
     "discover_layers",
     "format_report",
+    "layer_block",
     "linearize_layers",
+    "put_layer_block",
     "report",
 ]
 
@@ -693,6 +695,30 @@ def augment_bias(a: jax.Array, has_bias: bool) -> jax.Array:
     if not has_bias:
         return a
     return jnp.concatenate([a, jnp.ones(a.shape[:-1] + (1,), a.dtype)], axis=-1)
+
+
+def layer_block(leaves: Sequence[Any], layer: LayerInfo) -> jax.Array:
+    """A layer's parameters (or any pytree like them, given as its leaves) as one ``(k, m)`` matrix.
+
+    The kernel seen as ``(d_in, d_out)``, then the bias as a last row when the layer has
+    one (``k = d_in + 1``): the block that multiplies :func:`augment_bias`'s inputs.
+    """
+    block = leaves[layer.kernel_index].reshape(layer.d_in, layer.d_out)
+    if layer.bias_index is not None:
+        block = jnp.concatenate([block, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
+    return block
+
+
+def put_layer_block(leaves: list, layer: LayerInfo, block: jax.Array, shapes: Sequence[tuple[int, ...]],
+                    dtypes: Sequence[Any] | None = None) -> None:
+    """Write a ``(k, m)`` :func:`layer_block` back into ``leaves`` (in place): its first ``d_in`` rows
+    as the kernel, its last row as the bias, shaped ``shapes[i]`` (and cast to ``dtypes[i]``) of leaf ``i``."""
+    parts = [(layer.kernel_index, block[:layer.d_in])]
+    if layer.bias_index is not None:
+        parts.append((layer.bias_index, block[layer.d_in]))
+    for index, part in parts:
+        part = part.reshape(shapes[index])
+        leaves[index] = part if dtypes is None else part.astype(dtypes[index])
 
 
 class CoverageRow(NamedTuple):

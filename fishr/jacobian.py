@@ -62,7 +62,7 @@ import numpy as np
 from jax.flatten_util import ravel_pytree
 
 from fishr import distributed, linalg
-from fishr.capture import LayerPlan, augment_bias, linearize_layers
+from fishr.capture import LayerPlan, augment_bias, layer_block, linearize_layers, put_layer_block
 from fishr.chunking import map_chunks, sum_chunks
 from fishr.distributed import AxisName
 
@@ -632,19 +632,12 @@ class LayerJacobian(NamedTuple):
         """``(n, C)``: the samples and score components of these statistics."""
         return self.rest.shape[0], self.rest.shape[1]
 
-    def _layer_block(self, leaves: list, layer) -> jax.Array:
-        """The ``(k, m)`` block of a parameter pytree's leaves for ``layer`` (kernel rows, then bias)."""
-        block = leaves[layer.kernel_index].reshape(layer.d_in, layer.d_out)
-        if layer.has_bias:
-            block = jnp.concatenate([block, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
-        return block
-
     def _uncentred_matvec(self, v: Any) -> jax.Array:
         leaves = jax.tree.leaves(v)
         out = _rows_matvec(_flat_rows(self.rest), self.rest.shape[1],
                            ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0])
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
-            av = a @ self._layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
+            av = a @ layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
             out = out + jnp.einsum("ntm,nctm->nc", av, d)
         return out
 
@@ -661,10 +654,7 @@ class LayerJacobian(NamedTuple):
             leaves[i] = leaf
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
-            block = jnp.einsum("ntk,ntm->km", a.conj(), w)
-            leaves[layer.kernel_index] = block[: layer.d_in].reshape(self.shapes[layer.kernel_index])
-            if layer.bias_index is not None:
-                leaves[layer.bias_index] = block[layer.d_in].reshape(self.shapes[layer.bias_index])
+            put_layer_block(leaves, layer, jnp.einsum("ntk,ntm->km", a.conj(), w), self.shapes)
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
@@ -764,10 +754,7 @@ class LayerJacobian(NamedTuple):
                 second = sum_chunks(squares, (a, d), jnp.ones((a.shape[0],), real), rows_per_chunk)
             mean = distributed.psum(jnp.einsum("ntk,nctm->ckm", a, d), self.axis_name) / n_global
             block = distributed.psum(second, self.axis_name) / n_global - jnp.sum(jnp.abs(mean) ** 2, axis=0)
-            block = jnp.maximum(jnp.real(block), 0).astype(real)
-            leaves[layer.kernel_index] = block[:layer.d_in].reshape(self.shapes[layer.kernel_index])
-            if layer.bias_index is not None:
-                leaves[layer.bias_index] = block[layer.d_in].reshape(self.shapes[layer.bias_index])
+            put_layer_block(leaves, layer, jnp.maximum(jnp.real(block), 0).astype(real), self.shapes)
         return jax.tree.unflatten(self.treedef, [jnp.real(leaf).astype(real) for leaf in leaves])
 
     def scaled(self, scale: Any, factors: dict) -> LayerJacobian:

@@ -67,7 +67,7 @@ import jax.numpy as jnp
 
 from fishr import distributed
 from fishr._validate import check_choice
-from fishr.capture import LayerInfo, LayerPlan, NormInfo, augment_bias, capture
+from fishr.capture import LayerInfo, LayerPlan, NormInfo, augment_bias, capture, layer_block, put_layer_block
 from fishr.distributed import AxisName
 from fishr.linalg import pi_damping, trace_damping
 from fishr.solvers import Cholesky, DirectSolver, Eigh, check_solver
@@ -285,6 +285,7 @@ def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any
             f"got {len(leaves)} leaves."
         )
     out = list(leaves)
+    shapes, dtypes = [jnp.shape(leaf) for leaf in leaves], [jnp.result_type(leaf) for leaf in leaves]
     for layer, a_inv, g_inv in zip(plan.layers, inverses.a, inverses.g):
         kernel = leaves[layer.kernel_index]
         if jnp.shape(kernel) != layer.kernel_shape:
@@ -292,14 +293,8 @@ def precondition(grads: Any, plan: LayerPlan, inverses: KroneckerFactors) -> Any
                 f"fishr.kfac: gradient of layer {layer.name!r} kernel has shape {jnp.shape(kernel)}, "
                 f"expected {layer.kernel_shape}."
             )
-        gamma = kernel.reshape(layer.d_in, layer.d_out)
-        if layer.bias_index is not None:
-            gamma = jnp.concatenate([gamma, leaves[layer.bias_index].reshape(1, layer.d_out)], axis=0)
-        nat = precondition_matrix(gamma, a_inv, g_inv).astype(kernel.dtype)
-        out[layer.kernel_index] = nat[: layer.d_in].reshape(layer.kernel_shape)
-        if layer.bias_index is not None:
-            bias = leaves[layer.bias_index]
-            out[layer.bias_index] = nat[layer.d_in].reshape(jnp.shape(bias)).astype(bias.dtype)
+        nat = precondition_matrix(layer_block(leaves, layer), a_inv, g_inv).astype(kernel.dtype)
+        put_layer_block(out, layer, nat, shapes, dtypes)
     for norm, inv in zip(plan.norms, inverses.diag):
         offset = 0
         for index in (norm.scale_index, norm.bias_index):

@@ -280,3 +280,28 @@ def test_norm_diagonal_blocks_equal_per_sample_gradients(case):
                                np.asarray(gv[norm.scale_index]).ravel() / (diag[:f] + 1e-2), rtol=1e-10)
     np.testing.assert_allclose(np.asarray(lv[norm.bias_index]).ravel(),
                                np.asarray(gv[norm.bias_index]).ravel() / (diag[f:] + 1e-2), rtol=1e-10)
+
+
+@pytest.mark.parametrize("name", ["attention", "reflect-nobias"])
+def test_layer_block_is_the_kernel_then_the_bias_row_and_puts_back(name):
+    """layer_block stacks the (d_in, d_out) kernel and the bias row (NumPy restatement); put_layer_block
+    writes a block back in the leaves' shapes and dtypes, so the round trip returns the leaves."""
+    fn, params, x = _model_case(name)
+    leaves = jax.tree.leaves(params)
+    layers = discover_layers(fn, params, x).layers
+    if name == "reflect-nobias":  # layers with and without a bias
+        assert {layer.has_bias for layer in layers} == {True, False}
+    out = [None] * len(leaves)
+    for layer in layers:
+        want = np.asarray(leaves[layer.kernel_index]).reshape(layer.d_in, layer.d_out)
+        if layer.has_bias:
+            want = np.vstack([want, np.asarray(leaves[layer.bias_index]).reshape(1, -1)])
+        block = fishr.capture.layer_block(leaves, layer)
+        np.testing.assert_array_equal(block, want)
+        fishr.capture.put_layer_block(out, layer, block.astype(jnp.float32), [jnp.shape(v) for v in leaves],
+                                      [v.dtype for v in leaves])
+    for layer in layers:
+        for index in (layer.kernel_index, layer.bias_index):
+            if index is not None:
+                assert out[index].dtype == leaves[index].dtype
+                np.testing.assert_allclose(out[index], leaves[index], rtol=1e-6)
