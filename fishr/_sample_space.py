@@ -28,47 +28,49 @@ tile rows, a loop of fixed program size beyond), factored by
 :func:`fishr.linalg.tiled_cholesky` (likewise), kept assembled up to
 ``ASSEMBLED_MAX_ROWS`` = 2,048 rows (applied by two triangular solves, which compile to
 one operation each) and as tiles beyond (applied by tile products, in loops of fixed
-program size), and used as the *preconditioner* of a
-conjugate-gradient solve of ``(K + N damping) y = u``
-whose products ``Obar (Obar^H y)`` are exact (the Jacobian's own ``matvec`` /
-``rmatvec``, which centre on the sample vector). So the computed kernel need only be
-close to ``K``: its rounding (single precision for double-precision input on the CPU,
-for speed; the centring of the layers' kernel through its row means, which cancels
-digits when the mean score is large next to its spread) costs CG iterations, not
-accuracy. With a factor in the working precision (single-precision input; any input
-on accelerators) of a kernel from centred rows, the factor's solve is used directly, a
-direct solve as NetKet's ``srt`` (``converged`` reports LAPACK ``dsposv``'s
-backward-error test on its residual). CG runs, from zero (its first step is the
-factor's solve), until its residual stops halving (the rounding floor of the products)
-for the layers' kernel, whose centring through row means cancels digits (float32 on
-the transformer: 7.5e-4 direct, against 1.6e-4 for NetKet's ``srt``), and for a
-single-precision factor of double-precision input: the backward-error test alone
-allows forward errors of ``cond(K) eps``, and stopping at it left 100x the error of
-a direct solve on a transformer (7.5e-11 against NetKet ``srt``'s 6.5e-13; 7.6e-13
-when iterated, 11 steps).
+program size). The computed kernel need only be close to ``K``: its rounding (the
+centring of the layers' kernel through its row means cancels digits when the mean score
+is large next to its spread; a single-precision factor of double-precision input on the
+CPU, for speed) is corrected on the *exact* products ``Obar (Obar^H y)`` (the Jacobian's
+own ``matvec`` / ``rmatvec``, which centre on the sample vector):
 
-Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). The common path
-is one factor and its direct solve or CG (0). If that factor is not finite (a
-non-positive pivot) or its CG does not converge:
+* a factor ``F`` in the working precision (single-precision input on the CPU; any input
+  on accelerators), layers' kernel or explicit rows: the factor's solve and two steps of
+  iterative refinement, unrolled (``_refined_solve``): ``y0 = F u``,
+  ``y_{k+1} = y_k + F (u - A y_k)`` with ``A = K + N damping`` applied exactly; the second
+  step only if the first reduced the residual (else ``y0``, never a diverging iterate).
+  Refinement recomputes the true residual at each step, where CG's recurrences drift in
+  single precision: on the float32 transformer of ``tests/test_sr_accuracy.py`` the error
+  against an exact float64 update is 2.1e-5 (layers' kernel) and 1.7e-5 (explicit rows),
+  against 8.0e-4 for NetKet ``srt``'s direct float32 solve and 5.9e-4 / 7.2e-4 for this
+  module's earlier CG to the rounding floor / direct solve. No loop in the program but the
+  ladder below (2026-12-04: RBM ``N = 256`` first call 1.75-2.6 -> 1.45-1.6 s, warm
+  3.7-4.5 -> 2.7-3.8 ms). ``converged`` is LAPACK ``dsposv``'s backward-error test on the
+  residual of the iterate before the last correction.
+* a single-precision factor of double-precision input: CG on the exact products,
+  preconditioned by the factor, from zero (its first step is the factor's solve), until
+  its residual stops halving (the rounding floor of the products): the backward-error test
+  alone allows forward errors of ``cond(K) eps`` (a transformer: 7.5e-11 against NetKet
+  ``srt``'s 6.5e-13 when stopped at it; 7.6e-13 when iterated, 11 steps).
 
-1. for double-precision input on the CPU, the kernel in double precision;
-2. the shift of the *preconditioner* raised by ``10^j eps_f ||K||`` (``j = 0, 2, 4``;
-   ``eps_f`` the factor precision's unit roundoff) until the factor is finite, which
-   makes a numerically indefinite kernel positive definite; the solve is still of
-   ``K + N damping`` (for double-precision input, after 1 needed it too).
+Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). If the factor is not
+finite (a non-positive pivot: the computed kernel plus the shift is numerically
+indefinite):
 
-For the layers' kernel in the working precision (single-precision input on the CPU:
-the common structured case) the solve already is CG on the exact products, so 2 is
-the same factorisation and CG with the raised shift: the attempts are iterations of
-one ``lax.while_loop`` (``_attempts``), and the compiled program holds one
-factorisation and one CG (the float32 MLP at N = 4,096: 161 fused kernels instead of
-192; RBM N = 256: 94 instead of 123). Otherwise the fallback runs under ``lax.cond``
-(only then), with LAPACK on the assembled kernel (the factor kept assembled and applied
-by two triangular solves at every size) and CG to the rounding floor on that assembled
-kernel (one matrix product per step: the fallback solves the kernel as computed, in
-its precision, instead of repeating the Jacobian's exact products).
+1. for double-precision input on the CPU (or when its CG does not converge), the
+   kernel in double precision, under ``lax.cond`` (only then), factored by LAPACK on the
+   assembled kernel and solved by CG on that assembled kernel (one matrix product per
+   step: the fallback solves the kernel as computed, in its precision, instead of
+   compiling the Jacobian's products again);
+2. the shift of the *factor* raised by ``10^j eps_f ||K||`` (``j = 0, 2, 4``; ``eps_f``
+   the factor precision's unit roundoff) until it is finite: a ladder of factorisations in
+   one ``lax.while_loop`` (``_first_finite_factor``; the common case runs it once), so the
+   program holds one factorisation. The system solved is still ``K + N damping``: the
+   refinement (or CG) on the exact products removes the raised shift (the rank-4 kernel of
+   mean-100 features at damping 1e-7 in float32: error 4.1e-5, where CG to the floor gave
+   1.5e-3).
 
-If none converges the update is NaN (the transform then keeps its state).
+If no factor is finite the update is NaN (the transform then keeps its state).
 With several devices the layers' statistics of all samples are gathered (:meth:`gather`);
 generic rows stay on their device and only the kernel's blocks are gathered
 (:class:`fishr.jacobian.ShardedRowsJacobian`). Every device solves the same ``N x N`` system.
@@ -110,7 +112,7 @@ from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filt
 
 __all__ = ["energy_coefficients", "kernel_factorisation", "sample_weight_ratios", "solve_sample_space"]
 
-MAX_STEPS = 50  # CG steps per attempt; a good factor needs 1-3
+MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 1-11
 
 
 def kernel_factorisation() -> str:
@@ -228,60 +230,63 @@ def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     return solved[:rows].reshape(u.shape).astype(u.dtype)
 
 
-def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, start: int):
-    """The first finite LAPACK factor of ``A + (shift + raise_by[j]) I``, ``j = start, start + 1, ...``.
+def _first_finite_factor(make: Callable, placeholder: Factor, count: int, start: int):
+    """The first finite ``make(j)`` for ``j = start, start + 1, ... < count`` (a ladder of shifts).
 
-    A ``while_loop`` on the assembled matrix (a rare path: LAPACK compiles in a fraction
-    of the tiled loop's time), the factor kept assembled at every size (applied by two
-    triangular solves). Returns ``(factor, j)``; ``j == len(raise_by)`` when none was
-    finite (the factor is then NaN).
+    One ``lax.while_loop`` whose body holds the factorisation once (the common case runs it
+    once), from ``placeholder``, a factor of ``make``'s structure (:func:`_nan_factor`).
+    Returns ``(factor, finite, j)``: the last factor tried, whether it is finite, its rung.
     """
-    make = lambda j: _factor(tiles, shift + raise_by[j], "lapack", assembled=True)
-    # one factorisation in the program (inside the loop), from a NaN placeholder
-    n_pad = tiles.shape[0] * tiles.shape[2]
-    factor = jnp.full((n_pad, n_pad), jnp.nan, tiles.dtype)  # assembled (``make``'s structure)
-
     def cond(carry):
         _, ok, j = carry
-        return ~ok & (j + 1 < raise_by.shape[0])
+        return ~ok & (j + 1 < count)
 
     def body(carry):
         _, _, j = carry
         factor, ok = make(j + 1)
         return factor, ok, j + 1
 
-    factor, ok, j = lax.while_loop(cond, body, (factor, jnp.asarray(False), jnp.int32(start - 1)))
+    return lax.while_loop(cond, body, (placeholder, jnp.asarray(False), jnp.int32(start - 1)))
+
+
+def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, start: int):
+    """The first finite LAPACK factor of ``A + (shift + raise_by[j]) I``, ``j = start, start + 1, ...``,
+    kept assembled at every size (a rare path: LAPACK compiles in a fraction of the tiled loop's
+    time). Returns ``(factor, j)``; ``j == len(raise_by)`` when none was finite (the factor is then NaN).
+    """
+    n_pad = tiles.shape[0] * tiles.shape[2]
+    factor, ok, j = _first_finite_factor(lambda j: _factor(tiles, shift + raise_by[j], "lapack", assembled=True),
+                                         jnp.full((n_pad, n_pad), jnp.nan, tiles.dtype), raise_by.shape[0], start)
     return factor, jnp.where(ok, j, raise_by.shape[0])
 
 
-FIRST_ATTEMPT = 0  # the shift the attempts start from (tests force the fallback with 1)
+FIRST_ATTEMPT = 0  # the ladder's first rung (tests force the raised shift with 1)
+REFINEMENT_STEPS = 2  # corrections after the factor's solve (unrolled: no loop in the program)
 
 
-def _attempts(make_factor: Callable, placeholder: Factor, solve_with: Callable, rhs: jax.Array,
-              follow: Callable | None, real: Any, count: int, first: int):
-    """``solve_with(*make_factor(j))`` for ``j = first, first + 1, ...`` until one is good (or ``count``).
+def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: jax.Array, a_norm: Any, rows: int):
+    """``(A)^{-1} u`` by the factor's solve and ``REFINEMENT_STEPS`` = 2 corrections on the exact products.
 
-    One ``lax.while_loop`` whose body holds the factorisation and the solve once; the first
-    attempt is the common path, the others its fallback. ``placeholder``: a factor of the
-    structure ``make_factor`` returns (:func:`_nan_factor`; built without tracing the
-    factorisation a second time). Returns ``(factor, y, info, good, j)`` of the last attempt.
+    ``y0 = F u``, ``y1 = y0 + F (u - A y0)``, ``y2 = y1 + F (u - A y1)`` (``F = apply``, the
+    factor of the computed kernel; ``A = operator``, the Jacobian's products). The second
+    correction is taken only if the first reduced the residual (``||r1|| <= ||r0||``): a factor
+    too far from ``A`` for the iteration to contract keeps the direct solve ``y0``, never a
+    diverging iterate. Returns ``(y, info, good)``: ``info.converged``, the LAPACK ``dsposv``
+    backward-error test (:func:`fishr.linalg.meets_backward_error`) on the last residual
+    computed (of ``y1``, or of ``y0`` when it was kept), and finite; ``info.iterations`` the
+    corrections taken (2, or 0 when ``y0`` was kept).
     """
-    y0 = jnp.zeros_like(rhs) if follow is None else (jnp.zeros_like(rhs), jnp.zeros_like(rhs))
-    start = (placeholder, y0, solve_info(jnp.zeros((), real), False), jnp.asarray(False))
-
-    def body(carry):
-        _, j = carry
-        factor, finite = make_factor(j + 1)
-        y, info, good = solve_with(factor, finite)
-        out = (factor, y, info, good)
-        return jax.tree.map(lambda new, old: new.astype(old.dtype), out, start), j + 1
-
-    def cond(carry):
-        (_, _, _, good), j = carry
-        return ~good & (j + 1 < count)
-
-    (factor, y, info, good), j = lax.while_loop(cond, body, (start, jnp.int32(first - 1)))
-    return factor, y, info, good, j
+    y0 = apply(u)
+    r0 = u - operator(y0)
+    y1 = y0 + apply(r0)
+    r1 = u - operator(y1)
+    norm0, norm1 = jnp.sqrt(tree_inner(r0, r0)), jnp.sqrt(tree_inner(r1, r1))
+    contracts = norm1 <= norm0
+    y = jnp.where(contracts, y1 + apply(r1), y0)
+    tested, residual = jnp.where(contracts, y1, y0), jnp.where(contracts, r1, r0)
+    good = finite & jnp.all(jnp.isfinite(y)) & meets_backward_error(residual, tested, a_norm, rows)
+    steps = jnp.where(contracts, REFINEMENT_STEPS, 0)
+    return y, solve_info(jnp.where(contracts, norm1, norm0), good, iterations=steps), good
 
 
 def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | None = None):
@@ -292,9 +297,10 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
     made from the first solution; it is solved with the same factor (robust SR's
     ``(S + d)^{-2}``) and ``y`` is then the pair ``(y1, y2)``.
 
-    Returns ``(y, info, approx, approx_ok, shift)``: ``approx(u)`` applies the first factor
-    (no CG), for a correction step, usable where ``approx_ok`` (it was finite and its solve
-    converged; otherwise a fallback ran); ``shift`` the shift used.
+    Returns ``(y, info, approx, approx_ok, shift)``: ``approx(u)`` applies the factor (no
+    refinement, no CG), for a correction step, usable where ``approx_ok`` (the factor is
+    finite and of the unraised shift, and its solve converged or its refinement contracted;
+    otherwise a fallback ran); ``shift`` the shift used.
     """
     n, c = _rows(jac)
     rows = n * c
@@ -350,60 +356,45 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
                   preconditioner=precondition, backward_error=a_norm, stop_on_stagnation=True,
                   to_rounding_floor=True)
 
-    layers = getattr(jac, "plan", None) is not None and bool(jac.plan.layers)  # centred via row means
-
-    def solve_with(factor, finite):
-        """``(y, info, good)`` by the common path with ``factor``: for a factor in the working precision
-        of explicit rows its direct solve (as accurate as NetKet's srt: no CG step), else CG to the floor."""
-        def first_one(u):
-            if single or layers:  # CG from zero: its first step is the factor's solve, optimally scaled
-                y, info = pcg(factor, u)
-                return y, info, finite & info.converged
-            y = _apply_factor(factor, u, rows)
-            good = finite & jnp.all(jnp.isfinite(y))
-            r = u - operator(y)
-            return y, solve_info(jnp.sqrt(tree_inner(r, r)), good & meets_backward_error(r, y, a_norm, rows)), good
-
-        def first_pair():
-            """Robust SR's two solves in one CG over two columns: the follow-up is made from the direct
-            solve ``y1a`` of the first column and corrected after by the factor alone,
-            ``y2 = y2a + F (follow(y1) - follow(y1a))`` (``follow`` is affine, so the correction is
-            ``F (shift (y1 - y1a))``, small: the factor's error on it is of second order). For a
-            factor in the working precision."""
-            assert follow is not None
-            y1a = _apply_factor(factor, rhs, rows)
-            both, info, good = first_one(jnp.stack([rhs, follow(y1a, shift).astype(work)], axis=-1))
-            y1, y2a = both[..., 0], both[..., 1]
-            correction = (follow(y1, shift) - follow(y1a, shift)).astype(work)
-            return (y1, y2a + _apply_factor(factor, correction, rows)), info, good
-
-        # a single-precision factor of double input stays with two CG solves: its y1a is far from y1
-        return twice(first_one) if follow is None or rhs.ndim != 2 or single else first_pair()
-
-    if layers and not single:
-        # the layers' kernel in the working precision: its CG on the exact products is the solve, so the
-        # fallback (2) is the same factor and CG with the preconditioner's shift raised, as further
-        # attempts of one loop: one factor and one CG in the compiled program (module docstring)
+    if not single:
+        # a factor in the working precision: the factor's solve refined on the exact products, no loop
+        # but the ladder of shifts for a factor that is not finite (module docstring)
         shifts = shift + raise_by(tiles.dtype)
-        factor, y, info, good, j = _attempts(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
-                                             solve_with, rhs, follow, real, shifts.shape[0], FIRST_ATTEMPT)
+        factor, finite, j = _first_finite_factor(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
+                                                 shifts.shape[0], FIRST_ATTEMPT)
+        apply = lambda u: _apply_factor(factor, u, rows)
+        refined = lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows)
+        if follow is None or rhs.ndim != 2:
+            y, info, good = twice(refined)
+        else:
+            # robust SR's two right-hand sides as two columns of one refined solve: the follow-up is made
+            # from the factor's solve y1a of the first column and corrected after by the factor alone,
+            # y2 = y2a + F (follow(y1) - follow(y1a)) (follow is affine, so the correction is
+            # F (shift (y1 - y1a)), small: the factor's error on it is of second order)
+            y1a = apply(rhs)
+            both, info, good = refined(jnp.stack([rhs, follow(y1a, shift).astype(work)], axis=-1))
+            y1, y2a = both[..., 0], both[..., 1]
+            y = (y1, y2a + apply((follow(y1, shift) - follow(y1a, shift)).astype(work)))
         info = info._replace(fallback=jnp.where(j > 0, 2, 0).astype(jnp.int32))
-        return y, info, lambda u: _apply_factor(factor, u, rows), good & (j == 0), shift
+        # the factor serves a correction step where it is the first rung's and the refinement contracted
+        close = finite & (j == 0) & ((info.iterations > 0) | info.converged)
+        return y, info, apply, close, shift
 
-    # the common path: one factor and its solve; the rare fallback runs under lax.cond and returns
-    # vectors only
+    # a single-precision factor of double-precision input (the CPU): CG to the rounding floor on the exact
+    # products, preconditioned by the factor; the rare fallback runs under lax.cond and returns vectors only
     factor, finite = _factor(tiles, shift, kind)
-    y, info, good = solve_with(factor, finite)
+
+    def cg_one(u):
+        y, info = pcg(factor, u)
+        return y, info, finite & info.converged
+
+    y, info, good = twice(cg_one)
 
     def fallback(_):
-        if single:  # 1: the double-precision kernel (2 if its shift had to be raised as well)
-            f_tiles = jac.kernel_tiles()
-            f, j = _raised_shift_factor(f_tiles, shift, raise_by(work), 0)
-            code = jnp.where(j > 0, 2, 1)
-        else:  # 2: the same kernel, factored with a raised shift
-            f_tiles = tiles
-            f, j = _raised_shift_factor(f_tiles, shift, raise_by(tiles.dtype), 1)
-            code = jnp.asarray(2)
+        # 1: the double-precision kernel (2 if its shift had to be raised as well)
+        f_tiles = jac.kernel_tiles()
+        f, j = _raised_shift_factor(f_tiles, shift, raise_by(work), 0)
+        code = jnp.where(j > 0, 2, 1)
         # CG on the assembled kernel the factor was made from (one matrix product, not the
         # Jacobian's products again: the fallback's share of the program, see the module docs)
         kernel = kernel_from_tiles(f_tiles, rows).astype(work)
@@ -508,11 +499,12 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
     ``h_max`` is bounded by ``tr S``, with :class:`fishr.Spectral` it is exact);
     ``num_params``: ``P``.
 
-    Returns ``(x, info, damping_used)``: ``info.iterations`` counts the preconditioned CG
-    steps of the kernel solve, ``info.fallback`` its fallback (module docstring),
+    Returns ``(x, info, damping_used)``: ``info.iterations`` counts the kernel solve's
+    refinement steps (a factor in the working precision) or preconditioned CG steps,
+    ``info.fallback`` its fallback (module docstring),
     ``info.residual_norm`` is ``||b - (S + damping) x||`` in parameter space and
     ``info.converged`` whether the kernel solve met the backward-error test; a kernel
-    solve that diverged or broke down, or whose factors were all non-finite, gives a NaN ``x``.
+    solve that broke down, or whose factors were all non-finite, gives a NaN ``x``.
     """
     jac = jac.gather()  # every device now holds the statistics of all N samples
     n, c = _rows(jac)

@@ -172,6 +172,36 @@ def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch
     np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(45), b), rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_refined_solve_contracts_or_keeps_the_factor_solve(complex_):
+    """``_refined_solve``: two refinement steps with an approximate inverse reduce the error by its
+    contraction factor each (here ``rho = 0.3``: error ``rho^3`` of the start); an iteration that
+    does not contract (``F = 3 A^-1``: the error operator is ``-2 I``) keeps the factor's solve
+    ``y0`` and reports 0 steps; the backward-error test decides ``converged``."""
+    a = _spd(24, complex_, seed=31)
+    rng = np.random.default_rng(32)
+    u = rng.normal(size=(24, 1)) + (1j * rng.normal(size=(24, 1)) if complex_ else 0)
+    exact = np.linalg.solve(a, u)
+    inv = np.linalg.inv(a)
+    op = lambda y: jnp.asarray(a) @ y
+    norm = float(np.abs(a).sum(axis=1).max())
+
+    def run(approx_inverse):
+        apply = lambda v: jnp.asarray(approx_inverse) @ v
+        return _sample_space._refined_solve(apply, op, jnp.asarray(u), jnp.asarray(True), norm, 24)
+
+    y, info, good = run(0.7 * inv)  # y0 = 0.7 exact, each step multiplies the error by 0.3
+    np.testing.assert_allclose(np.asarray(y), exact, rtol=0, atol=1.01 * 0.3**3 * np.abs(exact).max())
+    assert np.abs(np.asarray(y) - exact).max() >= 0.99 * 0.3**3 * np.abs(exact).max()
+    assert int(info.iterations) == 2 and not bool(info.converged) and not bool(good)
+    y, info, good = run(inv)
+    np.testing.assert_allclose(np.asarray(y), exact, rtol=1e-12)
+    assert int(info.iterations) == 2 and bool(info.converged) and bool(good)
+    y, info, good = run(3 * inv)  # the refinement would diverge: the factor's solve is kept
+    np.testing.assert_allclose(np.asarray(y), 3 * exact, rtol=1e-12)
+    assert int(info.iterations) == 0 and not bool(info.converged)
+
+
 def test_small_sample_space_programs_apply_the_factor_by_triangular_solves():
     """At N = 64 (one tile) the sample-space update applies its kernel factor by triangular solves
     on the assembled 64 x 64 factor, not by tile products: the program the compiler sees is small."""
@@ -192,7 +222,7 @@ def test_small_sample_space_programs_apply_the_factor_by_triangular_solves():
 
     found = list(shapes(jaxpr))
     assert (64, 64) in found, found  # the kernel factor's solves (the tiles' own inverses are 64 x 64 too: one tile)
-    assert sum(shape == (64, 64) for shape in found) >= 4  # forward and backward, in the direct solve and in CG
+    assert sum(shape == (64, 64) for shape in found) >= 4  # forward and backward, in the solve and its refinement
 
 
 def test_tiled_cholesky_not_positive_definite_gives_nan():

@@ -120,6 +120,9 @@ def test_energies_path_as_accurate_as_a_direct_solve(jacobian, dtype):
     assert np.isfinite(x).all() and bool(info.converged) and int(info.fallback) == 0
     floor = 50 * np.finfo(dtype).eps  # both may sit at rounding level
     assert _err(x, ref) <= 2 * max(direct, floor), (jacobian, _err(x, ref), direct)
+    if dtype == np.float32:  # refinement on the exact products: 2.1e-5 / 1.7e-5 against 8.0e-4 direct (2026-12-04)
+        assert _err(x, ref) <= 0.1 * direct, (jacobian, _err(x, ref), direct)
+        assert int(info.iterations) == 2
 
 
 @pytest.mark.parametrize("jacobian", ["generic", "structured"])
@@ -182,9 +185,9 @@ def test_numerically_indefinite_kernel_falls_back_and_stays_finite(dtype):
 
 def test_numerically_indefinite_layer_kernel_raises_the_shift_within_its_loop():
     """The same rank-4 features through a Flax Dense layer, float32: the layers' kernel (structured)
-    is numerically indefinite, so the first factor fails and a later attempt of the solve's loop
-    (the preconditioner's shift raised, CG on the exact products) gives a finite, accurate update
-    (``info.fallback == 2``)."""
+    is numerically indefinite, so the first factor fails and a later rung of the ladder (the
+    factor's shift raised; the refinement on the exact products removes it) gives a finite,
+    accurate update (``info.fallback == 2``)."""
     import flax.linen as nn
 
     _, _, feats = _rank_deficient_model(np.float32)
@@ -198,10 +201,9 @@ def test_numerically_indefinite_layer_kernel_raises_the_shift_within_its_loop():
                                                      jacobian="structured", local_energies=e))(params, feats, energies)
     x = flat(x)
     assert int(info.fallback) == 2 and np.isfinite(x).all()
-    # 7.8e-4 (CG on the exact products); the earlier fallback's CG on the assembled float32 kernel
-    # gave 4.0e-3. CG stops at the float32 products' floor here, above the backward-error test, so
-    # info.converged is False: reported, not hidden
-    assert _err(x, ref) <= 2e-3
+    # 4.1e-5 (two refinement steps on the exact products, 2026-12-04); CG to the float32 products'
+    # floor gave 7.8e-4-1.5e-3, the earlier fallback's CG on the assembled float32 kernel 4.0e-3
+    assert _err(x, ref) <= 2e-4
 
 
 def test_non_finite_energies_give_a_nan_update_and_keep_the_state():

@@ -228,16 +228,17 @@ def test_forced_fallback_equals_the_first_path(name, monkeypatch):
     assert rel_err(flat(forced), flat(first)) <= 1e-13
 
 
-@pytest.mark.parametrize("name", ["mlp", "complex_out", "holomorphic"])
-def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, monkeypatch):
-    """Single-precision input, layers' kernel: the fallback is the next attempt of the solve's loop
-    (the preconditioner's shift raised by ``eps ||K||``, CG on the exact products). Started there on a
+@pytest.mark.parametrize("name, jacobian", [("mlp", "structured"), ("complex_out", "structured"),
+                                            ("holomorphic", "structured"), ("mlp", "generic")])
+def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jacobian, monkeypatch):
+    """Single-precision input: the fallback is the next rung of the factor's ladder (its shift raised
+    by ``eps ||K||``; the refinement on the exact products removes it). Started there on a
     well-posed problem it gives the first path's update to float32 rounding and reports fallback 2."""
     log_psi, params, x, grad, holo = _case(name, n=300)
     single = lambda t: jax.tree.map(lambda a: a.astype(jnp.complex64 if jnp.iscomplexobj(a) else jnp.float32), t)
     params, grad, x = single(params), single(grad), x.astype(jnp.float32)
     solve = lambda: jax.jit(functools.partial(fishr.sr_solve, log_psi, damping=1e-3, mode="sample_space",
-                                              holomorphic=holo, jacobian="structured"))(grad, params, x)
+                                              holomorphic=holo, jacobian=jacobian))(grad, params, x)
     first, info = solve()
     assert int(info.fallback) == 0 and bool(info.converged)
     monkeypatch.setattr(sample_space_mod, "FIRST_ATTEMPT", 1)
