@@ -35,16 +35,19 @@ CPU, for speed) is corrected on the *exact* products ``Obar (Obar^H y)`` (the Ja
 own ``matvec`` / ``rmatvec``, which centre on the sample vector):
 
 * a factor ``F`` in the working precision (single-precision input on the CPU; any input
-  on accelerators), layers' kernel or explicit rows: the factor's solve and two steps of
-  iterative refinement, unrolled (``_refined_solve``): ``y0 = F u``,
-  ``y_{k+1} = y_k + F (u - A y_k)`` with ``A = K + N damping`` applied exactly; the second
-  step only if the first reduced the residual (else ``y0``, never a diverging iterate).
-  Refinement recomputes the true residual at each step, where CG's recurrences drift in
-  single precision: on the float32 transformer of ``tests/test_sr_accuracy.py`` the error
-  against an exact float64 update is 2.1e-5 (layers' kernel) and 1.7e-5 (explicit rows),
-  against 8.0e-4 for NetKet ``srt``'s direct float32 solve and 5.9e-4 / 7.2e-4 for this
-  module's earlier CG to the rounding floor / direct solve. No loop in the program but the
-  ladder below (2026-12-04: RBM ``N = 256`` first call 1.75-2.6 -> 1.45-1.6 s, warm
+  on accelerators): the factor's solve and iterative refinement, unrolled
+  (``_refined_solve``): ``y0 = F u``, ``y_{k+1} = y_k + F (u - A y_k)`` with
+  ``A = K + N damping`` applied exactly. Two steps for the layers' kernel (centred through
+  row means: the first residual carries the cancellation; the second step only if the
+  first reduced the residual, else ``y0``, never a diverging iterate), one for explicit
+  rows (centred exactly; each product costs ``N P``). Refinement recomputes the true
+  residual at each step, where CG's recurrences drift in single precision: on the float32
+  transformer of ``tests/test_sr_accuracy.py`` the error against an exact float64 update
+  is 9.5e-6 (explicit rows) where NetKet ``srt``'s direct float32 solve gives 8.0e-4 and
+  this module's earlier direct solve 7.2e-4 (its CG to the rounding floor on a layers'
+  kernel: 5.9e-4; the refinement 1.9e-5 to 2.1e-5). The cost: one product pair per step
+  (the transformer at ``N = 256``: 49 -> 53 ms warm, float32). No loop in the program but
+  the ladder below (2026-12-04: RBM ``N = 256`` first call 1.75-2.6 -> 1.45-1.6 s, warm
   3.7-4.5 -> 2.7-3.8 ms). ``converged`` is LAPACK ``dsposv``'s backward-error test on the
   residual of the iterate before the last correction.
 * a single-precision factor of double-precision input: CG on the exact products,
@@ -261,32 +264,35 @@ def _raised_shift_factor(tiles: jax.Array, shift: Any, raise_by: jax.Array, star
 
 
 FIRST_ATTEMPT = 0  # the ladder's first rung (tests force the raised shift with 1)
-REFINEMENT_STEPS = 2  # corrections after the factor's solve (unrolled: no loop in the program)
 
 
-def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: jax.Array, a_norm: Any, rows: int):
-    """``(A)^{-1} u`` by the factor's solve and ``REFINEMENT_STEPS`` = 2 corrections on the exact products.
+def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: jax.Array, a_norm: Any, rows: int,
+                   steps: int):
+    """``A^{-1} u`` by the factor's solve and ``steps`` (1 or 2) corrections on the exact products, unrolled.
 
     ``y0 = F u``, ``y1 = y0 + F (u - A y0)``, ``y2 = y1 + F (u - A y1)`` (``F = apply``, the
-    factor of the computed kernel; ``A = operator``, the Jacobian's products). The second
-    correction is taken only if the first reduced the residual (``||r1|| <= ||r0||``): a factor
+    factor of the computed kernel; ``A = operator``, the Jacobian's products). With two steps
+    the second is taken only if the first reduced the residual (``||r1|| <= ||r0||``): a factor
     too far from ``A`` for the iteration to contract keeps the direct solve ``y0``, never a
-    diverging iterate. Returns ``(y, info, good)``: ``info.converged``, the LAPACK ``dsposv``
+    diverging iterate. Returns ``(y, info, good)``: ``info.converged`` is the LAPACK ``dsposv``
     backward-error test (:func:`fishr.linalg.meets_backward_error`) on the last residual
-    computed (of ``y1``, or of ``y0`` when it was kept), and finite; ``info.iterations`` the
-    corrections taken (2, or 0 when ``y0`` was kept).
+    computed (of ``y0`` for one step; of ``y1``, or of ``y0`` when it was kept, for two) and
+    finite; ``info.iterations`` the corrections taken (0 when ``y0`` was kept).
     """
     y0 = apply(u)
     r0 = u - operator(y0)
+    norm0 = jnp.sqrt(tree_inner(r0, r0))
     y1 = y0 + apply(r0)
+    if steps == 1:
+        good = finite & jnp.all(jnp.isfinite(y1)) & meets_backward_error(r0, y0, a_norm, rows)
+        return y1, solve_info(norm0, good, iterations=1), good
     r1 = u - operator(y1)
-    norm0, norm1 = jnp.sqrt(tree_inner(r0, r0)), jnp.sqrt(tree_inner(r1, r1))
+    norm1 = jnp.sqrt(tree_inner(r1, r1))
     contracts = norm1 <= norm0
     y = jnp.where(contracts, y1 + apply(r1), y0)
     tested, residual = jnp.where(contracts, y1, y0), jnp.where(contracts, r1, r0)
     good = finite & jnp.all(jnp.isfinite(y)) & meets_backward_error(residual, tested, a_norm, rows)
-    steps = jnp.where(contracts, REFINEMENT_STEPS, 0)
-    return y, solve_info(jnp.where(contracts, norm1, norm0), good, iterations=steps), good
+    return y, solve_info(jnp.where(contracts, norm1, norm0), good, iterations=jnp.where(contracts, 2, 0)), good
 
 
 def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | None = None):
@@ -363,7 +369,10 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         factor, finite, j = _first_finite_factor(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
                                                  shifts.shape[0], FIRST_ATTEMPT)
         apply = lambda u: _apply_factor(factor, u, rows)
-        refined = lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows)
+        # two steps for the layers' kernel, centred through row means (the first step's residual carries
+        # the cancellation); one for explicit rows, centred exactly, whose products cost N P each
+        layers = getattr(jac, "plan", None) is not None and bool(jac.plan.layers)
+        refined = lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows, 2 if layers else 1)
         if follow is None or rhs.ndim != 2:
             y, info, good = twice(refined)
         else:
