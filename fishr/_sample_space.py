@@ -267,7 +267,7 @@ FIRST_ATTEMPT = 0  # the ladder's first rung (tests force the raised shift with 
 
 
 def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: jax.Array, a_norm: Any, rows: int,
-                   steps: int):
+                   steps: int, follow: Callable | None = None):
     """``A^{-1} u`` by the factor's solve and ``steps`` (1 or 2) corrections on the exact products, unrolled.
 
     ``y0 = F u``, ``y1 = y0 + F (u - A y0)``, ``y2 = y1 + F (u - A y1)`` (``F = apply``, the
@@ -278,15 +278,30 @@ def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: ja
     backward-error test (:func:`fishr.linalg.meets_backward_error`) on the last residual
     computed (of ``y0`` for one step; of ``y1``, or of ``y0`` when it was kept, for two) and
     finite; ``info.iterations`` the corrections taken (0 when ``y0`` was kept).
+
+    ``follow`` (robust SR's ``(S + d)^{-2}``): ``u`` is one column and ``y`` the pair
+    ``(A^{-1} u, A^{-1} follow(A^{-1} u))``, refined as the two columns of one iteration whose
+    second right-hand side follows the first column, ``[u, follow(y_k[0])]`` (``follow`` is
+    affine; its start ``F follow(F u)``; after a single step the second column is corrected by
+    ``F (follow(y1[0]) - follow(y0[0]))``, after two the lag is of second order): the factor is
+    applied once or twice more than for one column, the products run on both columns at once.
     """
-    y0 = apply(u)
-    r0 = u - operator(y0)
+    if follow is None:
+        target = lambda y: u
+        y0 = apply(u)
+    else:
+        target = lambda y: jnp.stack([u, follow(y[..., 0])], axis=-1)
+        first = apply(u)
+        y0 = jnp.stack([first, apply(follow(first))], axis=-1)
+    r0 = target(y0) - operator(y0)
     norm0 = jnp.sqrt(tree_inner(r0, r0))
     y1 = y0 + apply(r0)
     if steps == 1:
+        if follow is not None:  # the second right-hand side moved with the first column's correction
+            y1 = y1.at[..., 1].add(apply(follow(y1[..., 0]) - follow(y0[..., 0])))
         good = finite & jnp.all(jnp.isfinite(y1)) & meets_backward_error(r0, y0, a_norm, rows)
         return y1, solve_info(norm0, good, iterations=1), good
-    r1 = u - operator(y1)
+    r1 = target(y1) - operator(y1)
     norm1 = jnp.sqrt(tree_inner(r1, r1))
     contracts = norm1 <= norm0
     y = jnp.where(contracts, y1 + apply(r1), y0)
@@ -372,18 +387,13 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         # two steps for the layers' kernel, centred through row means (the first step's residual carries
         # the cancellation); one for explicit rows, centred exactly, whose products cost N P each
         layers = getattr(jac, "plan", None) is not None and bool(jac.plan.layers)
-        refined = lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows, 2 if layers else 1)
+        steps = 2 if layers else 1
         if follow is None or rhs.ndim != 2:
-            y, info, good = twice(refined)
-        else:
-            # robust SR's two right-hand sides as two columns of one refined solve: the follow-up is made
-            # from the factor's solve y1a of the first column and corrected after by the factor alone,
-            # y2 = y2a + F (follow(y1) - follow(y1a)) (follow is affine, so the correction is
-            # F (shift (y1 - y1a)), small: the factor's error on it is of second order)
-            y1a = apply(rhs)
-            both, info, good = refined(jnp.stack([rhs, follow(y1a, shift).astype(work)], axis=-1))
-            y1, y2a = both[..., 0], both[..., 1]
-            y = (y1, y2a + apply((follow(y1, shift) - follow(y1a, shift)).astype(work)))
+            y, info, good = twice(lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows, steps))
+        else:  # robust SR's two right-hand sides as two columns of one refinement
+            pair, info, good = _refined_solve(apply, operator, rhs, finite, a_norm, rows, steps,
+                                              lambda y1: follow(y1, shift).astype(work))
+            y = (pair[..., 0], pair[..., 1])
         info = info._replace(fallback=jnp.where(j > 0, 2, 0).astype(jnp.int32))
         # the factor serves a correction step where it is the first rung's and the refinement contracted
         close = finite & (j == 0) & ((info.iterations > 0) | info.converged)

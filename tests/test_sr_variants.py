@@ -476,9 +476,9 @@ def test_spring_term_uses_the_damping_used(mode, solver, energies):
 
 
 @pytest.mark.parametrize("jacobian", ["structured", "generic"])
-def test_robust_follow_up_in_one_cg_is_as_accurate_as_two_solves(jacobian):
-    """float32 (factor in the working precision): robust SR's second solve rides along the first CG
-    and is corrected by the factor; against a float64 solve it is as accurate as two separate solves."""
+def test_robust_follow_up_in_one_refinement_is_as_accurate_as_two_solves(jacobian):
+    """float32 (factor in the working precision): robust SR's second solve rides along the first one's
+    refinement as a second column; against a float64 solve it is as accurate as two separate solves."""
     from flax_models import MLP
 
     from fishr._sample_space import kernel_solve
