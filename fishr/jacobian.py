@@ -106,7 +106,7 @@ def _single(dtype) -> Any:
     return jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
 
 
-UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel unrolls its blocks up to this many tile rows (n <= 1,024), loops beyond
+UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs up to this many tile rows, loops beyond
 
 
 def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
@@ -116,14 +116,16 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
     samples (once, outside the loop) and returns ``block(i0, j0)``, the kernel's
     ``(m C) x (m C)`` block for samples ``i0 .. i0 + m`` and ``j0 .. j0 + m`` (dynamic
-    starts). Up to ``UNROLL_KERNEL_MAX_TILES`` = 4 tile rows the blocks are unrolled
-    (independent products that run on every core at once); beyond, they are filled in one
-    ``lax.fori_loop`` over the ``nb (nb + 1) / 2`` tile pairs: a compiled program of one
-    block's size whatever ``n``. Measured on the 2-core CPU (float32 sample-space update with
-    local energies, interleaved in one process, 2026-12-04): at ``n = 1,024`` (4 tile rows)
-    the loop made the warm call 1.17-1.27x slower, so those stay unrolled; at ``n = 2,048``
-    (8 tile rows) it changed the warm call by 0.98-1.03x (RBM, MLP) and took 1.5-2.2 s off
-    its 3.6-4.3 s compile (36 blocks, each a product per captured layer). The padded rows
+    starts). Up to ``UNROLL_KERNEL_MAX_TILES`` = 4 tile rows the block is mapped
+    (``jax.vmap``) over the ``nb (nb + 1) / 2`` lower tile pairs at once: batched products that
+    run on every core, compiled once; beyond, the blocks are filled in one ``lax.fori_loop``
+    over the tile pairs: a compiled program of one block's size whatever ``n``. Measured on
+    the 2-core CPU (float32 sample-space update with local energies, interleaved in one
+    process, 2026-12-04): at ``n = 1,024`` (4 tile rows) the loop made the warm call
+    1.17-1.27x slower, the mapped block 1.00-1.01x (against each block unrolled, which
+    compiled 10 copies); at ``n = 2,048`` (8 tile rows) the loop changed the warm call by
+    0.98-1.03x against unrolled blocks (and took 1.5-2.2 s off a 3.6-4.3 s compile), the
+    mapped block 1.06x against the loop. The padded rows
     get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
     the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
     (rounded up to a multiple of ``C``).
@@ -135,10 +137,13 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     m = ts // c
     nb = -(-rows // ts)
     block = make_block(m, nb * m)
-    if nb <= UNROLL_KERNEL_MAX_TILES:  # few tiles: independent blocks XLA runs on every core at once
-        zero = jnp.zeros((ts, ts), dtype)
-        tiles = jnp.stack([jnp.stack([block(i * m, j * m).astype(dtype) if j <= i else zero for j in range(nb)])
-                           for i in range(nb)])
+    if nb == 1:
+        tiles = block(0, 0).astype(dtype)[None, None]
+    elif nb <= UNROLL_KERNEL_MAX_TILES:  # few tiles: one block mapped over the lower tile pairs at once
+        lower = np.asarray([(i, j) for i in range(nb) for j in range(i + 1)])
+        blocks = jax.vmap(lambda i, j: block(i * m, j * m).astype(dtype))(jnp.asarray(lower[:, 0]),
+                                                                           jnp.asarray(lower[:, 1]))
+        tiles = jnp.zeros((nb, nb, ts, ts), dtype).at[lower[:, 0], lower[:, 1]].set(blocks)
     else:
         tiles = jnp.zeros((nb, nb, ts, ts), dtype)
 
