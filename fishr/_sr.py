@@ -9,7 +9,16 @@ import jax.numpy as jnp
 import optax
 
 from fishr._metric import MARCH_MODES, march_diff_update, march_var_update, metric_fn
-from fishr._sr_solve import MODES, ApplyFn, JacobianKind, Mode, runs_lazy, solve_with_config, sr_config
+from fishr._sr_solve import (
+    DEFAULT_MATMUL_PRECISION,
+    MODES,
+    ApplyFn,
+    JacobianKind,
+    Mode,
+    runs_lazy,
+    solve_with_config,
+    sr_config,
+)
 from fishr._validate import ScalarOrSchedule, check_choice, check_real, next_count, shared_damping, tree_all_finite
 from fishr.distributed import AxisName
 from fishr.linalg import SolveInfo, solve_info
@@ -66,6 +75,7 @@ def sr(
     prune: bool = False,
     chunk_size: int | None = None,
     factored_metric: bool = False,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
     """Stochastic reconfiguration as an optax transformation.
 
@@ -119,6 +129,10 @@ def sr(
       prune: zero update for parameter leaves ``log psi`` does not use (found at trace time).
       chunk_size: ``None`` or the number of samples per pass over the batch, to bound peak
         memory (:func:`fishr.sr_solve`; lazy CG then recomputes the forward pass per product).
+      matmul_precision: ``"highest"`` (default: true float32 products inside the solve on
+        GPUs and TPUs, whose defaults round to TF32 / bfloat16), another name that
+        :func:`jax.default_matmul_precision` accepts, or ``None`` for JAX's setting (see
+        :func:`fishr.sr_solve`).
 
     Non-finite values: if the solution has any NaN/inf (from a non-finite gradient,
     sample or ``log psi``, a negative or non-finite traced damping or schedule value,
@@ -148,7 +162,8 @@ def sr(
     config = sr_config(who, damping=damping, mode=mode, solver=solver, jacobian=jacobian, momentum=momentum,
                        holomorphic=holomorphic, axis_name=axis_name, gamma=gamma, max_cond_num=max_cond_num,
                        trace_damping=trace_damping, diag_damping=diag_damping, solve_dtype=solve_dtype,
-                       score_clip=score_clip, prune=prune, chunk_size=chunk_size, factored_metric=factored_metric)
+                       score_clip=score_clip, prune=prune, chunk_size=chunk_size, factored_metric=factored_metric,
+                       matmul_precision=matmul_precision)
     check_choice(march, (None,) + MARCH_MODES, who, "march")
     check_real(march_decay, who, "march_decay", 0.0, 1.0, high_open=True)
     check_real(march_eps, who, "march_eps", 0.0, float("inf"), high_open=True)
