@@ -22,7 +22,11 @@ evaluated in float64 by an eigendecomposition of the kernel. The error is
 Times: the first call (trace + compile + run) and the median warm call (min-max over
 ``--repeats``), for ``fishr`` and ``netket srt``, measured in this process.
 
-Run: ``python -m benchmarks.sr_accuracy [--quick] [--repeats R]``; writes
+``--matmul-precision`` sets fishr's ``matmul_precision`` (default ``"highest"``; ``none``
+leaves JAX's setting, TF32 products on recent NVIDIA GPUs); NetKet runs at JAX's setting
+(``JAX_DEFAULT_MATMUL_PRECISION`` changes both). The header names the device.
+
+Run: ``python -m benchmarks.sr_accuracy [--quick] [--repeats R] [--matmul-precision P]``; writes
 ``benchmarks/results/sr_accuracy.{md,json}``. NetKet is optional (``pip install -e ".[bench]"``).
 """
 
@@ -87,7 +91,7 @@ def _time(fn, repeats):
     return out, first, (float(np.median(warm)), float(min(warm)), float(max(warm)))
 
 
-def run(quick: bool = True, repeats: int = 3, log=print, netket: bool = True):
+def run(quick: bool = True, repeats: int = 3, log=print, netket: bool = True, matmul_precision="highest"):
     import jax
     import jax.numpy as jnp
     from jax.flatten_util import ravel_pytree
@@ -109,7 +113,7 @@ def run(quick: bool = True, repeats: int = 3, log=print, netket: bool = True):
             def fishr_call(jacobian="auto", energies=True):
                 f = jax.jit(lambda g, p, x, e: fishr.sr_solve(
                     model.apply, g, p, x, damping=DAMPING, mode="sample_space", jacobian=jacobian,
-                    local_energies=e if energies else None)[0])
+                    local_energies=e if energies else None, matmul_precision=matmul_precision)[0])
                 return lambda: f(g_dt, p_dt, s_dt, e_dt)
 
             x, first, warm = _time(fishr_call(), repeats)
@@ -173,13 +177,23 @@ def main(argv=None):
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
+    parser.add_argument("--matmul-precision", default="highest",
+                        help="fishr's matmul_precision ('none' for JAX's setting: TF32 products on recent GPUs)")
     args = parser.parse_args(argv)
-    rows = run(quick=args.quick, repeats=args.repeats)
+    precision = None if args.matmul_precision.lower() == "none" else args.matmul_precision
+    rows = run(quick=args.quick, repeats=args.repeats, matmul_precision=precision)
     table = markdown(rows)
+    import jax
+
+    device = jax.devices()[0]
+    head = (f"damping {DAMPING}; error = max|x - x_ref| / max|x_ref| (exact float64 eigh reference); "
+            f"jax {jax.__version__} on {device.platform} ({device.device_kind}); fishr matmul_precision={precision!r}; "
+            f"JAX_DEFAULT_MATMUL_PRECISION={os.environ.get('JAX_DEFAULT_MATMUL_PRECISION')!r}")
+    print(head)
     print(table)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "sr_accuracy.md"), "w") as fh:
-        fh.write(f"damping {DAMPING}; error = max|x - x_ref| / max|x_ref| (exact float64 eigh reference)\n\n{table}\n")
+        fh.write(f"{head}\n\n{table}\n")
     with open(os.path.join(args.out, "sr_accuracy.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
 
