@@ -11,7 +11,8 @@ Methods, each jitted and called on the same arrays:
 * ``fishr auto``: ``fishr.sr_solve()`` with the default ``mode="auto"``; the table gives its
   time over the fastest exact fishr mode (dense Cholesky, sample_space) and over every
   fishr mode (the CG columns stop after a fixed number of iterations, so they are not
-  the same solve);
+  the same solve), and a third table times ``auto`` against the fastest exact mode alone,
+  interleaved over 31 rounds (issue 12's check: within 1.1x);
 * ``fishr lazy``: ``fishr.sr_solve(mode="lazy")`` (CG, ``jax.linearize``, no Jacobian);
 * ``fishr dense cg`` / ``fishr dense chol``: per-sample Jacobian, CG / ``P x P`` Cholesky;
 * ``fishr sample_space``: ``N x N`` Cholesky (``jacobian="auto"``: for these Flax Dense
@@ -59,6 +60,8 @@ GRIDS = {
 DAMPING, CG_ITERS = 1e-3, 50
 # the fishr modes that solve exactly (the CG columns stop after CG_ITERS iterations); mode="auto" picks among these
 EXACT_FISHR = ("fishr dense chol", "fishr sample_space", "fishr sample_space generic")
+AUTO_PAIRED_REPEATS = 31  # the auto check: auto and the fastest exact mode alone, interleaved, this many rounds
+AUTO_TARGET = 1.1  # issue 12: auto within 1.1x of the fastest exact fishr mode at every grid point
 DENSE_CHOL_MAX_P = {"tiny": 2000, "quick": 2000, "full": 5000}  # P x P Cholesky beyond: slow, not a sensible choice
 COLUMNS = ["gradient", "jacobian", "fishr auto", "fishr lazy", "fishr dense cg", "fishr dense chol",
            "fishr sample_space", "fishr sample_space generic", "netket QGTOnTheFly", "netket QGTJacobianDense",
@@ -213,6 +216,15 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
         row["auto / fastest exact fishr"] = timings["fishr auto"][0] / min(exact)
         row["auto / fastest fishr"] = timings["fishr auto"][0] / min(
             timings[k][0] for k in timings if k.startswith("fishr") and k != "fishr auto")
+        # the auto check: with ~15 methods per round a 3 ms call's median over 7 rounds is noisy, so
+        # auto and the fastest exact mode are timed again alone, interleaved, 31 rounds
+        best = min((k for k in EXACT_FISHR if k in timings), key=lambda k: timings[k][0])
+        pair = time_interleaved({"fishr auto": fns["fishr auto"], best: fns[best]}, AUTO_PAIRED_REPEATS,
+                                warm_up=False)
+        row["auto check"] = dict(against=best, repeats=AUTO_PAIRED_REPEATS, auto_ms=pair["fishr auto"],
+                                 best_ms=pair[best],
+                                 ratio=pair["fishr auto"][0] / pair[best][0],
+                                 ratio_fastest=pair["fishr auto"][1] / pair[best][1])
         if nk_times:
             row["netket fastest"] = min(nk_times)
             row["fishr fastest / netket fastest"] = min(fishr_times) / min(nk_times)
@@ -242,6 +254,17 @@ def markdown(rows) -> str:
         lines.append(f"| {r['model']} | {r['N']} | {r['P']} | " + " | ".join(cells)
                      + f" | {r['auto / fastest exact fishr']:.2f}x | {r['auto / fastest fishr']:.2f}x"
                      + f" | {r['fishr fastest / jacobian']:.2f}x | {ratio_nk} |")
+    if all("auto check" in r for r in rows):
+        lines += ["", f"`mode=\"auto\"` against the fastest exact fishr mode of the table, the two alone, "
+                  f"{AUTO_PAIRED_REPEATS} interleaved rounds (target: within {AUTO_TARGET}x):", "",
+                  "| model | N | P | fastest exact mode | auto ms | that mode ms | ratio of medians (fastest calls) | "
+                  "within target |", "|---|---|---|---|---|---|---|---|"]
+        for r in rows:
+            a = r["auto check"]
+            ms = lambda t: f"{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})"
+            lines.append(f"| {r['model']} | {r['N']} | {r['P']} | {a['against'].replace('fishr ', '')} | "
+                         f"{ms(a['auto_ms'])} | {ms(a['best_ms'])} | {a['ratio']:.2f}x ({a['ratio_fastest']:.2f}x) | "
+                         f"{'yes' if a['ratio'] <= AUTO_TARGET else 'NO'} |")
     if all("first_s" in r for r in rows):
         lines += ["", "First call (trace, compile and run), seconds, one call per method and grid point:", "",
                   "| model | N | P | " + " | ".join(short[c] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
