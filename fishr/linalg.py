@@ -237,7 +237,7 @@ def cg(
         # direction is updated at the start of an iteration (p = 0 before the first)
         x, r, p, rz, rr, k, curvature_max, _, _, _ = carry
         z = precondition(r)
-        rz_new = tree_inner(r, z)
+        rz_new = rr if preconditioner is None else tree_inner(r, z)  # plain CG: r.z = r.r, already known
         p_new = _axpy(rz_new / jnp.maximum(rz, floor), p, z)
         ap = matvec(p_new)
         pap, pp = tree_inner(p_new, ap), tree_inner(p_new, p_new)
