@@ -12,7 +12,10 @@ Methods, each jitted and called on the same arrays:
   time over the fastest exact fishr mode (dense Cholesky, sample_space) and over every
   fishr mode (the CG columns stop after a fixed number of iterations, so they are not
   the same solve), and a third table times ``auto`` against the fastest exact mode alone,
-  interleaved over 31 rounds (issue 12's check: within 1.1x);
+  interleaved over 31 rounds (issue 12's check: within 1.1x), and a fourth each generic
+  fishr mode against its NetKet twin in the same way (lazy / ``QGTOnTheFly``, dense CG /
+  ``QGTJacobianDense``, dense Cholesky / ``QGTJacobianDense`` with Cholesky, sample_space /
+  ``SRt``);
 * ``fishr lazy``: ``fishr.sr_solve(mode="lazy")`` (CG, ``jax.linearize``, no Jacobian);
 * ``fishr dense cg`` / ``fishr dense chol``: per-sample Jacobian, CG / ``P x P`` Cholesky;
 * ``fishr sample_space``: ``N x N`` Cholesky (``jacobian="auto"``: for these Flax Dense
@@ -62,6 +65,9 @@ DAMPING, CG_ITERS = 1e-3, 50
 EXACT_FISHR = ("fishr dense chol", "fishr sample_space", "fishr sample_space generic")
 AUTO_PAIRED_REPEATS = 31  # the auto check: auto and the fastest exact mode alone, interleaved, this many rounds
 AUTO_TARGET = 1.1  # issue 12: auto within 1.1x of the fastest exact fishr mode at every grid point
+# issue 12: each generic fishr mode at or below its NetKet twin (same solve, same tolerance), checked in pairs
+TWINS = (("fishr lazy", "netket QGTOnTheFly"), ("fishr dense cg", "netket QGTJacobianDense"),
+         ("fishr dense chol", "netket QGTJacobianDense chol"), ("fishr sample_space", "netket SRt"))
 DENSE_CHOL_MAX_P = {"tiny": 2000, "quick": 2000, "full": 5000}  # P x P Cholesky beyond: slow, not a sensible choice
 COLUMNS = ["gradient", "jacobian", "fishr auto", "fishr lazy", "fishr dense cg", "fishr dense chol",
            "fishr sample_space", "fishr sample_space generic", "netket QGTOnTheFly", "netket QGTJacobianDense",
@@ -225,6 +231,13 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
                                  best_ms=pair[best],
                                  ratio=pair["fishr auto"][0] / pair[best][0],
                                  ratio_fastest=pair["fishr auto"][1] / pair[best][1])
+        row["twins"] = {}
+        for ours, theirs in TWINS:  # the same pairing for the NetKet twins
+            if ours in fns and theirs in fns:
+                pair = time_interleaved({ours: fns[ours], theirs: fns[theirs]}, AUTO_PAIRED_REPEATS, warm_up=False)
+                row["twins"][ours] = dict(netket=theirs, fishr_ms=pair[ours], netket_ms=pair[theirs],
+                                          ratio=pair[ours][0] / pair[theirs][0],
+                                          ratio_fastest=pair[ours][1] / pair[theirs][1])
         if nk_times:
             row["netket fastest"] = min(nk_times)
             row["fishr fastest / netket fastest"] = min(fishr_times) / min(nk_times)
@@ -265,6 +278,17 @@ def markdown(rows) -> str:
             lines.append(f"| {r['model']} | {r['N']} | {r['P']} | {a['against'].replace('fishr ', '')} | "
                          f"{ms(a['auto_ms'])} | {ms(a['best_ms'])} | {a['ratio']:.2f}x ({a['ratio_fastest']:.2f}x) | "
                          f"{'yes' if a['ratio'] <= AUTO_TARGET else 'NO'} |")
+    if any(r.get("twins") for r in rows):
+        lines += ["", f"Each fishr mode against its NetKet twin (the same solve: CG for {CG_ITERS} iterations, or the "
+                  f"Cholesky solve), the two alone, {AUTO_PAIRED_REPEATS} interleaved rounds (target: at or below 1x):",
+                  "", "| model | N | P | fishr | NetKet | fishr ms | NetKet ms | ratio of medians (fastest calls) |",
+                  "|---|---|---|---|---|---|---|---|"]
+        ms = lambda v: f"{v[0]:.1f} ({v[1]:.1f}-{v[2]:.1f})" if v[0] < 100 else f"{v[0]:.0f} ({v[1]:.0f}-{v[2]:.0f})"
+        for r in rows:
+            for ours, t in r.get("twins", {}).items():
+                lines.append(f"| {r['model']} | {r['N']} | {r['P']} | {ours.replace('fishr ', '')} | "
+                             f"{t['netket'].replace('netket ', '')} | {ms(t['fishr_ms'])} | {ms(t['netket_ms'])} | "
+                             f"{t['ratio']:.2f}x ({t['ratio_fastest']:.2f}x) |")
     if all("first_s" in r for r in rows):
         lines += ["", "First call (trace, compile and run), seconds, one call per method and grid point:", "",
                   "| model | N | P | " + " | ".join(short[c] for c in cols) + " |", "|" + "---|" * (len(cols) + 3)]
