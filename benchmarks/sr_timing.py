@@ -28,8 +28,8 @@ Methods, each jitted and called on the same arrays:
 * ``jacobian``: the bare per-sample Jacobian ``vmap(grad)`` (``N x P``), and ``gradient``: one
   plain VJP of ``log psi``, the lower bounds.
 
-Every CG runs a fixed number of iterations (fishr ``CG(rtol=0, max_steps=cg_iters)``, NetKet's
-``tol = 0, maxiter = cg_iters``) in both
+Every CG runs a fixed number of iterations from ``x0 = 0`` (fishr ``CG(rtol=0, max_steps=cg_iters,
+initial_guess="zeros")``, NetKet's ``tol = 0, maxiter = cg_iters`` and its default ``x0``) in both
 libraries, so that per-call times compare the same work. Before timing, each result is compared
 with a float64 NumPy solve of the same system (the column ``rel. err`` in the JSON and the
 printed check); that first call of each method is timed on its own (trace, compile and run: the
@@ -131,7 +131,7 @@ def methods(model, params, s, e_loc, grad, have_nk: bool, dense_chol_max_p: int 
                                                                         jnp.imag(one(p, x))]))(params)))
     out["gradient"] = partial(jax.jit(lambda p, x, e: flat(energy_gradient(apply, p, x, e)[1])), params, s, e_loc)
     out["jacobian"] = partial(lambda x: jac(x), s)
-    cg = fishr.CG(rtol=0.0, max_steps=CG_ITERS)
+    cg = fishr.CG(rtol=0.0, max_steps=CG_ITERS, initial_guess="zeros")  # x0 = 0 as NetKet: the same iterates
     out["fishr lazy"] = fishr_fn(mode="lazy", solver=cg)
     out["fishr dense cg"] = fishr_fn(mode="dense", solver=cg)
     if p_count <= dense_chol_max_p:
