@@ -74,20 +74,21 @@ COLUMNS = ["gradient", "jacobian", "fishr auto", "fishr lazy", "fishr dense cg",
            "netket QGTJacobianDense chol", "netket SRt", "netket srt_onthefly"]
 
 
-def make_model(spec):
+def make_model(spec, dtype=jnp.float32):
     kind, size = spec
     if kind == "rbm":
-        return RBM(alpha=size), f"RBM alpha={size}"
+        return RBM(alpha=size, param_dtype=dtype), f"RBM alpha={size}"
     if kind == "mlp-complex":
-        return MLP(widths=(size, size), complex_output=True), f"MLP {size}-{size} complex"
+        return MLP(widths=(size, size), complex_output=True, param_dtype=dtype), f"MLP {size}-{size} complex"
     raise ValueError(spec)
 
 
-def inputs(spec, n, seed=0):
-    """Model, parameters, samples, local energies and gradient of one grid point (float32)."""
-    model, label = make_model(spec)
+def inputs(spec, n, seed=0, dtype=jnp.float32):
+    """Model, parameters, samples, local energies and gradient of one grid point (``dtype``: float32 or
+    float64, which needs ``jax_enable_x64``)."""
+    model, label = make_model(spec, dtype)
     k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
-    s = random_spins(k1, n, LENGTH)
+    s = random_spins(k1, n, LENGTH, dtype=dtype)
     params = model.init(k2, s)
     params = jax.tree.map(lambda p: p + 0.05 * jax.random.normal(k2, p.shape, p.dtype), params)  # off the init point
     e_loc = jax.jit(lambda p, s: local_energies("ising", model.apply, p, s))(params, s)
@@ -187,14 +188,15 @@ def time_interleaved(fns: dict, repeats: int, warm_up: bool = True) -> dict:
     return {name: (float(np.median(t)), float(np.min(t)), float(np.max(t))) for name, t in times.items()}
 
 
-def run(quick: bool = True, preset: str | None = None, repeats: int | None = None, log=print, netket: bool = True):
+def run(quick: bool = True, preset: str | None = None, repeats: int | None = None, log=print, netket: bool = True,
+        dtype=jnp.float32):
     """Time every method at every grid point of the preset; returns the list of rows."""
     preset = preset or ("quick" if quick else "full")
     repeats = repeats or {"tiny": 3, "quick": 7, "full": 11}[preset]
     have_nk = netket_available(netket, log, "[sr_timing]")
     rows = []
     for n, spec in GRIDS[preset]:
-        model, label, params, s, e_loc, grad = inputs(spec, n)
+        model, label, params, s, e_loc, grad = inputs(spec, n, dtype=dtype)
         p_count = sum(p.size for p in jax.tree.leaves(params))
         log(f"[sr_timing] {label}, N={n}, P={p_count} "
             f"({'N << P' if 4 * n <= p_count else 'N >> P' if n >= 4 * p_count else 'N ~ P'}) ...",
@@ -330,3 +332,22 @@ def plot(rows, path=None):
         return fig
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def main(argv=None) -> None:
+    """``python -m benchmarks.sr_timing [--preset P] [--dtype float64]``: the SR tables, printed."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(GRIDS), default="quick")
+    parser.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    args = parser.parse_args(argv)
+    if args.dtype == "float64":
+        jax.config.update("jax_enable_x64", True)
+    rows = run(preset=args.preset, dtype=jnp.dtype(args.dtype))
+    print(f"{args.dtype}, damping {DAMPING}, CG {CG_ITERS} iterations, TFIM L={LENGTH} samples\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
