@@ -228,19 +228,24 @@ def cg(
         return done
 
     def cond(carry):
-        _x, _r, _, _, _rr, k, _, broke, done, stalled = carry
+        _x, _r, _, _, _rr, _pp, k, _, broke, done, stalled = carry
         running = jnp.asarray(True) if to_rounding_floor else ~done
         return (running | (k < min_iterations)) & (k < max_steps) & ~broke & ~stalled
 
     def body(carry):
         # the preconditioner and the operator appear once each in the program: the search
         # direction is updated at the start of an iteration (p = 0 before the first)
-        x, r, p, rz, rr, k, curvature_max, _, _, _ = carry
+        x, r, p, rz, rr, pp, k, curvature_max, _, _, _ = carry
         z = precondition(r)
         rz_new = rr if preconditioner is None else tree_inner(r, z)  # plain CG: r.z = r.r, already known
-        p_new = _axpy(rz_new / jnp.maximum(rz, floor), p, z)
+        beta = rz_new / jnp.maximum(rz, floor)
+        p_new = _axpy(beta, p, z)
         ap = matvec(p_new)
-        pap, pp = tree_inner(p_new, ap), tree_inner(p_new, p_new)
+        pap = tree_inner(p_new, ap)
+        # |p|^2 for the breakdown test: plain CG keeps r orthogonal to the last direction, so
+        # |r + beta p|^2 = |r|^2 + beta^2 |p|^2 (one reduction less per iteration); the test
+        # only compares it with eps-sized quantities
+        pp = rr + beta**2 * pp if preconditioner is None else tree_inner(p_new, p_new)
         curvature_max = jnp.maximum(curvature_max, pap / pp)
         # breakdown: no curvature left along p (A singular to working precision there); stop before the step
         broke = ~(pap > eps * curvature_max * pp)
@@ -252,13 +257,15 @@ def cg(
         x, r = keep(x_new, x), keep(r_new, r)
         stalled = jnp.asarray(stop_on_stagnation) & ~broke & ~(rr_new <= 0.25 * rr)
         rr = jnp.where(broke, rr, rr_new)
-        return (x, r, keep(p_new, p), jnp.where(broke, rz, rz_new), rr, k + (~broke).astype(jnp.int32),
+        # after a breakdown the loop ends: p is not used again, so it needs no keeping
+        return (x, r, p_new, jnp.where(broke, rz, rz_new), rr, pp, k + (~broke).astype(jnp.int32),
                 curvature_max, broke, met(x, r, rr), stalled)
 
     one = jnp.ones((), rr0.dtype)  # any finite rz: it multiplies p = 0 in the first iteration
-    init = (x0, r0, optax.tree.zeros_like(r0), one, rr0, jnp.int32(0), jnp.zeros((), rr0.dtype), jnp.asarray(False),
+    zero = jnp.zeros((), rr0.dtype)
+    init = (x0, r0, optax.tree.zeros_like(r0), one, rr0, zero, jnp.int32(0), zero, jnp.asarray(False),
             met(x0, r0, rr0), jnp.asarray(False))
-    x, _, _, _, _, k, _, broke, converged, _ = lax.while_loop(cond, body, init)
+    x, _, _, _, _, _, k, _, broke, converged, _ = lax.while_loop(cond, body, init)
     r = optax.tree.sub(b, matvec(x))
     r_norm2 = tree_inner(r, r)
     grown = r_norm2 * eps > jnp.maximum(b_norm2, rr0)
