@@ -107,3 +107,14 @@ def sub_jaxprs(eqn):
             inner = getattr(sub, "jaxpr", sub)
             if hasattr(inner, "eqns"):
                 yield name, inner
+
+
+def dot_precisions(jaxpr) -> list:
+    """The ``precision`` of every float ``dot_general`` in ``jaxpr`` and the jaxprs it holds."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating):
+            out.append(eqn.params["precision"])
+        for _, inner in sub_jaxprs(eqn):
+            out.extend(dot_precisions(inner))
+    return out

@@ -196,3 +196,14 @@ def test_sr_solve_checks_the_mean_fn_shape():
     params, x, grad = problem(7)
     with pytest.raises(ValueError, match="`mean_fn` must average over the batch axis 0"):
         fishr.sr_solve(log_psi, grad, params, x, mode="dense", mean_fn=jnp.mean)
+
+
+@pytest.mark.parametrize("mode", ["LAZY", "DEBUG"])
+def test_products_keep_jaxs_precision_as_vmcnet(mode):
+    from sr_models import dot_precisions
+
+    params, x, grad = problem()
+    fn = get_fisher_inverse_fn(log_psi, plain_mean, damping=1e-3, maxiter=4, mode=SRMode[mode])
+    # the model's products carry no precision (JAX's setting); under fishr.sr's default every one would be HIGHEST
+    model_products = [p for p in dot_precisions(jax.make_jaxpr(fn)(grad, params, x).jaxpr) if p is None]
+    assert len(model_products) >= 2

@@ -14,20 +14,9 @@ import jax.numpy as jnp
 import optax
 import pytest
 from flax_models import MLP
-from sr_models import mlp_log_psi, mlp_params, random_like, sub_jaxprs
+from sr_models import dot_precisions, mlp_log_psi, mlp_params, random_like
 
 import fishr
-
-
-def _dot_precisions(jaxpr) -> list:
-    """The ``precision`` of every float ``dot_general`` in ``jaxpr`` and the jaxprs it holds."""
-    out = []
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general" and jnp.issubdtype(eqn.invars[0].aval.dtype, jnp.floating):
-            out.append(eqn.params["precision"])
-        for _, inner in sub_jaxprs(eqn):
-            out.extend(_dot_precisions(inner))
-    return out
 
 
 def _is(precision, want) -> bool:
@@ -54,14 +43,14 @@ def test_every_product_in_the_solve_takes_the_precision(mode, jacobian):
             apply, g, p, b, damping=1e-2, mode=mode, jacobian=jacobian,
             local_energies=e if mode == "sample_space" else None, **kw)[0])(grads, params, x, energies).jaxpr
 
-    highest = _dot_precisions(solve("default-arg"))
+    highest = dot_precisions(solve("default-arg"))
     assert len(highest) >= 4  # the model's passes and the solve's products
     assert all(_is(p, jax.lax.Precision.HIGHEST) for p in highest), highest
     # None leaves JAX's setting: the products fishr and the model write carry none (optax's
     # tree_vdot sets HIGHEST itself); "default" is set on all of those
-    unset = _dot_precisions(solve(None))
+    unset = dot_precisions(solve(None))
     assert sum(p is None for p in unset) >= len(highest) - sum(_is(p, jax.lax.Precision.HIGHEST) for p in unset) > 0
-    default = _dot_precisions(solve("default"))
+    default = dot_precisions(solve("default"))
     assert not any(p is None for p in default) and any(_is(p, jax.lax.Precision.DEFAULT) for p in default)
 
 
@@ -74,9 +63,9 @@ def test_the_transform_takes_the_precision_and_leaves_the_callers_products():
         opt = optax.chain(fishr.sr(mlp_log_psi, damping=1e-2, mode="sample_space", matmul_precision=precision),
                           optax.sgd(0.1))
         run = lambda p, b: opt.update(gradient(p, b), opt.init(p), p, batch=b)[0]
-        return _dot_precisions(jax.make_jaxpr(run)(params, x).jaxpr)
+        return dot_precisions(jax.make_jaxpr(run)(params, x).jaxpr)
 
-    callers = _dot_precisions(jax.make_jaxpr(gradient)(params, x).jaxpr)
+    callers = dot_precisions(jax.make_jaxpr(gradient)(params, x).jaxpr)
     assert callers and all(p is None for p in callers)
     every = step("highest")
     assert sum(p is None for p in every) == len(callers)  # only the caller's products keep JAX's setting

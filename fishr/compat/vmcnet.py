@@ -93,6 +93,10 @@ def get_fisher_inverse_fn(
     Returns:
       ``precondition_grad_with_fisher(energy_grad, params, positions)``, the
       preconditioned gradient with the structure of ``energy_grad``.
+
+    The products run at JAX's precision setting, as vmcnet's do (``fishr.sr``'s default
+    ``matmul_precision="highest"`` is not applied here), so that on GPUs too the result is
+    vmcnet's.
     """
     fishr_mode = _fishr_mode(mode)
     solver = CG(rtol=1e-5, atol=0.0, max_steps=maxiter, initial_guess="rhs")
@@ -113,6 +117,7 @@ def get_fisher_inverse_fn(
         x, _ = sr_solve(
             log_psi_apply, energy_grad, params, positions, damping=damping, mode=fishr_mode, solver=solver,
             axis_name=_pmap_axis_if_bound(), mean_fn=centring_mean,
+            matmul_precision=None,  # vmcnet's products: JAX's setting (TF32 on recent GPUs), as the seed
         )
         return x
 
