@@ -188,6 +188,19 @@ def time_interleaved(fns: dict, repeats: int, warm_up: bool = True) -> dict:
     return {name: (float(np.median(t)), float(np.min(t)), float(np.max(t))) for name, t in times.items()}
 
 
+def _paired(fns: dict, ours: str, theirs: str) -> dict:
+    """``ours`` and ``theirs`` alone, interleaved over ``AUTO_PAIRED_REPEATS`` rounds: their (median, min, max) ms
+    and the ratio of the medians and of the fastest calls."""
+    pair = time_interleaved({ours: fns[ours], theirs: fns[theirs]}, AUTO_PAIRED_REPEATS, warm_up=False)
+    return dict(ours_ms=pair[ours], theirs_ms=pair[theirs], ratio=pair[ours][0] / pair[theirs][0],
+                ratio_fastest=pair[ours][1] / pair[theirs][1])
+
+
+def _ms(t) -> str:
+    """``median (min-max)`` ms, one decimal below 100 ms."""
+    return f"{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})" if t[0] < 100 else f"{t[0]:.0f} ({t[1]:.0f}-{t[2]:.0f})"
+
+
 def run(quick: bool = True, preset: str | None = None, repeats: int | None = None, log=print, netket: bool = True,
         dtype=jnp.float32):
     """Time every method at every grid point of the preset; returns the list of rows."""
@@ -227,19 +240,10 @@ def run(quick: bool = True, preset: str | None = None, repeats: int | None = Non
         # the auto check: with ~15 methods per round a 3 ms call's median over 7 rounds is noisy, so
         # auto and the fastest exact mode are timed again alone, interleaved, 31 rounds
         best = min((k for k in EXACT_FISHR if k in timings), key=lambda k: timings[k][0])
-        pair = time_interleaved({"fishr auto": fns["fishr auto"], best: fns[best]}, AUTO_PAIRED_REPEATS,
-                                warm_up=False)
-        row["auto check"] = dict(against=best, repeats=AUTO_PAIRED_REPEATS, auto_ms=pair["fishr auto"],
-                                 best_ms=pair[best],
-                                 ratio=pair["fishr auto"][0] / pair[best][0],
-                                 ratio_fastest=pair["fishr auto"][1] / pair[best][1])
-        row["twins"] = {}
-        for ours, theirs in TWINS:  # the same pairing for the NetKet twins
-            if ours in fns and theirs in fns:
-                pair = time_interleaved({ours: fns[ours], theirs: fns[theirs]}, AUTO_PAIRED_REPEATS, warm_up=False)
-                row["twins"][ours] = dict(netket=theirs, fishr_ms=pair[ours], netket_ms=pair[theirs],
-                                          ratio=pair[ours][0] / pair[theirs][0],
-                                          ratio_fastest=pair[ours][1] / pair[theirs][1])
+        row["auto check"] = dict(against=best, repeats=AUTO_PAIRED_REPEATS, **_paired(fns, "fishr auto", best))
+        # the same pairing for the NetKet twins
+        row["twins"] = {ours: dict(netket=theirs, **_paired(fns, ours, theirs))
+                        for ours, theirs in TWINS if ours in fns and theirs in fns}
         if nk_times:
             row["netket fastest"] = min(nk_times)
             row["fishr fastest / netket fastest"] = min(fishr_times) / min(nk_times)
@@ -276,20 +280,18 @@ def markdown(rows) -> str:
                   "within target |", "|---|---|---|---|---|---|---|---|"]
         for r in rows:
             a = r["auto check"]
-            ms = lambda t: f"{t[0]:.1f} ({t[1]:.1f}-{t[2]:.1f})"
             lines.append(f"| {r['model']} | {r['N']} | {r['P']} | {a['against'].replace('fishr ', '')} | "
-                         f"{ms(a['auto_ms'])} | {ms(a['best_ms'])} | {a['ratio']:.2f}x ({a['ratio_fastest']:.2f}x) | "
-                         f"{'yes' if a['ratio'] <= AUTO_TARGET else 'NO'} |")
+                         f"{_ms(a['ours_ms'])} | {_ms(a['theirs_ms'])} | {a['ratio']:.2f}x ({a['ratio_fastest']:.2f}x) "
+                         f"| {'yes' if a['ratio'] <= AUTO_TARGET else 'NO'} |")
     if any(r.get("twins") for r in rows):
         lines += ["", f"Each fishr mode against its NetKet twin (the same solve: CG for {CG_ITERS} iterations, or the "
                   f"Cholesky solve), the two alone, {AUTO_PAIRED_REPEATS} interleaved rounds (target: at or below 1x):",
                   "", "| model | N | P | fishr | NetKet | fishr ms | NetKet ms | ratio of medians (fastest calls) |",
                   "|---|---|---|---|---|---|---|---|"]
-        ms = lambda v: f"{v[0]:.1f} ({v[1]:.1f}-{v[2]:.1f})" if v[0] < 100 else f"{v[0]:.0f} ({v[1]:.0f}-{v[2]:.0f})"
         for r in rows:
             for ours, t in r.get("twins", {}).items():
                 lines.append(f"| {r['model']} | {r['N']} | {r['P']} | {ours.replace('fishr ', '')} | "
-                             f"{t['netket'].replace('netket ', '')} | {ms(t['fishr_ms'])} | {ms(t['netket_ms'])} | "
+                             f"{t['netket'].replace('netket ', '')} | {_ms(t['ours_ms'])} | {_ms(t['theirs_ms'])} | "
                              f"{t['ratio']:.2f}x ({t['ratio_fastest']:.2f}x) |")
     if all("first_s" in r for r in rows):
         lines += ["", "First call (trace, compile and run), seconds, one call per method and grid point:", "",

@@ -107,6 +107,7 @@ finite makes the solution NaN (the transform then keeps its state).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -518,30 +519,21 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     solution is returned in the gradient's dtype. Everything traced here (the model's
     passes included) runs under ``jax.default_matmul_precision(config.matmul_precision)``
     (unless it is ``None``)."""
-    if config.matmul_precision is not None:
-        with jax.default_matmul_precision(config.matmul_precision):
-            return _solve_in_dtype(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
-                                   local_energies, metric, weights)
-    return _solve_in_dtype(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn, local_energies,
-                           metric, weights)
-
-
-def _solve_in_dtype(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: Any, batch: Any, damping: Any,
-                    previous: Any | None, who: str, mean_fn=None, local_energies: jax.Array | None = None,
-                    metric: Callable[[Callable[[], Any]], Any] | None = None,
-                    weights: jax.Array | None = None) -> SolveOutcome:
-    """:func:`solve_with_config` under the config's matmul precision: promoted by ``solve_dtype`` or not."""
+    precision = (contextlib.nullcontext() if config.matmul_precision is None
+                 else jax.default_matmul_precision(config.matmul_precision))
     single = any(jnp.finfo(jnp.result_type(leaf)).bits < 64 for leaf in jax.tree.leaves(params)
                  if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
     if config.solve_dtype is None or not single:
-        return _solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
-                                  local_energies, metric, weights)
+        with precision:
+            return _solve_with_config(config, apply_fn, grads, params, batch, damping, previous, who, mean_fn,
+                                      local_energies, metric, weights)
     if not jax.config.read("jax_enable_x64"):
         raise ValueError(f"{who}: solve_dtype='float64' needs double precision in JAX: "
                          "jax.config.update('jax_enable_x64', True) before building arrays.")
     up = lambda tree: jax.tree.map(_to_double, tree)
-    out = _solve_with_config(config, apply_fn, up(grads), up(params), up(batch), damping, up(previous), who,
-                             mean_fn, up(local_energies), metric, up(weights))
+    with precision:
+        out = _solve_with_config(config, apply_fn, up(grads), up(params), up(batch), damping, up(previous), who,
+                                 mean_fn, up(local_energies), metric, up(weights))
     return out._replace(x=jax.tree.map(lambda x, g: x.astype(g.dtype), out.x, grads))
 
 

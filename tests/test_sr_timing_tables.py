@@ -9,9 +9,9 @@ def _row(auto_ratio: float, twins: bool):
     row = dict(model="RBM alpha=16", N=256, P=4368, ms=ms, first_s={k: 1.0 for k in ms},
                **{"fishr fastest": 2.0, "fishr fastest / jacobian": 2.0, "auto / fastest exact fishr": 1.0,
                   "auto / fastest fishr": 1.0})
-    row["auto check"] = dict(against="fishr sample_space", repeats=31, auto_ms=(2.0 * auto_ratio, 1.9, 2.6),
-                             best_ms=(2.0, 1.9, 2.3), ratio=auto_ratio, ratio_fastest=1.0)
-    row["twins"] = {"fishr lazy": dict(netket="netket QGTOnTheFly", fishr_ms=(6.0, 5.9, 7.0), netket_ms=(5.0, 4.9, 6.0),
+    row["auto check"] = dict(against="fishr sample_space", repeats=31, ours_ms=(2.0 * auto_ratio, 1.9, 2.6),
+                             theirs_ms=(2.0, 1.9, 2.3), ratio=auto_ratio, ratio_fastest=1.0)
+    row["twins"] = {"fishr lazy": dict(netket="netket QGTOnTheFly", ours_ms=(6.0, 5.9, 7.0), theirs_ms=(5.0, 4.9, 6.0),
                                        ratio=1.2, ratio_fastest=1.2)} if twins else {}
     return row
 
