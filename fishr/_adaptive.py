@@ -86,6 +86,7 @@ from jax import lax
 
 from fishr import distributed
 from fishr._kfac import kfac
+from fishr._precision import DEFAULT_MATMUL_PRECISION, check_matmul_precision, traced_at
 from fishr._validate import (
     ScalarOrSchedule,
     check_damping,
@@ -629,6 +630,7 @@ def adaptive_kfac(
     interval: int = 5,
     value_fn: Callable[[Any, Any], jax.Array] | None = None,
     axis_name: AxisName = None,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
     **kfac_options: Any,
 ) -> optax.GradientTransformationExtraArgs:
     """:func:`fishr.kfac` with adaptive step size, momentum and damping, no learning rate to choose.
@@ -652,15 +654,19 @@ def adaptive_kfac(
         (default: the likelihood's, :func:`fishr.scores.mean_loss`); pass yours when it adds
         terms (a regulariser), and pass ``value=`` only with that same loss.
       axis_name: mapped axis name(s) when the batch is split over devices.
+      matmul_precision: the precision of every product the update traces (K-FAC's, the
+        quadratic model's and the loss's), as for :func:`fishr.kfac` (default ``"highest"``).
       **kfac_options: further options of :func:`fishr.kfac` (``ema``, ``inverse_every``, ...;
         not ``damping``, which the wrapper adapts).
     """
     if "damping" in kfac_options:
         raise ValueError("fishr.adaptive_kfac: the damping is adapted; set `initial_damping=` instead of `damping=`.")
+    check_matmul_precision(matmul_precision, "fishr.adaptive_kfac")
     preconditioner = kfac(apply_fn, initial_damping, example_batch=example_batch, likelihood=likelihood,
-                          axis_name=axis_name, **kfac_options)
+                          axis_name=axis_name, matmul_precision=matmul_precision, **kfac_options)
     step = quadratic_step(gauss_newton(apply_fn, likelihood, axis_name=axis_name), learning_rate=learning_rate,
                           momentum=momentum)
     loss = mean_loss(apply_fn, likelihood) if value_fn is None else value_fn
-    return levenberg_marquardt(optax.chain(preconditioner, step), loss,
-                               initial_damping=initial_damping, interval=interval, axis_name=axis_name)
+    tx = levenberg_marquardt(optax.chain(preconditioner, step), loss,
+                             initial_damping=initial_damping, interval=interval, axis_name=axis_name)
+    return optax.GradientTransformationExtraArgs(tx.init, traced_at(matmul_precision, tx.update))

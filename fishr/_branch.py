@@ -75,6 +75,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 
 from fishr import distributed
+from fishr._precision import DEFAULT_MATMUL_PRECISION, check_matmul_precision, precision_scope
 from fishr._validate import (
     ScalarOrSchedule,
     check_damping,
@@ -248,6 +249,7 @@ def branch_natgrad_solve(
     damping: Any = 1e-3,
     solver: CG | Cholesky | Eigh = DEFAULT_CG,
     axis_name: AxisName = None,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
 ) -> tuple[Any, SolveInfo]:
     r"""``P (C + damping I)^{-1} P^T g``, the branch natural gradient (see the module docs).
 
@@ -261,6 +263,9 @@ def branch_natgrad_solve(
       solver: ``fishr.CG(...)`` (default ``CG(rtol=0.0, atol=1e-6, max_steps=8,
         initial_guess="zeros")``), ``fishr.Cholesky()`` or ``fishr.Eigh()``.
       axis_name: mapped axis the branches are split over (``None``: one device).
+      matmul_precision: the precision of the products traced in the solve (``P^T g``, ``C``,
+        ``P y``): ``"highest"`` (default: true float32 on GPUs, whose default is TF32),
+        any name :func:`jax.default_matmul_precision` accepts, or ``None`` (JAX's setting).
 
     Returns:
       ``(update, fishr.SolveInfo)``; the update has the structure of ``grads``. Without
@@ -269,13 +274,15 @@ def branch_natgrad_solve(
     who = "fishr.branch_natgrad_solve"
     check_damping(damping, who)
     _check_natgrad_solver(solver, who)
+    check_matmul_precision(matmul_precision, who)
 
     def state_solve(c, b, d):
         if isinstance(solver, CG):
             return solver.solve(lambda v: c @ v + d * v, b, solver.start(b))
         return solver.solve(c, b, d)
 
-    return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
+    with precision_scope(matmul_precision):
+        return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
 
 
 def branch_kfac_solve(
@@ -287,24 +294,27 @@ def branch_kfac_solve(
     blocks: int = 4,
     solver: DirectSolver = Cholesky(),
     axis_name: AxisName = None,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
 ) -> tuple[Any, SolveInfo]:
     r"""``P blockdiag(C + damping I)^{-1} P^T g``, the branch-factored update (see the module docs).
 
     A pure, jit-able function; arguments as :func:`branch_natgrad_solve`, with
     ``blocks`` the number of diagonal blocks (an int ``>= 1``, clamped to ``D``; sizes
     from ``fishr._branch.block_sizes``) and ``solver`` ``fishr.Cholesky()`` or ``fishr.Eigh()``
-    for the blocks. Returns ``(update, fishr.SolveInfo)``; without branches ``grads``
+    for the blocks (``matmul_precision`` too). Returns ``(update, fishr.SolveInfo)``; without branches ``grads``
     unchanged. The reported residual is that of the block-diagonal system.
     """
     who = "fishr.branch_kfac_solve"
     check_damping(damping, who)
     _check_blocks(blocks, who)
     check_solver(solver, (Cholesky, Eigh), who, "for the diagonal blocks")
+    check_matmul_precision(matmul_precision, who)
 
     def state_solve(c, b, d):
         return _block_diagonal_solve(c, b, d, block_sizes(c.shape[0], blocks), solver)
 
-    return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
+    with precision_scope(matmul_precision):
+        return projected_solve(grads, branches, projection, damping, axis_name, state_solve, who)
 
 
 # --------------------------------------------------------------------------- optax
@@ -370,6 +380,7 @@ def branch_natgrad(
     projection: Projection | None = None,
     key: jax.Array | None = None,
     axis_name: AxisName = None,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-covariance natural gradient as an optax transformation.
 
@@ -390,6 +401,7 @@ def branch_natgrad(
         the state's key is split on every step with branches, so a run is
         reproducible from ``key``. Not accepted with a fixed ``projection``.
       axis_name: mapped axis the branches are split over under ``pmap``/``shard_map``.
+      matmul_precision: as for :func:`fishr.branch_natgrad_solve` (default ``"highest"``).
 
     A non-finite update (from a non-finite gradient or branch, a bad traced damping, a
     diverged CG) is returned as is and the state is left unchanged (count, key and
@@ -397,10 +409,11 @@ def branch_natgrad(
     """
     who = "fishr.branch_natgrad"
     _check_natgrad_solver(solver, who)
+    check_matmul_precision(matmul_precision, who)
 
     def solve(updates, branches, matrix, damping_now):
         return branch_natgrad_solve(updates, branches, matrix, damping=damping_now, solver=solver,
-                                    axis_name=axis_name)
+                                    axis_name=axis_name, matmul_precision=matmul_precision)
 
     return _branch_transform(who, solve, damping, projection, key)
 
@@ -413,6 +426,7 @@ def branch_kfac(
     projection: Projection | None = None,
     key: jax.Array | None = None,
     axis_name: AxisName = None,
+    matmul_precision: str | None = DEFAULT_MATMUL_PRECISION,
 ) -> optax.GradientTransformationExtraArgs:
     """Branch-factored block preconditioner as an optax transformation.
 
@@ -420,15 +434,16 @@ def branch_kfac(
     ``P blockdiag(C + damping I)^{-1} P^T grads`` with ``blocks`` diagonal
     blocks (see :func:`fishr.branch_kfac_solve`), or ``grads`` unchanged without
     branches. ``solver`` is ``fishr.Cholesky()`` or ``fishr.Eigh()``; other arguments
-    and the non-finite behaviour as :func:`branch_natgrad`.
+    (``matmul_precision`` too) and the non-finite behaviour as :func:`branch_natgrad`.
     """
     who = "fishr.branch_kfac"
     _check_blocks(blocks, who)
     check_solver(solver, (Cholesky, Eigh), who, "for the diagonal blocks")
+    check_matmul_precision(matmul_precision, who)
 
     def solve(updates, branches, matrix, damping_now):
         return branch_kfac_solve(updates, branches, matrix, damping=damping_now, blocks=blocks, solver=solver,
-                                 axis_name=axis_name)
+                                 axis_name=axis_name, matmul_precision=matmul_precision)
 
     return _branch_transform(who, solve, damping, projection, key)
 

@@ -9,8 +9,8 @@ import jax.numpy as jnp
 import optax
 
 from fishr._metric import MARCH_MODES, march_diff_update, march_var_update, metric_fn
+from fishr._precision import DEFAULT_MATMUL_PRECISION
 from fishr._sr_solve import (
-    DEFAULT_MATMUL_PRECISION,
     MODES,
     ApplyFn,
     JacobianKind,

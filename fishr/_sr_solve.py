@@ -107,7 +107,6 @@ finite makes the solution NaN (the transform then keeps its state).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
@@ -121,6 +120,7 @@ from jax.flatten_util import ravel_pytree
 from fishr import distributed
 from fishr._complex_params import has_complex, join_pairs, split_pairs
 from fishr._metric import kronecker_factored, metric_fn
+from fishr._precision import DEFAULT_MATMUL_PRECISION, check_matmul_precision, precision_scope
 from fishr._sample_space import energy_coefficients, sample_weight_ratios, solve_sample_space
 from fishr._validate import (
     check_choice,
@@ -156,7 +156,6 @@ Mode = Literal["auto", "lazy", "dense", "sample_space"]
 JacobianKind = Literal["auto", "structured", "generic"]
 ApplyFn = Callable[[Any, Any], jax.Array]
 
-DEFAULT_MATMUL_PRECISION = "highest"  # true float32 products on GPUs (their default is TF32) and TPUs
 MODES = ("lazy", "dense", "sample_space")  # what runs; mode="auto" picks one of them (auto_mode)
 MODE_CHOICES = ("auto",) + MODES
 AUTO_MAX_DENSE_P = 16_384  # mode="auto" forms the P x P matrix only up to here (1 GiB in float32)
@@ -186,22 +185,6 @@ class SRConfig:
     chunk_size: int | None = None  # samples per chunk of the score passes (fishr.chunking)
     factored_metric: bool = False  # a diagonal metric's layer blocks by their Kronecker factorisation
     matmul_precision: str | None = DEFAULT_MATMUL_PRECISION  # jax.default_matmul_precision inside the solve
-
-
-def _check_matmul_precision(matmul_precision: Any, who: str) -> str | None:
-    """``None`` or a name :func:`jax.default_matmul_precision` accepts."""
-    if matmul_precision is None:
-        return None
-    try:
-        if not isinstance(matmul_precision, str):
-            raise ValueError
-        with jax.default_matmul_precision(matmul_precision):
-            pass
-    except ValueError:
-        raise ValueError(f"{who}: `matmul_precision` must be None (JAX's setting) or a name that "
-                         "jax.default_matmul_precision accepts ('highest', 'high', 'default', 'float32', "
-                         f"'tensorfloat32', 'bfloat16', ...); got {matmul_precision!r}.") from None
-    return matmul_precision
 
 
 def runs_lazy(mode: str, solver: Any) -> bool:
@@ -274,7 +257,7 @@ def sr_config(who: str, *, damping: Any, mode: Any, solver: Any, jacobian: Any, 
     return SRConfig(mode, solver, jacobian, float(momentum), holomorphic, axis_name,
                     not zero_damping or pseudo_inverse, gamma, DampingRule(float(trace_damping), max_cond_num),
                     float(diag_damping), _check_solve_dtype(solve_dtype, who), score_clip, prune,
-                    check_chunk_size(chunk_size, who), factored_metric, _check_matmul_precision(matmul_precision, who))
+                    check_chunk_size(chunk_size, who), factored_metric, check_matmul_precision(matmul_precision, who))
 
 
 def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1,
@@ -519,8 +502,7 @@ def solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: A
     solution is returned in the gradient's dtype. Everything traced here (the model's
     passes included) runs under ``jax.default_matmul_precision(config.matmul_precision)``
     (unless it is ``None``)."""
-    precision = (contextlib.nullcontext() if config.matmul_precision is None
-                 else jax.default_matmul_precision(config.matmul_precision))
+    precision = precision_scope(config.matmul_precision)
     single = any(jnp.finfo(jnp.result_type(leaf)).bits < 64 for leaf in jax.tree.leaves(params)
                  if jnp.issubdtype(jnp.result_type(leaf), jnp.inexact))
     if config.solve_dtype is None or not single:

@@ -69,7 +69,7 @@ def _qmlhc_cg(cg_iters: int):
 
 _kfac_preconditioner = jax.jit(
     lambda g, branches, projection, damping, blocks: branch_kfac_solve(
-        g, branches, projection, damping=damping, blocks=blocks)[0],
+        g, branches, projection, damping=damping, blocks=blocks, matmul_precision=None)[0],  # the seed's products
     static_argnums=4,
 )
 _natgrad_preconditioner = jax.jit(
