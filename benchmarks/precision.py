@@ -25,7 +25,6 @@ writes ``benchmarks/results/precision.{md,json}``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 
@@ -197,19 +196,10 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     order = SETTINGS if args.order == "highest-first" else SETTINGS[::-1]
     rows = run(args.preset, args.rounds, order)
-    import jax
+    from benchmarks.sr_accuracy import device_label, report
 
-    device = jax.devices()[0]
-    head = (f"float32 against float64; jax {jax.__version__} on {device.platform} ({device.device_kind}); "
-            f"{args.rounds} interleaved warm rounds; order {args.order}")
-    table = markdown(rows)
-    print(head)
-    print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "precision.md"), "w") as fh:
-        fh.write(f"{head}\n\n{table}\n")
-    with open(os.path.join(args.out, "precision.json"), "w") as fh:
-        json.dump(rows, fh, indent=1)
+    head = f"float32 against float64; {device_label()}; {args.rounds} interleaved warm rounds; order {args.order}"
+    report(args.out, "precision", head, markdown(rows), rows)
 
 
 if __name__ == "__main__":

@@ -183,18 +183,28 @@ def main(argv=None):
     precision = None if args.matmul_precision.lower() == "none" else args.matmul_precision
     rows = run(quick=args.quick, repeats=args.repeats, matmul_precision=precision)
     table = markdown(rows)
+    head = (f"damping {DAMPING}; error = max|x - x_ref| / max|x_ref| (exact float64 eigh reference); "
+            f"{device_label()}; fishr matmul_precision={precision!r}; "
+            f"JAX_DEFAULT_MATMUL_PRECISION={os.environ.get('JAX_DEFAULT_MATMUL_PRECISION')!r}")
+    report(args.out, "sr_accuracy", head, table, rows)
+
+
+def device_label() -> str:
+    """``jax <version> on <platform> (<device kind>)`` of the first device, for the benchmarks' headers."""
     import jax
 
     device = jax.devices()[0]
-    head = (f"damping {DAMPING}; error = max|x - x_ref| / max|x_ref| (exact float64 eigh reference); "
-            f"jax {jax.__version__} on {device.platform} ({device.device_kind}); fishr matmul_precision={precision!r}; "
-            f"JAX_DEFAULT_MATMUL_PRECISION={os.environ.get('JAX_DEFAULT_MATMUL_PRECISION')!r}")
+    return f"jax {jax.__version__} on {device.platform} ({device.device_kind})"
+
+
+def report(out: str, stem: str, head: str, table: str, rows) -> None:
+    """Print ``head`` and ``table``; write them to ``out/stem.md`` and ``rows`` to ``out/stem.json``."""
     print(head)
     print(table)
-    os.makedirs(args.out, exist_ok=True)
-    with open(os.path.join(args.out, "sr_accuracy.md"), "w") as fh:
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{stem}.md"), "w") as fh:
         fh.write(f"{head}\n\n{table}\n")
-    with open(os.path.join(args.out, "sr_accuracy.json"), "w") as fh:
+    with open(os.path.join(out, f"{stem}.json"), "w") as fh:
         json.dump(rows, fh, indent=1)
 
 
