@@ -39,31 +39,27 @@ PRESETS = {
 SETTINGS = ("highest", None)
 
 
-def _timed(fn, rounds):
-    """``fn``'s results and first-call seconds, then the warm calls of every setting interleaved."""
+def _timed(fns, rounds):
+    """Each setting's result and first call (s), then its warm calls (median, min, max ms) over
+    ``rounds`` interleaved rounds (:func:`benchmarks.sr_timing.time_interleaved`)."""
+    from benchmarks.sr_timing import time_interleaved
+
     out, first = {}, {}
-    for key, f in fn.items():
+    for key, f in fns.items():
         t0 = time.perf_counter()
         out[key] = f()
         first[key] = time.perf_counter() - t0
-    warm = {key: [] for key in fn}
-    for _ in range(rounds):
-        for key, f in fn.items():
-            t0 = time.perf_counter()
-            f()
-            warm[key].append(time.perf_counter() - t0)
-    return out, first, warm
+    return out, first, time_interleaved(fns, rounds, warm_up=False)
 
 
 def _row(kind, label, errors, first, warm, order):
-    stats = {k: (float(np.median(v)), float(min(v)), float(max(v))) for k, v in warm.items()}
     row = {"kind": kind, "workload": label}
     for k in order:
         name = "None" if k is None else k
         row[f"error {name}"] = errors[k]
         row[f"first {name} s"] = first[k]
-        row[f"warm {name} ms"] = [1e3 * x for x in stats[k]]
-    row["highest / None warm"] = stats["highest"][0] / stats[None][0]
+        row[f"warm {name} ms"] = list(warm[k])
+    row["highest / None warm"] = warm["highest"][0] / warm[None][0]
     return row
 
 
