@@ -125,5 +125,7 @@ def test_a_bad_precision_is_named(bad):
         with pytest.raises(ValueError, match=f"{who}: `matmul_precision`"):
             build(1e-2, matmul_precision=bad)
     grads, branches = _branch_problem()
-    with pytest.raises(ValueError, match="fishr.branch_kfac_solve: `matmul_precision`"):
-        fishr.branch_kfac_solve(grads, branches, jnp.ones((10, 4)), matmul_precision=bad)
+    for solve, who in ((fishr.branch_natgrad_solve, "fishr.branch_natgrad_solve"),
+                       (fishr.branch_kfac_solve, "fishr.branch_kfac_solve")):
+        with pytest.raises(ValueError, match=f"{who}: `matmul_precision`"):
+            solve(grads, branches, jnp.ones((10, 4)), matmul_precision=bad)
