@@ -16,6 +16,7 @@ place that calls ``lax.pmean`` / ``lax.psum`` / ``lax.all_gather``.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Hashable, Sequence
 from typing import Any
 
@@ -30,6 +31,7 @@ __all__ = [
     "all_gather_batch",
     "batch_mean",
     "batch_size",
+    "local_mean",
     "device_count",
     "device_index",
     "pmean",
@@ -81,8 +83,38 @@ def batch_mean(tree: Any, axis_name: AxisName, axis: int = 0, keepdims: bool = F
     n_devices`` samples. The local mean is taken first and then ``pmean``'d,
     which is exact because every device holds ``n_local`` samples.
     """
-    local = jax.tree.map(lambda x: jnp.mean(x, axis=axis, keepdims=keepdims), tree)
+    local = jax.tree.map(lambda x: local_mean(x, axis=axis, keepdims=keepdims), tree)
     return pmean(local, axis_name)
+
+
+PRODUCT_MEAN_MIN_WIDTH = 1024  # entries per sample from which the CPU's mean over samples is a product
+
+
+def local_mean(x: Any, axis: int = 0, keepdims: bool = False) -> jax.Array:
+    """``mean_i x_i`` over ``axis`` of one array on this device (no devices: see :func:`batch_mean`).
+
+    On the CPU, over axis 0 of a floating array with at least ``PRODUCT_MEAN_MIN_WIDTH``
+    entries per sample, the mean is the product ``(1/n, ..., 1/n) @ x`` (at the highest
+    precision), which runs as a library matrix-vector product: XLA's CPU reduction over
+    the leading axis is far slower on some shapes and versions (jax 0.10.2, 2-core AVX2,
+    float32: ``(256, 17,345)`` 26 ms against 0.8 ms for the product, ``(512, 17,345)`` 75
+    against 1.5 ms, ``(1,024, 9,473)`` 3.7 against 1.5 ms; on jax 0.9.1 1.0 / 0.5, 2.1 / 1.8
+    and 2.8 / 2.1 ms). Everywhere else ``jnp.mean``.
+    """
+    x = jnp.asarray(x)
+    product = (
+        x.ndim >= 2 and axis in (0, -x.ndim) and x.dtype in _PRODUCT_MEAN_DTYPES
+        and math.prod(x.shape[1:]) >= PRODUCT_MEAN_MIN_WIDTH and jax.default_backend() == "cpu"
+    )
+    if not product:
+        return jnp.mean(x, axis=axis, keepdims=keepdims)
+    n = x.shape[0]
+    weights = jnp.full((n,), 1.0 / n, x.dtype)
+    mean = jnp.matmul(weights, x.reshape(n, -1), precision=lax.Precision.HIGHEST).reshape(x.shape[1:])
+    return mean[None] if keepdims else mean
+
+
+_PRODUCT_MEAN_DTYPES = tuple(jnp.dtype(t) for t in ("float32", "float64", "complex64", "complex128"))
 
 
 def all_gather_batch(tree: Any, axis_name: AxisName) -> Any:
