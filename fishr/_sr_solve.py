@@ -294,7 +294,7 @@ def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_
     components = 2 if (jnp.issubdtype(out.dtype, jnp.complexfloating) and not config.holomorphic) else 1
     plan = None
     if mean_fn is None and config.jacobian != "generic":
-        plan = discover_layers(apply_fn, params, batch)
+        plan = discover_layers(apply_fn, params, batch, norms=True)
         if config.jacobian == "auto" and not layers_pay_off(plan, num_params, components):
             plan = None
     n = distributed.batch_size(n_local, config.axis_name)
@@ -326,8 +326,8 @@ def _wants_layers(jacobian: str, apply_fn, params, batch) -> bool:
         return False
     if jacobian == "structured":
         return True
-    plan = discover_layers(apply_fn, params, batch)
-    return bool(plan.layers) and layers_pay_off(plan, sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
+    plan = discover_layers(apply_fn, params, batch, norms=True)  # the norms' rows come from the capture too
+    return layers_pay_off(plan, sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
 def _scores_of(apply_fn, config: SRConfig, who: str) -> Callable[[Any, Any], jax.Array]:
@@ -715,9 +715,10 @@ def sr_solve(
         :mod:`fishr.capture` finds in ``apply_fn`` (exact; see :mod:`fishr.jacobian`),
         ``"generic"`` (``jax.linearize`` for lazy, explicit rows for sample_space), or
         ``"auto"``: structured for sample_space when the captured layers make the
-        kernel at least twice cheaper than the generic one
-        (:func:`fishr.jacobian.layers_pay_off`: Dense networks, not transformers whose
-        layers all see many positions), generic otherwise.
+        kernel at least twice cheaper than the generic one (Dense networks, RBMs) or
+        cover every parameter, so that no per-sample pass runs (a transformer of Dense,
+        attention and LayerNorm layers; :func:`fishr.jacobian.layers_pay_off`), generic
+        otherwise.
       axis_name: mapped axis (or axes) the samples are split over; ``None`` for one device.
       mean_fn: the centring mean ``u -> mean_i u_i`` over axis 0 of the score rows
         (``(n_local, C)`` or ``(n_local, C, P)``), including any reduction over devices;

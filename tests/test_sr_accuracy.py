@@ -13,6 +13,7 @@ Jacobian, Cholesky of the kernel, ``x = Obar^T y``): fishr's recommended call (w
 local energies) must be within 2x of it.
 """
 
+import dataclasses
 import functools
 
 import jax
@@ -96,17 +97,25 @@ def _fishr(jacobian, dtype, damping, with_energies=True):
     return flat(x), info
 
 
-def test_fixture_is_ill_conditioned_and_not_worth_the_layer_statistics():
-    """The kernel spans rounding level to ~1e2, and ``jacobian="auto"`` takes the generic rows:
-    every captured layer of a transformer sees several patches, so the layer statistics would
-    not make the kernel cheaper (:func:`fishr.jacobian.layers_pay_off`)."""
+def test_fixture_is_ill_conditioned_and_auto_takes_the_capture_for_its_rows():
+    """The kernel spans rounding level to ~1e2. Every captured layer of a transformer sees
+    several patches, so the layer statistics do not make the kernel cheaper, but the capture
+    covers every parameter (Dense, attention, LayerNorm), so ``jacobian="auto"`` takes it for
+    the rows: one forward and one backward pass instead of per-sample passes
+    (:func:`fishr.jacobian.layers_pay_off`). A model with an uncaptured leaf, or with a
+    convolution, keeps the generic rows."""
     apply, params, s, _, o = _vit()
     ob = o - o.mean(0)
     w = np.linalg.eigvalsh(ob @ ob.T / N)
     assert w.max() > 10 and abs(w.min()) < 1e-12 * w.max()
     p = o.shape[1]
-    plan = discover_layers(apply, params, s)
-    assert plan.layers and not jac_mod.layers_pay_off(plan, p)
+    plan = discover_layers(apply, params, s, norms=True)
+    assert plan.layers and not plan.uncovered
+    assert 2 * jac_mod.kernel_cost_per_pair(plan, p) > jac_mod.kernel_cost_per_pair(None, p)
+    assert jac_mod.layers_pay_off(plan, p)
+    assert not jac_mod.layers_pay_off(dataclasses.replace(plan, uncovered=(0,)), p)
+    conv = dataclasses.replace(plan.layers[0], kind="Conv")  # rows through the patches: the per-sample passes win
+    assert not jac_mod.layers_pay_off(dataclasses.replace(plan, layers=(conv,) + plan.layers[1:]), p)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])
