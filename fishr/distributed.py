@@ -31,9 +31,9 @@ __all__ = [
     "all_gather_batch",
     "batch_mean",
     "batch_size",
-    "local_mean",
     "device_count",
     "device_index",
+    "local_mean",
     "pmean",
     "psum",
 ]
