@@ -522,7 +522,7 @@ def layers_pay_off(plan: LayerPlan, num_params: int, c: int = 1) -> bool:
     kernel costs the same either way): on the vision transformer of ``benchmarks/vit.py``
     (``N = 256``, P = 17,345, 2-core CPU, median of 21 interleaved calls, 2026-12-04) the
     structured update took 0.82x the generic one's time on jax 0.10.2 (float32 and float64)
-    and 0.84x in float64 on jax 0.9.1, 0.81-1.10x in float32 there (within the spread).
+    and 0.83-0.84x in float64 on jax 0.9.1; 1.03-1.11x in float32 there (about the spread).
     Convolutions are left out: their rows from the capture go through the input patches
     (``T k`` entries per sample), where the per-sample passes use the convolution itself (a
     CNN of two 3x3 convolutions of 16 channels on 8x8 spins, ``N = 512``: structured
@@ -554,7 +554,7 @@ class LayerJacobian(NamedTuple):
       plan: the static :class:`fishr.capture.LayerPlan`.
       a: per layer, inputs with the bias column, ``(n, T, k)``.
       d: per layer, output gradients per component, ``(n, C, T, m)``.
-      rest: explicit rows (uncentred), held flat ``(n C, P_rest)`` as :class:`DenseJacobian`'s
+      rest: explicit rows (centred when ``rest_centred``), held flat ``(n C, P_rest)`` as :class:`DenseJacobian`'s
         (a product on rows reshaped inside a CG loop runs several times slower on the CPU; the
         ``(n, C, P_rest)`` view is :attr:`rest_rows`), of the uncovered parameters (per-sample
         gradients), of the layers whose per-sample gradients are cheaper than their structured
@@ -780,12 +780,14 @@ class LayerJacobian(NamedTuple):
         per-sample gradients chunk by chunk (``VARIANCE_CHUNK_ELEMENTS`` entries at a time).
         The difference is clipped at zero (it cancels digits where the mean score is large
         next to its spread, as the layers' kernel centring does; a metric needs no more).
-        The explicit rows are centred first (exact).
+        The explicit rows are centred first (exact), unless they were at build.
         """
         n_global = distributed.batch_size(self.rows_shape[0], self.axis_name)
         real = jnp.finfo(self.rest.dtype).dtype
         leaves: list = [None] * len(self.shapes)
-        rest = self.rest_rows - distributed.batch_mean(self.rest_rows, self.axis_name, keepdims=True)
+        rest = self.rest_rows
+        if not self.rest_centred:
+            rest = rest - distributed.batch_mean(rest, self.axis_name, keepdims=True)
         rest_variance = distributed.batch_mean(jnp.sum(jnp.abs(rest) ** 2, axis=1), self.axis_name)
         for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(rest_variance)):
             leaves[i] = leaf
