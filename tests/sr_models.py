@@ -7,7 +7,17 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.flatten_util import ravel_pytree
+
+
+def slow(*values, id=None):
+    """A parameter set marked ``slow``: outside CI's default run (``-m "not slow"``), run with ``-m slow``.
+
+    For the cases of a parametrised test that repeat what its other cases already cover along
+    the same code path (CI's 20-minute budget).
+    """
+    return pytest.param(*values, id=id, marks=pytest.mark.slow)
 
 
 @functools.partial(jax.jit, static_argnames=("n_in", "hidden", "dtype"))  # one program, not op by op

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sr_models import flat, random_like, rel_err
+from sr_models import flat, random_like, rel_err, slow
 
 import fishr
 from fishr import kronecker as F
@@ -229,7 +229,7 @@ def test_nnx_model_with_kfac_and_structured_sr():
 # --------------------------------------------------------------------------- devices
 
 
-@pytest.mark.parametrize("name", ["same", "attention"])
+@pytest.mark.parametrize("name", [slow("same"), "attention"])
 def test_conv_and_attention_equal_on_devices_and_one_device(name):
     from jax.sharding import PartitionSpec as P
 

@@ -170,8 +170,10 @@ def test_sr_solve_mean_fn_hook_defaults_and_refuses_structured():
     params, x, grad = problem(5)
     for mode in ("lazy", "dense"):
         cg = fishr.CG(max_steps=6)
-        default, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, solver=cg)
-        explicit, _ = fishr.sr_solve(log_psi, grad, params, x, mode=mode, solver=cg, mean_fn=lambda u: jnp.mean(u, 0))
+        solve = jax.jit(lambda g, p, mode=mode, cg=cg, **kw: fishr.sr_solve(log_psi, g, p, x, mode=mode, solver=cg,
+                                                                           **kw)[0], static_argnames="mean_fn")
+        default = solve(grad, params)
+        explicit = solve(grad, params, mean_fn=lambda u: jnp.mean(u, 0))
         np.testing.assert_allclose(flat(explicit), flat(default), rtol=0, atol=1e-12)
     with pytest.raises(ValueError, match="`mean_fn`"):
         fishr.sr_solve(log_psi, grad, params, x, jacobian="structured", mean_fn=plain_mean)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from jax.flatten_util import ravel_pytree
 from jax.sharding import PartitionSpec as P
-from sr_models import flat, jacobian_rows, rel_err
+from sr_models import flat, jacobian_rows, rel_err, slow
 from test_sr_structured import _case as _structured_case
 from test_sr_structured import _f64, _jacobian
 
@@ -20,6 +20,9 @@ from fishr._metric import kronecker_factored
 from fishr.capture import discover_layers
 
 CASES = ["mlp", "rbm", "per_position", "mixed", "complex_out", "holomorphic", "two_positions"]
+# CI's default run: a complex output, a holomorphic model and a layer at several positions (T > 1)
+# cover the paths of the other cases, which run with -m slow
+DEFAULT_CASES = [name if name in ("complex_out", "holomorphic", "two_positions") else slow(name) for name in CASES]
 
 
 class TwoPositions(nn.Module):
@@ -53,13 +56,17 @@ def test_layer_score_variance_equals_the_per_sample_rows(name, monkeypatch):
     """diag S from the layers' statistics (T = 1 and, chunked, T > 1) equals the explicit rows'."""
     monkeypatch.setattr(jac_mod, "VARIANCE_CHUNK_ELEMENTS", 40)  # several chunks at T > 1
     log_psi, params, x, _, holo = _case(name)
-    structured = _jacobian(True, log_psi, params, x, holo)
-    generic = _jacobian(False, log_psi, params, x, holo)
+    plans = []
+
+    def variances(p, s):  # one compiled program, not op by op
+        structured = _jacobian(True, log_psi, p, s, holo)
+        plans.append(structured.plan)
+        return ravel_pytree(structured.score_variance())[0], _jacobian(False, log_psi, p, s, holo).score_variance()
+
+    got, want = jax.jit(variances)(params, x)
     if name == "two_positions":  # the T > 1 form is what is tested here
-        assert [layer.positions for layer in structured.plan.layers] == [2, 1]
-    want = np.real(generic.score_variance())
-    got = flat(structured.score_variance())
-    assert np.isrealobj(got) and rel_err(got, want) < 1e-12
+        assert [layer.positions for layer in plans[0].layers] == [2, 1]
+    assert np.isrealobj(got) and rel_err(got, np.real(want)) < 1e-12
 
 
 def test_kronecker_factorisation_keeps_row_and_column_sums():
@@ -97,7 +104,7 @@ def _reference(log_psi, params, x, holo, grad, metric_flat, damping):
     return np.linalg.solve(s + damping * np.diag(metric_flat), flat(grad))
 
 
-@pytest.mark.parametrize("name", CASES)
+@pytest.mark.parametrize("name", DEFAULT_CASES)
 def test_factored_metric_solve_equals_the_dense_reference(name):
     """sample_space on the layers' statistics and on the rows, and dense, all solve (S + d M^) x = g."""
     log_psi, params, x, grad, holo = _case(name)
@@ -112,7 +119,7 @@ def test_factored_metric_solve_equals_the_dense_reference(name):
         assert rel_err(got, want) < 1e-10, (mode, jacobian, rel_err(got, want))
 
 
-@pytest.mark.parametrize("name", ["mlp", "two_positions", "complex_out"])
+@pytest.mark.parametrize("name", [slow("mlp"), "two_positions", "complex_out"])
 def test_factored_march_structured_equals_generic(name):
     """Three MARCH "var" steps with SPRING momentum: the same updates and accumulator from the layers'
     statistics as from the per-sample rows (the structured Jacobian is what auto picks for these)."""
@@ -142,8 +149,9 @@ def test_factored_metric_options():
                        metric=_positive_metric(params))
     # a non-positive metric entry gives NaN (the transform keeps its state), factored or not
     bad = jax.tree.map(lambda m: -m, _positive_metric(params))
-    x_bad, _ = fishr.sr_solve(log_psi, grad, params, x, damping=1e-2, mode="sample_space", jacobian="structured",
-                              metric=bad, factored_metric=True)
+    x_bad, _ = jax.jit(lambda g, p, m: fishr.sr_solve(log_psi, g, p, x, damping=1e-2, mode="sample_space",
+                                                      jacobian="structured", metric=m, factored_metric=True))(
+        grad, params, bad)
     assert not np.isfinite(flat(x_bad)).all()
 
 

@@ -79,8 +79,9 @@ def test_float32_results_do_not_depend_on_the_setting_on_this_backend():
     apply, params, x = _flax_problem()
     grads = random_like(jax.random.PRNGKey(2), params)
     energies = jnp.linspace(-1.0, 1.0, x.shape[0], dtype=jnp.float32)
-    run = lambda prec: fishr.sr_solve(apply, grads, params, x, damping=1e-2, mode="sample_space",
-                                      local_energies=energies, matmul_precision=prec)[0]
+    run = lambda prec: jax.jit(lambda g, p: fishr.sr_solve(apply, g, p, x, damping=1e-2, mode="sample_space",
+                                                           local_energies=energies, matmul_precision=prec)[0])(
+        grads, params)
     a, b = run("highest"), run(None)
     for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         assert jnp.allclose(u, v, rtol=1e-6, atol=1e-7)

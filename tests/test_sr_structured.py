@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax_models import MLP, RBM, ComplexOut, Holomorphic, Mixed, PerPosition
 from jax.sharding import PartitionSpec as P
-from sr_models import flat, random_like, rel_err
+from sr_models import flat, random_like, rel_err, slow
 
 import fishr
 from fishr import _sample_space as sample_space_mod
@@ -48,7 +48,7 @@ CASES = ["mlp", "rbm", "per_position", "mixed", "complex_out", "holomorphic"]
 def heavy(name):
     """``complex_out`` in the expensive checks: slow (CI's time budget); its structured-equals-generic
     solves in both modes stay in the default run (test_structured_equals_generic)."""
-    return pytest.param(name, marks=pytest.mark.slow) if name == "complex_out" else name
+    return slow(name) if name == "complex_out" else name
 
 
 def _jacobian(structured, log_psi, params, x, holo):
@@ -170,7 +170,7 @@ def test_kernel_tiles_equal_the_full_kernel(name):
         np.testing.assert_allclose(np.asarray(gram), full, **tol)
 
 
-@pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), "holomorphic"])
+@pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), slow("holomorphic")])
 @pytest.mark.parametrize("jacobian", ["structured", "generic"])
 def test_kernel_factorisations_agree(monkeypatch, name, jacobian):
     """The sample-space solve by the tiled loop (the CPU's path; a float32 factor refined by
@@ -252,7 +252,7 @@ def test_kernel_factorisation_rule():
     assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
 
 
-@pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), "holomorphic"])
+@pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), slow("holomorphic")])
 def test_structured_equals_generic_over_several_sample_ranges(name):
     log_psi, params, x, grad, holo = _case(name, n=650)
     kw = dict(damping=1e-3, mode="sample_space", holomorphic=holo)

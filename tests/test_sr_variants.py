@@ -17,6 +17,7 @@ from sr_models import (
     mlp_complex_log_psi,
     mlp_log_psi,
     mlp_params,
+    slow,
 )
 
 import fishr
@@ -520,7 +521,7 @@ def _nonholomorphic_log_psi(params, x):
             + 1j * x[:, 1] * jnp.real(params["v"][1]))
 
 
-@pytest.mark.parametrize("mode,solver", [("lazy", TIGHT), ("dense", fishr.Cholesky()), ("sample_space", None)])
+@pytest.mark.parametrize("mode,solver", [slow("lazy", TIGHT), ("dense", fishr.Cholesky()), ("sample_space", None)])
 def test_non_holomorphic_complex_params_are_sr_on_real_pairs(mode, solver):
     """theta = a + i b solved as the real pair (a, b): S = Re(Obar^H Obar) / N over 2P real coordinates,
     gradient dL/da + i dL/db in, x_a + i x_b out (float64 reference of the pair function)."""
