@@ -132,7 +132,7 @@ from fishr._validate import (
     local_batch_size,
     poison,
 )
-from fishr.capture import discover_layers
+from fishr.capture import LayerPlan, discover_layers
 from fishr.chunking import check_chunk_size, num_chunks
 from fishr.distributed import AxisName
 from fishr.jacobian import (
@@ -283,8 +283,28 @@ def auto_mode(n: int, num_params: int, kernel_per_pair: int, components: int = 1
     return "dense" if fits_dense else "lazy"
 
 
-def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_fn) -> SRConfig:
-    """``config`` with ``mode="auto"`` replaced by :func:`auto_mode`'s choice and its default solver."""
+def _layer_plan_of(apply_fn, params, batch) -> Callable[[], LayerPlan]:
+    """``() -> discover_layers(apply_fn, params, batch, norms=True)``, traced at most once.
+
+    The plan is static (fixed at trace time); ``mode="auto"`` and ``jacobian="auto"`` both read it,
+    and one abstract trace of the model per call is what they cost (each trace is ~0.05 s of a
+    first call on the grid's models).
+    """
+    found: list[LayerPlan] = []
+
+    def plan() -> LayerPlan:
+        if not found:  # the norms' rows come from the capture too
+            found.append(discover_layers(apply_fn, params, batch, norms=True))
+        return found[0]
+
+    return plan
+
+
+def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_fn,
+                  layer_plan: Callable[[], LayerPlan] | None = None) -> SRConfig:
+    """``config`` with ``mode="auto"`` replaced by :func:`auto_mode`'s choice and its default solver.
+
+    ``layer_plan``: the call's :func:`_layer_plan_of` (one is made if not given)."""
     if config.mode != "auto":
         return config
     if isinstance(config.solver, CG):  # an iterative solve was asked for: nothing is formed
@@ -294,7 +314,7 @@ def _resolve_auto(config: SRConfig, apply_fn, params, batch, n_local: int, mean_
     components = 2 if (jnp.issubdtype(out.dtype, jnp.complexfloating) and not config.holomorphic) else 1
     plan = None
     if mean_fn is None and config.jacobian != "generic":
-        plan = discover_layers(apply_fn, params, batch, norms=True)
+        plan = (layer_plan or _layer_plan_of(apply_fn, params, batch))()
         if config.jacobian == "auto" and not layers_pay_off(plan, num_params, components):
             plan = None
     n = distributed.batch_size(n_local, config.axis_name)
@@ -321,13 +341,12 @@ def _check_holomorphic(params: Any, holomorphic: bool, who: str) -> None:
 # --------------------------------------------------------------------------- Jacobian representations
 
 
-def _wants_layers(jacobian: str, apply_fn, params, batch) -> bool:
+def _wants_layers(jacobian: str, params, layer_plan: Callable[[], LayerPlan]) -> bool:
     if jacobian == "generic":
         return False
     if jacobian == "structured":
         return True
-    plan = discover_layers(apply_fn, params, batch, norms=True)  # the norms' rows come from the capture too
-    return layers_pay_off(plan, sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
+    return layers_pay_off(layer_plan(), sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
 def _scores_of(apply_fn, config: SRConfig, who: str) -> Callable[[Any, Any], jax.Array]:
@@ -575,7 +594,8 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
                              "with factored_metric=True they can).")
         config = dataclasses.replace(config, jacobian="generic")
     requested_solver = config.solver
-    config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn)
+    layer_plan = _layer_plan_of(apply_fn, params, batch)
+    config = _resolve_auto(config, apply_fn, params, batch, n_local, mean_fn, layer_plan)
     ok = damping_ok(damping)
     damping = jnp.where(ok, damping, jnp.nan)  # a traced bad damping gives NaN, never an anti-damped solve
     if config.mode == "lazy" and (config.damping_rule.active or isinstance(requested_solver, Spectral)):
@@ -602,7 +622,7 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
                                  config.holomorphic, config.axis_name, mean_fn)
     else:
         structured = config.mode == "sample_space" and mean_fn is None and _wants_layers(
-            config.jacobian, apply_fn, params, batch)
+            config.jacobian, params, layer_plan)
         jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
         if ratios is not None:  # weights took the generic rows
             assert isinstance(jac, DenseJacobian | ShardedRowsJacobian)
