@@ -110,7 +110,7 @@ UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs u
 
 
 def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
-                 jax.Array]], ts: int | None = None) -> jax.Array:
+                 jax.Array]], ts: int | None = None, map_blocks: bool = True) -> jax.Array:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
     ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
@@ -125,7 +125,12 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     1.17-1.27x slower, the mapped block 1.00-1.01x (against each block unrolled, which
     compiled 10 copies); at ``n = 2,048`` (8 tile rows) the loop changed the warm call by
     0.98-1.03x against unrolled blocks (and took 1.5-2.2 s off a 3.6-4.3 s compile), the
-    mapped block 1.06x against the loop. The padded rows
+    mapped block 1.06x against the loop. ``map_blocks=False`` unrolls the few blocks
+    instead, each at static starts: for explicit rows (``N x P``, ``P`` large) the mapped
+    block gathers every pair's two ``m x P`` row slabs into copies before its batched
+    product, and the float32 sample-space call at ``N = 1,024``, ``P = 5,313`` ran 1.5x
+    slower mapped (204-207 against 131-141 ms); a block of the layers' statistics is
+    small, and mapped it compiles once. The padded rows
     get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
     the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
     (rounded up to a multiple of ``C``).
@@ -139,6 +144,10 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     block = make_block(m, nb * m)
     if nb == 1:
         tiles = block(0, 0).astype(dtype)[None, None]
+    elif nb <= UNROLL_KERNEL_MAX_TILES and not map_blocks:  # few tiles: each block at its static starts
+        zero = jnp.zeros((ts, ts), dtype)
+        tiles = jnp.stack([jnp.stack([block(i * m, j * m).astype(dtype) if j <= i else zero for j in range(nb)])
+                           for i in range(nb)])
     elif nb <= UNROLL_KERNEL_MAX_TILES:  # few tiles: one block mapped over the lower tile pairs at once
         lower = np.asarray([(i, j) for i in range(nb) for j in range(i + 1)])
         blocks = jax.vmap(lambda i, j: block(i * m, j * m).astype(dtype))(jnp.asarray(lower[:, 0]),
@@ -354,7 +363,7 @@ class DenseJacobian(NamedTuple):
             take = _slicer(rows, n_pad, m)
             return lambda i0, j0: _rows_gram(take(i0), take(j0))
 
-        return tiled_kernel(n, c, rows.dtype, make_block, ts)
+        return tiled_kernel(n, c, rows.dtype, make_block, ts, map_blocks=False)  # m x P slabs: no gathered copies
 
     def gram(self) -> jax.Array:
         """``Obar Obar^H``, ``(n C) x (n C)``."""
