@@ -21,6 +21,14 @@ after a warm-up, with min-max):
   kernel in the working precision can cost. fishr's float64 path on the CPU
   factors in float32 and refines in float64 (same accuracy), so in float64 it
   can come in under this bound.
+* ``floor``: measured, not computed: the captured statistics, the kernel
+  ``sum_l (a_l a_l^T) * (d_l d_l^T)`` by plain products and the backend's Cholesky
+  of the ``N x N`` kernel (``jnp.linalg.cholesky``), jitted as one program: what any
+  sample-space method that forms and factors the kernel with the standard operations
+  pays before its solve. ``chol`` is that Cholesky alone. At ``N = 1,024`` both sit far
+  above ``bound``: LAPACK's Cholesky of that size runs well below the GEMM peak, and
+  forming the kernel (``N^2`` times the layers' widths) costs about as much as factoring
+  it; ``bound`` leaves both out.
 
 Run: ``python -m benchmarks.structured_sr [--quick] [--f64]``. NetKet is optional
 (``pip install -e ".[bench]"``); without it its columns are skipped.
@@ -78,7 +86,7 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
     import jax.numpy as jnp
 
     import fishr
-    from fishr.capture import capture
+    from fishr.capture import augment_bias, capture
 
     try:
         import netket as nk
@@ -124,6 +132,19 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
                                   params, x),
         }
         stats = jax.jit(lambda p, s: capture(model.apply, p, s)[2:4])
+
+        def kernel_and_factor(p, s):  # the floor: statistics, kernel by plain products, LAPACK Cholesky
+            captured = capture(model.apply, p, s)
+            kernel = 0
+            for a, d in zip(captured.inputs, captured.output_grads):
+                a = augment_bias(a.reshape(n, -1), True)
+                d = d.reshape(n, -1)
+                kernel = kernel + (a @ a.T) * (d @ d.T)
+            return jnp.linalg.cholesky(kernel + n * damping * jnp.eye(n, dtype=dtype))
+
+        floor = partial(jax.jit(kernel_and_factor), params, x)
+        spd = jnp.eye(n, dtype=dtype) * 2 + 0.01
+        chol = partial(jax.jit(jnp.linalg.cholesky), spd)
         if nk is not None:
             srt = jax.jit(lambda p, s, e: srt_onthefly(  # returns (updates, old_updates, info)
                 model.apply, e, p["params"], {}, s, diag_shift=damping,
@@ -154,6 +175,10 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
             print(f"[structured_sr]   {name:22s} {row[name][0]:9.1f} ms", flush=True)
         stats_ms = _median_ms(partial(stats, params, x), repeats)[0]
         row["bound"] = n**3 / 3 / (peak * 1e9) * 1e3 + stats_ms
+        row["floor"] = _median_ms(floor, repeats)
+        row["chol"] = _median_ms(chol, repeats)
+        print(f"[structured_sr]   floor (stats, kernel, LAPACK Cholesky) {row['floor'][0]:.1f} ms, Cholesky alone "
+              f"{row['chol'][0]:.1f} ms, bound {row['bound']:.1f} ms", flush=True)
         exact_peers = [row[k][0] for k in ("netket srt_onthefly",) if k in row]
         if exact_peers:
             row["structured / netket fastest exact"] = row["fishr structured"][0] / min(exact_peers)
@@ -173,13 +198,15 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
 
 def _markdown(rows):
     cols = ["fishr structured", "fishr generic", "fishr lazy", "netket srt_onthefly", "netket QGTOnTheFly"]
-    head = "| N | P | dtype | " + " | ".join(cols) + " | bound | structured / NetKet srt |"
-    lines = [head, "|" + "---|" * (len(cols) + 5)]
+    head = ("| N | P | dtype | " + " | ".join(cols)
+            + " | bound | floor (measured) | chol | structured / floor | structured / NetKet srt |")
+    lines = [head, "|" + "---|" * (len(cols) + 8)]
     for r in rows:
         cells = [f"{r[c][0]:.1f}" if c in r else "n/a" for c in cols]
         ratio = f"{r['structured / netket fastest exact']:.2f}x" if "structured / netket fastest exact" in r else "n/a"
         lines.append(f"| {r['N']} | {r['P']} | {r['dtype']} | " + " | ".join(cells)
-                     + f" | {r['bound']:.1f} | {ratio} |")
+                     + f" | {r['bound']:.1f} | {r['floor'][0]:.1f} | {r['chol'][0]:.1f}"
+                     + f" | {r['fishr structured'][0] / r['floor'][0]:.2f}x | {ratio} |")
     return "\n".join(lines)
 
 
