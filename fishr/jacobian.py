@@ -107,6 +107,9 @@ def _single(dtype) -> Any:
 
 
 UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs up to this many tile rows, loops beyond
+# explicit rows at least this wide make a structured kernel's few blocks unrolled instead of mapped
+# (the mapped block gathers each pair's m x P_rest slabs; see tiled_kernel's map_blocks)
+UNROLL_REST_MIN_WIDTH = 1024
 
 
 def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
@@ -129,8 +132,10 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     instead, each at static starts: for explicit rows (``N x P``, ``P`` large) the mapped
     block gathers every pair's two ``m x P`` row slabs into copies before its batched
     product, and the float32 sample-space call at ``N = 1,024``, ``P = 5,313`` ran 1.5x
-    slower mapped (204-207 against 131-141 ms); a block of the layers' statistics is
-    small, and mapped it compiles once. The padded rows
+    slower mapped (204-207 against 131-141 ms), and the structured call of a ViT whose
+    layers are all kept as explicit rows (``N = 1,024``, ``P = 17,345``) 1.29x (607 against
+    471 ms, jax 0.9.1); a block of the layers' statistics alone is small, and mapped it
+    compiles once. The padded rows
     get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
     the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
     (rounded up to a multiple of ``C``).
@@ -748,7 +753,8 @@ class LayerJacobian(NamedTuple):
 
             return block
 
-        return tiled_kernel(n, c, dtype, make_block, ts)
+        # wide explicit rows: blocks unrolled (no gathered copies of their slabs); else mapped, compiled once
+        return tiled_kernel(n, c, dtype, make_block, ts, map_blocks=rest.shape[-1] < UNROLL_REST_MIN_WIDTH)
 
     def gram(self) -> jax.Array:
         """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""

@@ -247,6 +247,54 @@ def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jaco
     assert rel_err(flat(forced), flat(first)) <= 1e-5
 
 
+@pytest.mark.parametrize("c", [1, 2])
+def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
+    """The kernel's lower tiles from one block mapped over the tile pairs, from blocks unrolled at
+    static starts and from the loop over pairs (more tile rows than are unrolled) all equal the
+    dense ``Obar Obar^T`` (uneven: 150 samples in tiles of 32 rows, zero-padded)."""
+    n, p = 150, 40
+    rows = jax.random.normal(jax.random.PRNGKey(0), (n * c, p), jnp.float64)
+    want = np.asarray(rows @ rows.T)
+
+    def make_block(m, n_pad):
+        padded = jnp.pad(rows, ((0, n_pad * c - n * c), (0, 0)))
+        take = lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0 * c, m * c, axis=0)
+        return lambda i0, j0: take(i0) @ take(j0).T
+
+    def kernel(map_blocks):
+        tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=map_blocks))()
+        return np.asarray(jac_mod.kernel_from_tiles(tiles, n * c))
+
+    monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 5)  # 5 tile rows: mapped or unrolled
+    for map_blocks in (True, False):
+        np.testing.assert_allclose(kernel(map_blocks), want, rtol=1e-13, atol=1e-12)
+    monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 2)  # the loop over the tile pairs
+    np.testing.assert_allclose(kernel(True), want, rtol=1e-13, atol=1e-12)
+
+
+def test_wide_explicit_rows_unroll_the_structured_kernel(monkeypatch):
+    """A structured Jacobian whose explicit rows are at least UNROLL_REST_MIN_WIDTH wide fills its few
+    kernel blocks unrolled, narrower ones mapped; both give the generic rows' kernel."""
+    log_psi, params, x, _, holo = _case("mixed", n=80)
+    seen = []
+    original = jac_mod.tiled_kernel
+
+    def spy(*args, map_blocks=True, **kw):
+        seen.append(map_blocks)
+        return original(*args, map_blocks=map_blocks, **kw)
+
+    monkeypatch.setattr(jac_mod, "tiled_kernel", spy)
+    generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
+                                                            .kernel_tiles(32))(params, x), 80))
+    for width, mapped in [(10**9, True), (1, False)]:
+        monkeypatch.setattr(jac_mod, "UNROLL_REST_MIN_WIDTH", width)
+        seen.clear()
+        layer = jax.jit(lambda p, s: _jacobian(True, log_psi, p, s, holo).kernel_tiles(32))(params, x)
+        assert seen == [mapped]
+        np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(layer, 80)), generic, rtol=1e-10,
+                                   atol=1e-12 * np.abs(generic).max())
+
+
 def test_kernel_factorisation_rule():
     rule = sample_space_mod.kernel_factorisation
     assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
