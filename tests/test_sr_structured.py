@@ -270,6 +270,8 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
         np.testing.assert_allclose(kernel(map_blocks), want, rtol=1e-13, atol=1e-12)
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 2)  # the loop over the tile pairs
     np.testing.assert_allclose(kernel(True), want, rtol=1e-13, atol=1e-12)
+    tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=False, max_unrolled=5))()
+    np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(tiles, n * c)), want, rtol=1e-13, atol=1e-12)
 
 
 def test_wide_explicit_rows_unroll_the_structured_kernel(monkeypatch):
