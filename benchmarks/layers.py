@@ -424,14 +424,15 @@ def vit_problem(kind: str, n: int, seed: int = 0, reference: bool = True) -> dic
 def auto_choice(apply_fn, params, s) -> str:
     """What ``fishr.sr_solve``'s defaults resolve to here (fishr internals; 'unknown' if they moved)."""
     try:
-        from fishr._sr_solve import _resolve_auto, _wants_layers, sr_config
+        from fishr._sr_solve import _layer_plan_of, _resolve_auto, _wants_layers, sr_config
 
         config = sr_config("benchmark", damping=SR_DAMPING, mode="auto", solver=None, jacobian="auto", momentum=0.0,
                            holomorphic=False, axis_name=None)
-        mode = _resolve_auto(config, apply_fn, params, s, s.shape[0], None).mode
+        plan = _layer_plan_of(apply_fn, params, s)  # one discovery for both choices, as sr_solve
+        mode = _resolve_auto(config, apply_fn, params, s, s.shape[0], None, plan).mode
         if mode == "dense":
             return "dense (explicit Jacobian)"
-        return f"{mode}, {'structured' if _wants_layers('auto', apply_fn, params, s) else 'generic'} Jacobian"
+        return f"{mode}, {'structured' if _wants_layers('auto', params, plan) else 'generic'} Jacobian"
     except Exception as err:
         return f"unknown ({type(err).__name__})"
 
