@@ -261,8 +261,9 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
         take = lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0 * c, m * c, axis=0)
         return lambda i0, j0: take(i0) @ take(j0).T
 
-    def kernel(map_blocks):
-        tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=map_blocks))()
+    def kernel(map_blocks, max_unrolled=None):
+        tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=map_blocks,
+                                                     max_unrolled=max_unrolled))()
         return np.asarray(jac_mod.kernel_from_tiles(tiles, n * c))
 
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 5)  # 5 tile rows: mapped or unrolled
@@ -270,8 +271,8 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
         np.testing.assert_allclose(kernel(map_blocks), want, rtol=1e-13, atol=1e-12)
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 2)  # the loop over the tile pairs
     np.testing.assert_allclose(kernel(True), want, rtol=1e-13, atol=1e-12)
-    tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=False, max_unrolled=5))()
-    np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(tiles, n * c)), want, rtol=1e-13, atol=1e-12)
+    # max_unrolled moves the limit past UNROLL_KERNEL_MAX_TILES: unrolled again
+    np.testing.assert_allclose(kernel(False, max_unrolled=5), want, rtol=1e-13, atol=1e-12)
 
 
 def test_wide_explicit_rows_unroll_the_structured_kernel(monkeypatch):
