@@ -184,7 +184,8 @@ Factor = TiledFactor | jax.Array  # by tiles, or assembled: the lower factor L' 
 
 
 def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
-    """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded), and whether it is finite.
+    """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded; :func:`fishr.jacobian.tiled_kernel`'s,
+    zero above the diagonal), and whether it is finite.
 
     ``kind="tiled"``: :func:`fishr.linalg.tiled_cholesky`; ``"lapack"``: the backend's
     Cholesky of the assembled matrix. Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
@@ -209,10 +210,12 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     if kind == "lapack":
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
         factor = lower if assembled else tiled_factor_from_cholesky(lower, ts)
-    else:
-        tiled = tiled_cholesky(tiles, shift)
-        factor = from_tiles(tiled.tiles).conj() if assembled else tiled
-    return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
+        return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
+    # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
+    # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
+    tiled = tiled_cholesky(tiles, shift, upper_zero=True)
+    factor = from_tiles(tiled.tiles).conj() if assembled else tiled
+    return factor, jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
 def _nan_factor(tiles: jax.Array) -> Factor:

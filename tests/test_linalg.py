@@ -154,6 +154,29 @@ def test_tiled_cholesky_reads_only_the_lower_tiles(complex_):
     np.testing.assert_allclose(full, a, atol=1e-14)
 
 
+@pytest.mark.parametrize("n, ts", [(64, 8), (100, 8)], ids=["unrolled_tiles", "looped_tiles"])
+def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(n, ts):
+    """With zero tiles above the diagonal, ``upper_zero=True`` gives the same factor without clearing
+    them; a non-finite entry anywhere on or below the diagonal, or a matrix that is not positive
+    definite, leaves ``inv_diag`` non-finite (what the sample-space solve tests instead of the factor)."""
+    a = _spd(n, False, seed=24)
+    tiles, _ = _padded_tiles(a, ts)
+    nb = tiles.shape[0]
+    upper = np.triu(np.ones((nb, nb), bool), 1)[:, :, None, None]
+    zeroed = jnp.where(upper, 0, tiles)
+    ref = linalg.tiled_cholesky(zeroed, 0.3)
+    lean = jax.jit(lambda t: linalg.tiled_cholesky(t, 0.3, upper_zero=True))(zeroed)
+    np.testing.assert_array_equal(np.asarray(lean.tiles), np.asarray(ref.tiles))
+    assert np.isfinite(np.asarray(lean.inv_diag)).all()
+    for i, j in [(1, 0), (nb - 1, 0), (nb - 1, nb - 2), (nb - 1, nb - 1)]:  # below the diagonal and on it
+        bad = np.asarray(zeroed).copy()
+        bad[i, j, 1, 2 if i != j else 0] = np.nan
+        factor = linalg.tiled_cholesky(jnp.asarray(bad), 0.3, upper_zero=True)
+        assert not np.isfinite(np.asarray(factor.inv_diag)).all(), (i, j)
+    indefinite = linalg.tiled_cholesky(zeroed, -2 * float(np.linalg.eigvalsh(a).max()), upper_zero=True)
+    assert not np.isfinite(np.asarray(indefinite.inv_diag)).all()
+
+
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("kind", ["tiled", "lapack"])
 @pytest.mark.parametrize("max_rows", [0, 2048], ids=["by_tiles", "assembled"])
