@@ -13,8 +13,8 @@ and imaginary parts of a complex ``log psi`` of real parameters).
 and the two that hold the statistics of the whole batch also offer
 ``kernel_tiles()`` (the tiles of ``Obar Obar^H``, ``(n C) x (n C)``, on and below the
 diagonal, for :func:`fishr.linalg.tiled_cholesky`), ``gram()`` (the whole kernel) and
-``gather()``. For a few tile rows the tiles come in row slabs (one block per tile row),
-beyond in a ``lax.fori_loop`` over tile pairs, so the compiled program does not grow with ``n``.
+``gather()``. The tiles are computed in a ``lax.fori_loop`` over tile pairs, so the
+compiled program does not grow with ``n``.
 
 :class:`LinearizedJacobian`
     ``jax.linearize`` of the batched scores and its transpose (no Jacobian is
@@ -106,44 +106,54 @@ def _single(dtype) -> Any:
     return jnp.complex64 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float32
 
 
-UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel computes few tile rows at once (mapped or in row slabs), loops beyond
-# explicit rows alone (the generic Jacobian): one product per row slab, cheap to compile, unrolled up to
-# this many tile rows (N <= 2,048)
-UNROLL_ROWS_MAX_TILES = 8
-# a structured kernel of few tile rows maps one block over its tile pairs while every per-sample statistic
-# (a layer's inputs or output gradients, the explicit rows) has at most this many entries; row slabs beyond
+UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs up to this many tile rows, loops beyond
+# a structured kernel's few blocks are mapped while every per-sample statistic (a layer's inputs or output
+# gradients, the explicit rows) has at most this many entries, unrolled beyond (see tiled_kernel's map_blocks)
 MAPPED_MAX_WIDTH = 192
+# explicit rows alone (the generic Jacobian): their blocks are single products, cheap to compile, and
+# unrolled up to this many tile rows (N <= 2,048): 1.10x faster than the loop at N = 2,048, P = 5,313
+# (float32, 481 against 531 ms, compile 2.9 against 3.0 s)
+UNROLL_ROWS_MAX_TILES = 8
 
 
-def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int], Callable[[Any, int, Any, int],
-                 jax.Array]], ts: int | None = None, max_unrolled: int | None = None,
-                 map_narrow: bool = False) -> jax.Array:
+def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
+                 jax.Array]], ts: int | None = None, map_blocks: bool = True,
+                 max_unrolled: int | None = None) -> jax.Array:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
-    ``make_block(n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
-    samples (once) and returns ``block(i0, mi, j0, mj)``, the kernel's ``(mi C) x (mj C)``
-    block for samples ``i0 .. i0 + mi`` and ``j0 .. j0 + mj`` (``mi``, ``mj`` static, the
-    starts static or traced). Up to ``max_unrolled`` tile rows (default
-    ``UNROLL_KERNEL_MAX_TILES`` = 4) the tiles are computed at once: with ``map_narrow``, one
-    block mapped (``jax.vmap``) over the ``nb (nb + 1) / 2`` lower tile pairs (batched
-    products, compiled once); otherwise each tile row is one block, its row slab against all
-    columns up to the diagonal (``ts x (i + 1) ts``, static starts): ``nb`` blocks whose
-    products are large, exactly the lower tiles' flops. Beyond, the blocks are filled in one
-    ``lax.fori_loop`` over the tile pairs: a compiled program of one block's size whatever ``n``.
-
-    Measured on the 2-core CPU (float32 structured sample-space call, MLP ``k``-``w``-``w``-1,
-    ``N = 1,024``, jax 0.9.1, warm / first call, interleaved): the mapped block is the faster
-    up to ``w = 192`` (``w = 64``: 16.6 / 2.2 s against slabs 17.0 / 2.5-2.7 s; ``w = 128``:
-    22.4 / 2.2-2.3 s against 24.1 / 2.7 s; ``w = 192``: 29.6 / 2.2 s against 31.2 / 2.9 s)
-    and falls behind beyond, where its slices become gathers and its batched products slow
-    down (``w = 200``, ``P = 47,001``: 43-45 ms against slabs 31-32 ms; ``w = 256``: 50.7
-    against 42.9 ms); each tile unrolled 30-36 ms at ``w = 200``, the whole square kernel as
-    one block 47-52 ms. Hence ``MAPPED_MAX_WIDTH``. At ``n = 2,048`` (8 tile rows) the loop
-    changed the warm call by 0.98-1.03x against unrolled tiles and took 1.5-2.2 s off a
-    3.6-4.3 s compile; row slabs there (``UNROLL_KERNEL_MAX_TILES = 8``) took 1.09-1.10x the
-    loop's warm call and 1.2-1.4x its first call. The padded rows get 1 on the diagonal (and
-    0 elsewhere), so a solve with the padded matrix leaves the real rows' solution as it is.
-    ``ts`` defaults to :func:`fishr.linalg.tile_size` (rounded up to a multiple of ``C``).
+    ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
+    samples (once, outside the loop) and returns ``block(i0, j0)``, the kernel's
+    ``(m C) x (m C)`` block for samples ``i0 .. i0 + m`` and ``j0 .. j0 + m`` (dynamic
+    starts). Up to ``UNROLL_KERNEL_MAX_TILES`` = 4 tile rows the block is mapped
+    (``jax.vmap``) over the ``nb (nb + 1) / 2`` lower tile pairs at once: batched products that
+    run on every core, compiled once; beyond, the blocks are filled in one ``lax.fori_loop``
+    over the tile pairs: a compiled program of one block's size whatever ``n``. Measured on
+    the 2-core CPU (float32 sample-space update with local energies, interleaved in one
+    process, 2026-12-04): at ``n = 1,024`` (4 tile rows) the loop made the warm call
+    1.17-1.27x slower, the mapped block 1.00-1.01x (against each block unrolled, which
+    compiled 10 copies); at ``n = 2,048`` (8 tile rows) the loop changed the warm call by
+    0.98-1.03x against unrolled blocks (and took 1.5-2.2 s off a 3.6-4.3 s compile), the
+    mapped block 1.06x against the loop. ``map_blocks=False`` unrolls the few blocks
+    instead, each at static starts: for explicit rows (``N x P``, ``P`` large) the mapped
+    block gathers every pair's two ``m x P`` row slabs into copies before its batched
+    product, and the float32 sample-space call at ``N = 1,024``, ``P = 5,313`` ran 1.5x
+    slower mapped (204-207 against 131-141 ms), and the structured call of a ViT whose
+    layers are all kept as explicit rows (``N = 1,024``, ``P = 17,345``) 1.29x (607 against
+    471 ms, jax 0.9.1). A block of narrow layers' statistics is small, and mapped it compiles
+    once; wide ones fall behind (:class:`LayerJacobian` maps while every per-sample statistic
+    has at most ``MAPPED_MAX_WIDTH`` = 192 entries). Measured (float32 structured sample-space
+    call, MLP ``k``-``w``-``w``-1, ``N = 1,024``, jax 0.9.1, warm / first call, fresh processes
+    alternating): mapped at ``w = 64`` 16.6 ms / 2.2 s against 17.0 ms / 2.5-2.7 s unrolled
+    (in row slabs, one block per tile row), ``w = 128`` 22.4 / 2.2-2.3 against 24.1 / 2.7,
+    ``w = 192`` 29.6 / 2.2 against 31.2 / 2.9; at ``w = 200`` (``P = 47,001``) mapped 43-45 ms /
+    2.2-2.3 s against 29-33 ms / 2.6-2.9 s unrolled by tiles (30-33 ms in row slabs, 47-52 ms
+    as one whole square block), ``w = 256`` 50.7 against 42.9 ms (row slabs). Row slabs were
+    not kept: for explicit rows the tiles are the faster (``N = 2,048``, ``P = 5,313``, kernel
+    alone: 171 against 213 ms), for layers they are level. ``max_unrolled`` (default
+    ``UNROLL_KERNEL_MAX_TILES``) moves the limit between the few blocks and the loop. The padded rows
+    get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
+    the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
+    (rounded up to a multiple of ``C``).
     """
     rows = n * c
     if ts is None:
@@ -151,24 +161,25 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int], Callabl
     ts = -(-ts // c) * c
     m = ts // c
     nb = -(-rows // ts)
-    block = make_block(nb * m)
+    block = make_block(m, nb * m)
     few = nb <= (UNROLL_KERNEL_MAX_TILES if max_unrolled is None else max_unrolled)
-    if few and nb > 1 and map_narrow:  # one block mapped over the lower tile pairs at once
-        lower = np.asarray([(i, j) for i in range(nb) for j in range(i + 1)])
-        blocks = jax.vmap(lambda i, j: block(i * m, m, j * m, m).astype(dtype))(jnp.asarray(lower[:, 0]),
-                                                                                jnp.asarray(lower[:, 1]))
-        tiles = jnp.zeros((nb, nb, ts, ts), dtype).at[lower[:, 0], lower[:, 1]].set(blocks)
-    elif few:  # row slabs, static starts
+    if nb == 1:
+        tiles = block(0, 0).astype(dtype)[None, None]
+    elif few and not map_blocks:  # few tiles: each block at its static starts
         zero = jnp.zeros((ts, ts), dtype)
-        slabs = [block(i * m, m, 0, (i + 1) * m).astype(dtype) for i in range(nb)]
-        tiles = jnp.stack([jnp.stack([slab[:, j * ts:(j + 1) * ts] if j <= i else zero for j in range(nb)])
-                           for i, slab in enumerate(slabs)])
+        tiles = jnp.stack([jnp.stack([block(i * m, j * m).astype(dtype) if j <= i else zero for j in range(nb)])
+                           for i in range(nb)])
+    elif few:  # few tiles: one block mapped over the lower tile pairs at once
+        lower = np.asarray([(i, j) for i in range(nb) for j in range(i + 1)])
+        blocks = jax.vmap(lambda i, j: block(i * m, j * m).astype(dtype))(jnp.asarray(lower[:, 0]),
+                                                                           jnp.asarray(lower[:, 1]))
+        tiles = jnp.zeros((nb, nb, ts, ts), dtype).at[lower[:, 0], lower[:, 1]].set(blocks)
     else:
         tiles = jnp.zeros((nb, nb, ts, ts), dtype)
 
         def fill(p, tiles):
             i, j = linalg.lower_pair(p)
-            return tiles.at[i, j].set(block(i * m, m, j * m, m).astype(dtype))
+            return tiles.at[i, j].set(block(i * m, j * m).astype(dtype))
 
         tiles = jax.lax.fori_loop(0, nb * (nb + 1) // 2, fill, tiles)
     pad = np.arange(nb * ts) >= rows  # static: the padded rows
@@ -177,10 +188,10 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int], Callabl
     return tiles
 
 
-def _slicer(x: jax.Array, n_pad: int) -> Callable[[Any, int], jax.Array]:
-    """``(i0, size) -> x_padded[i0 : i0 + size]`` for ``x`` padded with zero rows to ``n_pad`` (padded once)."""
+def _slicer(x: jax.Array, n_pad: int, m: int) -> Callable[[jax.Array], jax.Array]:
+    """``i0 -> x_padded[i0 : i0 + m]`` for ``x`` padded with zero rows to ``n_pad`` (padded once)."""
     padded = jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-    return lambda i0, size: jax.lax.dynamic_slice_in_dim(padded, i0, size, axis=0)
+    return lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0, m, axis=0)
 
 
 def kernel_from_tiles(tiles: jax.Array, rows: int) -> jax.Array:
@@ -369,12 +380,12 @@ class DenseJacobian(NamedTuple):
         n, c = self.rows_shape
         rows = self.rows
 
-        def make_block(n_pad):
-            take = _slicer(rows, n_pad)
-            return lambda i0, mi, j0, mj: _rows_gram(take(i0, mi), take(j0, mj))
+        def make_block(m, n_pad):
+            take = _slicer(rows, n_pad, m)
+            return lambda i0, j0: _rows_gram(take(i0), take(j0))
 
-        # one product per row slab: unrolled up to 8 tile rows
-        return tiled_kernel(n, c, rows.dtype, make_block, ts, max_unrolled=UNROLL_ROWS_MAX_TILES)
+        # m x P slabs, one product per block: unrolled (no gathered copies), up to 8 tile rows
+        return tiled_kernel(n, c, rows.dtype, make_block, ts, map_blocks=False, max_unrolled=UNROLL_ROWS_MAX_TILES)
 
     def gram(self) -> jax.Array:
         """``Obar Obar^H``, ``(n C) x (n C)``."""
@@ -471,9 +482,9 @@ class ShardedRowsJacobian(NamedTuple):
         n, c = self.rows_shape
         kernel = self.gram()
 
-        def make_block(n_pad):
+        def make_block(m, n_pad):
             padded = jnp.pad(kernel, [(0, (n_pad - n) * c)] * 2)
-            return lambda i0, mi, j0, mj: jax.lax.dynamic_slice(padded, (i0 * c, j0 * c), (mi * c, mj * c))
+            return lambda i0, j0: jax.lax.dynamic_slice(padded, (i0 * c, j0 * c), (m * c, m * c))
 
         return tiled_kernel(n, c, self.flat_rows.dtype, make_block, ts)
 
@@ -741,26 +752,27 @@ class LayerJacobian(NamedTuple):
         if not self.rest_centred:
             rest = rest - distributed.local_mean(rest, keepdims=True)
 
-        def make_block(n_pad):
-            take = [(kind, _slicer(x, n_pad), _slicer(y, n_pad)) for kind, x, y in factors]
-            take_rest, take_r = _slicer(rest, n_pad), _slicer(r, n_pad)
-            take_valid = _slicer(jnp.ones((n,), dtype), n_pad)
+        def make_block(m, n_pad):
+            take = [(kind, _slicer(x, n_pad, m), _slicer(y, n_pad, m)) for kind, x, y in factors]
+            take_rest, take_r = _slicer(rest, n_pad, m), _slicer(r, n_pad, m)
+            take_valid = _slicer(jnp.ones((n,), dtype), n_pad, m)
 
-            def block(i0, mi, j0, mj):
-                out = jnp.zeros((mi, c, mj, c), dtype)
+            def block(i0, j0):
+                out = jnp.zeros((m, c, m, c), dtype)
                 for kind, tx, ty in take:
-                    out = out + _uncentred_layer_block(kind, tx(i0, mi), tx(j0, mj), ty(i0, mi), ty(j0, mj), c)
+                    out = out + _uncentred_layer_block(kind, tx(i0), tx(j0), ty(i0), ty(j0), c)
                 if factors:
-                    valid = take_valid(i0, mi)[:, None, None, None] * take_valid(j0, mj)[None, None, :, None]
-                    out = _centre_block(out, take_r(i0, mi), take_r(j0, mj), s) * valid
+                    valid = take_valid(i0)[:, None, None, None] * take_valid(j0)[None, None, :, None]
+                    out = _centre_block(out, take_r(i0), take_r(j0), s) * valid
                 if rest.shape[-1]:
-                    out = out + _rows_gram(take_rest(i0, mi), take_rest(j0, mj)).reshape(mi, c, mj, c)
-                return out.reshape(mi * c, mj * c)
+                    out = out + _rows_gram(take_rest(i0), take_rest(j0)).reshape(m, c, m, c)
+                return out.reshape(m * c, m * c)
 
             return block
 
+        # wide statistics: blocks unrolled (no gathered copies of their slabs); else mapped, compiled once
         widths = [v.size // max(n, 1) for _, x, y in factors for v in (x, y)] + [rest.shape[-1]]
-        return tiled_kernel(n, c, dtype, make_block, ts, map_narrow=max(widths) <= MAPPED_MAX_WIDTH)
+        return tiled_kernel(n, c, dtype, make_block, ts, map_blocks=max(widths) <= MAPPED_MAX_WIDTH)
 
     def gram(self) -> jax.Array:
         """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""

@@ -249,52 +249,48 @@ def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jaco
 
 @pytest.mark.parametrize("c", [1, 2])
 def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
-    """The kernel's lower tiles from row slabs (few tile rows, static starts) and from the loop over
-    the tile pairs both equal the dense ``Obar Obar^T`` (uneven: 150 samples in tiles of 32 rows,
-    zero-padded); the padded rows hold the identity."""
+    """The kernel's lower tiles from one block mapped over the tile pairs, from blocks unrolled at
+    static starts and from the loop over pairs (more tile rows than are unrolled) all equal the
+    dense ``Obar Obar^T`` (uneven: 150 samples in tiles of 32 rows, zero-padded)."""
     n, p = 150, 40
     rows = jax.random.normal(jax.random.PRNGKey(0), (n * c, p), jnp.float64)
     want = np.asarray(rows @ rows.T)
 
-    def make_block(n_pad):
+    def make_block(m, n_pad):
         padded = jnp.pad(rows, ((0, n_pad * c - n * c), (0, 0)))
-        take = lambda i0, size: jax.lax.dynamic_slice_in_dim(padded, i0 * c, size * c, axis=0)
-        return lambda i0, mi, j0, mj: take(i0, mi) @ take(j0, mj).T
+        take = lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0 * c, m * c, axis=0)
+        return lambda i0, j0: take(i0) @ take(j0).T
 
-    def tiles(max_unrolled=None, map_narrow=False):
-        return np.asarray(jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32,
-                                                               max_unrolled=max_unrolled, map_narrow=map_narrow))())
+    def kernel(map_blocks, max_unrolled=None):
+        tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=map_blocks,
+                                                     max_unrolled=max_unrolled))()
+        return np.asarray(jac_mod.kernel_from_tiles(tiles, n * c))
 
-    monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 10)  # 5 (c = 1) or 10 (c = 2) tile rows: at once
-    slabs, mapped = tiles(), tiles(map_narrow=True)
+    monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 5)  # 5 tile rows: mapped or unrolled
+    for map_blocks in (True, False):
+        np.testing.assert_allclose(kernel(map_blocks), want, rtol=1e-13, atol=1e-12)
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 2)  # the loop over the tile pairs
-    looped = tiles()
-    for t in (slabs, mapped, looped, tiles(max_unrolled=10)):  # max_unrolled moves the limit: slabs again
-        np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(t, n * c)), want, rtol=1e-13, atol=1e-12)
-        nb = t.shape[0]
-        assert not np.any(t[np.triu_indices(nb, 1)])  # the tiles above the diagonal are zero
-        full = np.asarray(fishr.linalg.from_tiles(t))
-        np.testing.assert_array_equal(full[n * c:, n * c:], np.eye(nb * t.shape[2] - n * c))
-    np.testing.assert_array_equal(slabs, tiles(max_unrolled=10))
+    np.testing.assert_allclose(kernel(True), want, rtol=1e-13, atol=1e-12)
+    # max_unrolled moves the limit past UNROLL_KERNEL_MAX_TILES: unrolled again
+    np.testing.assert_allclose(kernel(False, max_unrolled=5), want, rtol=1e-13, atol=1e-12)
 
 
-def test_structured_kernel_mapped_by_slabs_and_looped_equals_the_generic_rows(monkeypatch):
-    """A structured Jacobian with captured layers and explicit rows gives the generic rows' kernel
-    with its block mapped over the tile pairs (narrow statistics), in row slabs (wide ones) and
-    from the loop over tile pairs; ``MAPPED_MAX_WIDTH`` picks between the first two."""
+def test_wide_statistics_unroll_the_structured_kernel(monkeypatch):
+    """A structured Jacobian with a per-sample statistic (layer inputs, output gradients, explicit rows)
+    wider than MAPPED_MAX_WIDTH fills its few kernel blocks unrolled, narrower ones mapped; both give the
+    generic rows' kernel."""
     log_psi, params, x, _, holo = _case("mixed", n=80)
-    generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
-                                                            .kernel_tiles(32))(params, x), 80))
     seen = []
     original = jac_mod.tiled_kernel
 
-    def spy(*args, map_narrow=False, **kw):
-        seen.append(map_narrow)
-        return original(*args, map_narrow=map_narrow, **kw)
+    def spy(*args, map_blocks=True, **kw):
+        seen.append(map_blocks)
+        return original(*args, map_blocks=map_blocks, **kw)
 
     monkeypatch.setattr(jac_mod, "tiled_kernel", spy)
-    for limit, width, mapped in [(8, 10**9, True), (8, 0, False), (1, 10**9, True)]:  # 3 or 5 tile rows
-        monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", limit)
+    generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
+                                                            .kernel_tiles(32))(params, x), 80))
+    for width, mapped in [(10**9, True), (1, False)]:
         monkeypatch.setattr(jac_mod, "MAPPED_MAX_WIDTH", width)
         seen.clear()
         layer = jax.jit(lambda p, s: _jacobian(True, log_psi, p, s, holo).kernel_tiles(32))(params, x)
