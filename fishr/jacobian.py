@@ -107,9 +107,9 @@ def _single(dtype) -> Any:
 
 
 UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs up to this many tile rows, loops beyond
-# a structured kernel's few blocks are mapped while every per-sample statistic (a layer's inputs or output
-# gradients, the explicit rows) has at most this many entries, unrolled beyond (see tiled_kernel's map_blocks)
-MAPPED_MAX_WIDTH = 192
+# tiled_kernel maps its few blocks while the slabs the mapped block gathers (two per tile pair) fit in this
+# many bytes, unrolls them beyond (see its row_bytes; measured on the 2-core benchmark CPU)
+MAPPED_MAX_BYTES = 16 * 2**20
 # explicit rows alone (the generic Jacobian): their blocks are single products, cheap to compile, and
 # unrolled up to this many tile rows (N <= 2,048): 1.10x faster than the loop at N = 2,048, P = 5,313
 # (float32, 481 against 531 ms, compile 2.9 against 3.0 s)
@@ -118,7 +118,7 @@ UNROLL_ROWS_MAX_TILES = 8
 
 def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
                  jax.Array]], ts: int | None = None, map_blocks: bool = True,
-                 max_unrolled: int | None = None) -> jax.Array:
+                 max_unrolled: int | None = None, row_bytes: int = 0) -> jax.Array:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
     ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
@@ -140,19 +140,24 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     slower mapped (204-207 against 131-141 ms), and the structured call of a ViT whose
     layers are all kept as explicit rows (``N = 1,024``, ``P = 17,345``) 1.29x (607 against
     471 ms, jax 0.9.1). A block of narrow layers' statistics is small, and mapped it compiles
-    once; wide ones fall behind (:class:`LayerJacobian` maps while every per-sample statistic
-    has at most ``MAPPED_MAX_WIDTH`` = 192 entries). Measured (float32 structured sample-space
-    call, MLP ``k``-``w``-``w``-1, ``N = 1,024``, jax 0.9.1, warm / first call, fresh processes
-    alternating): mapped at ``w = 64`` 16.6 ms / 2.2 s against 17.0 ms / 2.5-2.7 s unrolled
-    (in row slabs, one block per tile row), ``w = 128`` 22.4 / 2.2-2.3 against 24.1 / 2.7,
-    ``w = 192`` 29.6 / 2.2 against 31.2 / 2.9; at ``w = 200`` (``P = 47,001``) mapped 43-45 ms /
-    2.2-2.3 s against 29-33 ms / 2.6-2.9 s unrolled by tiles (30-33 ms in row slabs, 47-52 ms
-    as one whole square block), ``w = 256`` 50.7 against 42.9 ms (row slabs). Row slabs were
-    not kept: for explicit rows the tiles are the faster (``N = 2,048``, ``P = 5,313``, kernel
-    alone: 171 against 213 ms), for layers they are level. ``max_unrolled`` (default
-    ``UNROLL_KERNEL_MAX_TILES``) moves the limit between the few blocks and the loop. The padded rows
-    get 1 on the diagonal (and 0 elsewhere), so a solve with the padded matrix leaves
-    the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
+    once; with ``row_bytes`` (the bytes of one sample's statistics that a block reads) the
+    block is mapped only while the slabs it gathers, ``nb (nb + 1) m row_bytes`` bytes, fit in
+    ``MAPPED_MAX_BYTES`` (16 MiB). Measured (float32 structured sample-space call, MLP
+    ``k``-``w``-``w``-1, ``N = 1,024``, 10 tile pairs, jax 0.9.1, warm / first call, fresh
+    processes alternating): mapped at ``w = 64`` (gathered slabs 5.7 MB) 16.6 ms / 2.2 s
+    against 17.0 ms / 2.5-2.7 s unrolled (in row slabs, one block per tile row), ``w = 128``
+    (10.9 MB) 22.4 / 2.2-2.3 against 24.1 / 2.7, ``w = 192`` (16.5 MB) 29.6 / 2.2 against
+    31.2 / 2.9; at ``w = 200`` (``P = 47,001``, 17.1 MB) mapped 43-45 ms / 2.2-2.3 s against
+    29-33 ms / 2.6-2.9 s unrolled by tiles (30-33 ms in row slabs, 47-52 ms as one whole
+    square block), ``w = 208`` (17.8 MB) 45.0 against 36.8 ms, ``w = 256`` (21.4 MB) 50.7
+    against 42.9 ms (row slabs): the mapped block falls off a cliff between 16.5 and 17.1 MB of
+    gathered slabs (the CPU's L3 is 32 MiB; the cause is not established). An RBM of 16 sites,
+    ``alpha = 16`` (6 MB), mapped 14.7-15.8 ms / 1.8-1.9 s against 14.8-22.4 ms / 2.2-2.6 s
+    unrolled. Row slabs were not kept: for explicit rows the tiles are the faster (``N = 2,048``,
+    ``P = 5,313``, kernel alone: 171 against 213 ms), for layers they are level.
+    ``max_unrolled`` (default ``UNROLL_KERNEL_MAX_TILES``) moves the limit between the few
+    blocks and the loop. The padded rows get 1 on the diagonal (and 0 elsewhere), so a solve
+    with the padded matrix leaves the real rows' solution as it is. ``ts`` defaults to :func:`fishr.linalg.tile_size`
     (rounded up to a multiple of ``C``).
     """
     rows = n * c
@@ -163,6 +168,7 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     nb = -(-rows // ts)
     block = make_block(m, nb * m)
     few = nb <= (UNROLL_KERNEL_MAX_TILES if max_unrolled is None else max_unrolled)
+    map_blocks = map_blocks and nb * (nb + 1) * m * row_bytes <= MAPPED_MAX_BYTES  # gathered slabs, bytes
     if nb == 1:
         tiles = block(0, 0).astype(dtype)[None, None]
     elif few and not map_blocks:  # few tiles: each block at its static starts
@@ -770,9 +776,9 @@ class LayerJacobian(NamedTuple):
 
             return block
 
-        # wide statistics: blocks unrolled (no gathered copies of their slabs); else mapped, compiled once
-        widths = [v.size // max(n, 1) for _, x, y in factors for v in (x, y)] + [rest.shape[-1]]
-        return tiled_kernel(n, c, dtype, make_block, ts, map_blocks=max(widths) <= MAPPED_MAX_WIDTH)
+        # mapped (compiled once) while the gathered slabs stay small; else unrolled (no gathered copies)
+        row_bytes = sum(v.size // max(n, 1) * v.dtype.itemsize for _, x, y in factors for v in (x, y))
+        return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=row_bytes + rest[0].size * rest.dtype.itemsize)
 
     def gram(self) -> jax.Array:
         """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""

@@ -276,27 +276,25 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
 
 
 def test_wide_statistics_unroll_the_structured_kernel(monkeypatch):
-    """A structured Jacobian with a per-sample statistic (layer inputs, output gradients, explicit rows)
-    wider than MAPPED_MAX_WIDTH fills its few kernel blocks unrolled, narrower ones mapped; both give the
-    generic rows' kernel."""
+    """A structured Jacobian whose statistics (layer inputs, output gradients, explicit rows) would make
+    the mapped block gather more than MAPPED_MAX_BYTES fills its few kernel blocks unrolled (no gather in
+    the program), else mapped (gathers); both give the generic rows' kernel."""
     log_psi, params, x, _, holo = _case("mixed", n=80)
-    seen = []
-    original = jac_mod.tiled_kernel
-
-    def spy(*args, map_blocks=True, **kw):
-        seen.append(map_blocks)
-        return original(*args, map_blocks=map_blocks, **kw)
-
-    monkeypatch.setattr(jac_mod, "tiled_kernel", spy)
+    monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 8)  # few tile rows: mapped or unrolled, no loop
     generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
                                                             .kernel_tiles(32))(params, x), 80))
-    for width, mapped in [(10**9, True), (1, False)]:
-        monkeypatch.setattr(jac_mod, "MAPPED_MAX_WIDTH", width)
-        seen.clear()
-        layer = jax.jit(lambda p, s: _jacobian(True, log_psi, p, s, holo).kernel_tiles(32))(params, x)
-        assert seen == [mapped]
+    gathers = {}
+    for limit in (10**9, 1):  # mapped, unrolled
+        monkeypatch.setattr(jac_mod, "MAPPED_MAX_BYTES", limit)
+
+        def layer_tiles(p, s):  # a new function each time: jax caches traces by function
+            return _jacobian(True, log_psi, p, s, holo).kernel_tiles(32)
+
+        gathers[limit] = str(jax.make_jaxpr(layer_tiles)(params, x)).count(" gather[")
+        layer = jax.jit(layer_tiles)(params, x)
         np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(layer, 80)), generic, rtol=1e-10,
                                    atol=1e-12 * np.abs(generic).max())
+    assert gathers[10**9] > gathers[1]  # the mapped block's slices are gathers; unrolled they are static
 
 
 def test_kernel_factorisation_rule():
