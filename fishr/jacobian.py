@@ -381,8 +381,11 @@ class DenseJacobian(NamedTuple):
     def rmatvec(self, u: jax.Array) -> Any:
         return self.unravel(self.rmatvec_flat(u))
 
-    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
-        """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`)."""
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
+        """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
+
+        ``compact`` (program size before speed, for a rare path) changes nothing here: each
+        block is one product already."""
         n, c = self.rows_shape
         rows = self.rows
 
@@ -483,8 +486,9 @@ class ShardedRowsJacobian(NamedTuple):
             block_row = block_row + slab(full * width, num_params - full * width)
         return distributed.all_gather_batch(block_row, self.axis_name)
 
-    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
-        """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`)."""
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
+        """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`; ``compact``
+        changes nothing: the blocks are slices of the assembled kernel)."""
         n, c = self.rows_shape
         kernel = self.gram()
 
@@ -741,13 +745,16 @@ class LayerJacobian(NamedTuple):
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def kernel_tiles(self, ts: int | None = None) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
         """The tiles of the centred kernel ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
         Per layer the cheaper exact form (``_kernel_factors``); the layers' part is
         centred through its row means (``_centre_block``), the uncovered
         parameters' rows are centred before their Gram matrix. Local batch only (call
-        after :meth:`gather` when the batch is split over devices).
+        after :meth:`gather` when the batch is split over devices). A few tile rows map one
+        block over the tile pairs while its gathered slabs fit in ``MAPPED_MAX_BYTES``, and
+        whatever their size with ``compact=True`` (program size before speed: the double-precision
+        fallback's kernel, which runs only when the single-precision factor was not finite).
         """
         n, c = self.rows_shape
         dtype = jnp.result_type(self.rest, *self.a, *self.d)
@@ -778,7 +785,8 @@ class LayerJacobian(NamedTuple):
 
         # mapped (compiled once) while the gathered slabs stay small; else unrolled (no gathered copies)
         row_bytes = sum(v.size // max(n, 1) * v.dtype.itemsize for _, x, y in factors for v in (x, y))
-        return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=row_bytes + rest[0].size * rest.dtype.itemsize)
+        row_bytes += rest[0].size * rest.dtype.itemsize
+        return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=0 if compact else row_bytes)
 
     def gram(self) -> jax.Array:
         """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""

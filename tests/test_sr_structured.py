@@ -278,23 +278,25 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
 def test_wide_statistics_unroll_the_structured_kernel(monkeypatch):
     """A structured Jacobian whose statistics (layer inputs, output gradients, explicit rows) would make
     the mapped block gather more than MAPPED_MAX_BYTES fills its few kernel blocks unrolled (no gather in
-    the program), else mapped (gathers); both give the generic rows' kernel."""
+    the program), else mapped (gathers), and mapped whatever the size with ``compact=True``; all give the
+    generic rows' kernel."""
     log_psi, params, x, _, holo = _case("mixed", n=80)
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 8)  # few tile rows: mapped or unrolled, no loop
     generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
                                                             .kernel_tiles(32))(params, x), 80))
     gathers = {}
-    for limit in (10**9, 1):  # mapped, unrolled
+    for limit, compact in [(10**9, False), (1, False), (1, True)]:  # mapped, unrolled, mapped (compact)
         monkeypatch.setattr(jac_mod, "MAPPED_MAX_BYTES", limit)
 
         def layer_tiles(p, s):  # a new function each time: jax caches traces by function
-            return _jacobian(True, log_psi, p, s, holo).kernel_tiles(32)
+            return _jacobian(True, log_psi, p, s, holo).kernel_tiles(32, compact=compact)
 
-        gathers[limit] = str(jax.make_jaxpr(layer_tiles)(params, x)).count(" gather[")
+        gathers[limit, compact] = str(jax.make_jaxpr(layer_tiles)(params, x)).count(" gather[")
         layer = jax.jit(layer_tiles)(params, x)
         np.testing.assert_allclose(np.asarray(jac_mod.kernel_from_tiles(layer, 80)), generic, rtol=1e-10,
                                    atol=1e-12 * np.abs(generic).max())
-    assert gathers[10**9] > gathers[1]  # the mapped block's slices are gathers; unrolled they are static
+    # the mapped block's slices are gathers, unrolled they are static; compact maps whatever the size
+    assert gathers[10**9, False] == gathers[1, True] > gathers[1, False]
 
 
 def test_kernel_factorisation_rule():
