@@ -784,8 +784,8 @@ class LayerJacobian(NamedTuple):
             return block
 
         # mapped (compiled once) while the gathered slabs stay small; else unrolled (no gathered copies)
-        row_bytes = sum(v.size // max(n, 1) * v.dtype.itemsize for _, x, y in factors for v in (x, y))
-        row_bytes += rest[0].size * rest.dtype.itemsize
+        statistics = [v for _, x, y in factors for v in (x, y)] + [rest]  # each (n, ...)
+        row_bytes = sum(v.size // max(n, 1) * v.dtype.itemsize for v in statistics)
         return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=0 if compact else row_bytes)
 
     def gram(self) -> jax.Array:

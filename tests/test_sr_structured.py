@@ -277,9 +277,9 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
 
 def test_wide_statistics_unroll_the_structured_kernel(monkeypatch):
     """A structured Jacobian whose statistics (layer inputs, output gradients, explicit rows) would make
-    the mapped block gather more than MAPPED_MAX_BYTES fills its few kernel blocks unrolled (no gather in
-    the program), else mapped (gathers), and mapped whatever the size with ``compact=True``; all give the
-    generic rows' kernel."""
+    the mapped block gather more than MAPPED_MAX_BYTES fills its few kernel blocks unrolled (static slices:
+    fewer gathers in the program), else mapped (its slices are gathers), and mapped whatever the size with
+    ``compact=True``; all give the generic rows' kernel."""
     log_psi, params, x, _, holo = _case("mixed", n=80)
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 8)  # few tile rows: mapped or unrolled, no loop
     generic = np.asarray(jac_mod.kernel_from_tiles(jax.jit(lambda p, s: _jacobian(False, log_psi, p, s, holo)
