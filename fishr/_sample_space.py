@@ -28,7 +28,12 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   transformer 3.4e-3 / 2.3e-3, MLP 5.7e-6 / 9.6e-6, RBM 9.5e-4 / 1.2e-3; the MLP
   32-200-200-1 at ``N = 1,024``: 16-20 -> 12-13 ms). ``converged`` is then LAPACK's
   backward-error test on the residual in parameter space, ``||S + damping||`` bounded
-  by ``||K + N damping||_inf / N``.
+  by ``||K + N damping||_inf / N``. The factor of a raised shift (fallback 2 below) serves
+  that step as well, which then removes less of the raised shift than the refinement does:
+  started on the raised rung on well-posed float32 problems (``tests/test_sr_structured.py``),
+  2.1e-7 to 4.4e-5 from an exact update where the first rung gives 1.9e-7 to 8.5e-7 (with
+  the energies, refined: 4.5e-6 to 1.2e-4 from the first rung); the refinement in the
+  program, for this rare path, cost 0.25 s of compile at ``N = 4,096``.
 
 The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; unrolled up to 8
 tile rows, a loop of fixed program size beyond), factored by
@@ -338,10 +343,10 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
     ``(S + d)^{-2}``) and ``y`` is then the pair ``(y1, y2)``.
 
     ``refine=False`` (a caller that refines in parameter space next, the Woodbury form):
-    a factor in the working precision of the unraised shift is applied once, without the
-    refinement on the exact products (``info.iterations`` 0; ``info.converged`` only says
-    the factor and ``y`` are finite: the caller tests its own residual); a factor of a
-    raised shift is refined as with ``refine=True``. Other factors ignore it.
+    a factor in the working precision, of the shift or of a raised one, is applied once,
+    without the refinement on the exact products (``info.iterations`` 0; ``info.converged``
+    only says the factor and ``y`` are finite: the caller tests its own residual); ``approx_ok``
+    then holds for a raised shift too. Other factors ignore it.
 
     Returns ``(y, info, approx, approx_ok, shift, a_norm)``: ``approx(u)`` applies the factor
     (no refinement, no CG), for a correction step, usable where ``approx_ok`` (the factor is
@@ -410,24 +415,18 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         factor, finite, j = _first_finite_factor(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
                                                  shifts.shape[0], FIRST_ATTEMPT)
         apply = lambda u: _apply_factor(factor, u, rows)
+        if not refine:
+            # the factor's solve alone: the caller's step in parameter space corrects it, with the factor of
+            # a raised shift as well (no refinement in the program: at N = 4,096 it cost 0.25 s of compile;
+            # module docstring for that rare path's accuracy)
+            y = apply(rhs)
+            good = finite & jnp.all(jnp.isfinite(y))
+            info = solve_info(jnp.asarray(jnp.nan, real), good, fallback=jnp.where(j > 0, 2, 0))
+            return y, info, apply, good, shift, a_norm
         # two steps for the layers' kernel, centred through row means (the first step's residual carries
         # the cancellation); one for explicit rows, centred exactly, whose products cost N P each
         layers = getattr(jac, "plan", None) is not None and bool(jac.plan.layers)
         steps = 2 if layers else 1
-        if not refine:
-            # the factor's solve alone: the caller's step in parameter space corrects it; a raised shift
-            # (rare) is removed by the refinement, under lax.cond, as for refine=True
-            def unrefined(_):
-                y = apply(rhs)
-                return y, solve_info(jnp.asarray(jnp.nan, real), finite & jnp.all(jnp.isfinite(y)))
-
-            def refined(_):
-                y, info, good = _refined_solve(apply, operator, rhs, finite, a_norm, rows, steps)
-                return y, info._replace(converged=good)
-
-            y, info = lax.cond(j == 0, unrefined, refined, None)
-            info = info._replace(fallback=jnp.where(j > 0, 2, 0).astype(jnp.int32))
-            return y, info, apply, info.converged & (j == 0), shift, a_norm
         if follow is None or rhs.ndim != 2:
             y, info, good = twice(lambda u: _refined_solve(apply, operator, u, finite, a_norm, rows, steps))
         else:  # robust SR's two right-hand sides as two columns of one refinement

@@ -228,25 +228,30 @@ def test_forced_fallback_equals_the_first_path(name, monkeypatch):
     assert rel_err(flat(forced), flat(first)) <= 1e-13
 
 
+@pytest.mark.parametrize("with_energies", [True, False], ids=["energies", "woodbury"])
 @pytest.mark.parametrize("name, jacobian", [("mlp", "structured"), ("complex_out", "structured"),
                                             ("holomorphic", "structured"), ("mlp", "generic")])
-def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jacobian, monkeypatch):
+def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jacobian, with_energies, monkeypatch):
     """Single-precision input: the fallback is the next rung of the factor's ladder (its shift raised
-    by ``eps ||K||``; the refinement on the exact products removes it). Started there on a
-    well-posed problem it gives the first path's update to float32 rounding and reports fallback 2."""
+    by ``eps ||K||``). Started there on a well-posed problem it reports fallback 2 and gives the first
+    path's update to 3e-4: with the energies the refinement on the exact products removes most of the
+    raised shift (measured 4.5e-6 to 1.2e-4 from the first path), in the Woodbury form (no refinement
+    of the kernel solve) the one correction step in parameter space does (2.8e-7 to 4.4e-5)."""
     log_psi, params, x, grad, holo = _case(name, n=300)
     single = lambda t: jax.tree.map(lambda a: a.astype(jnp.complex64 if jnp.iscomplexobj(a) else jnp.float32), t)
     params, grad, x = single(params), single(grad), x.astype(jnp.float32)
+    energies = jax.random.normal(jax.random.PRNGKey(5), (x.shape[0],), jnp.float32) if with_energies else None
     solve = lambda: jax.jit(functools.partial(fishr.sr_solve, log_psi, damping=1e-3, mode="sample_space",
-                                              holomorphic=holo, jacobian=jacobian))(grad, params, x)
+                                              holomorphic=holo, jacobian=jacobian))(
+        grad, params, x, local_energies=energies)
     first, info = solve()
-    # the Woodbury form (no energies): the factor's solve alone, corrected in parameter space
-    assert int(info.fallback) == 0 and bool(info.converged) and int(info.iterations) == 0
+    # the energies: refined on the exact products; the Woodbury form: the factor's solve alone
+    steps = (2 if jacobian == "structured" else 1) if with_energies else 0
+    assert int(info.fallback) == 0 and bool(info.converged) and int(info.iterations) == steps
     monkeypatch.setattr(sample_space_mod, "FIRST_ATTEMPT", 1)
     forced, info = solve()
-    # a raised shift: the kernel solve is refined on the exact products all the same
-    assert int(info.fallback) == 2 and bool(info.converged) and int(info.iterations) > 0
-    assert rel_err(flat(forced), flat(first)) <= 1e-5
+    assert int(info.fallback) == 2 and bool(info.converged)
+    assert rel_err(flat(forced), flat(first)) <= 3e-4
 
 
 @pytest.mark.parametrize("c", [1, 2])
