@@ -599,9 +599,9 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             r = optax.tree.sub(rhs, optax.tree.add_scale(s_matvec(x), damping, x))  # one step of refinement
             step = woodbury(r, approx(jac.matvec(r)), damping)
             x = optax.tree.add(x, optax.tree.where(approx_ok, step, optax.tree.zeros_like(step)))
-            if gamma is None:
+            if gamma is None:  # the system solved is (S + d) x = rhs: its residual decides `converged`
                 tested_norm = a_norm / n
-            if gamma is not None:  # G(S) b = x + (gamma d - 1) d (S + d)^{-1} x: a second factor (pass energies)
+            else:  # G(S) b = x + (gamma d - 1) d (S + d)^{-1} x: a second factor (pass energies)
                 y2, info2, *_ = kernel_solve(jac, shift, solver, jac.matvec(x))
                 scale = robust_gamma(gamma, damping) * damping - 1
                 x = optax.tree.add(x, optax.tree.scale(scale, optax.tree.sub(x, jac.rmatvec(y2))))
