@@ -74,7 +74,9 @@ class SolveInfo(NamedTuple):
       residual_norm: ``||b - A x||_2`` at exit, recomputed from ``x`` (not CG's
         recursive estimate); the system ``A`` includes the damping.
       converged: whether the solve met its stopping test (CG: the tolerance within
-        ``max_steps``; a direct solve: a finite factorisation and solution).
+        ``max_steps``; a direct solve: a finite factorisation and solution, and for the
+        sample-space solve LAPACK's backward-error test on its residual, see
+        ``fishr._sample_space``).
       fallback: which safer path produced ``x`` (``int32``): 0 none; 1 a
         double-precision factorisation after the single-precision one failed or did
         not refine; 2 the damping raised after both failed (see the sample-space solve);
