@@ -13,8 +13,9 @@ and imaginary parts of a complex ``log psi`` of real parameters).
 and the two that hold the statistics of the whole batch also offer
 ``kernel_tiles()`` (the tiles of ``Obar Obar^H``, ``(n C) x (n C)``, on and below the
 diagonal, for :func:`fishr.linalg.tiled_cholesky`), ``gram()`` (the whole kernel) and
-``gather()``. The tiles are computed in a ``lax.fori_loop`` over tile pairs, so the
-compiled program does not grow with ``n``.
+``gather()``. Up to a few tile rows the tiles come from one block mapped over the tile
+pairs or from blocks unrolled at static starts (:func:`tiled_kernel`), beyond from a
+``lax.fori_loop`` over the tile pairs, so the compiled program does not grow with ``n``.
 
 :class:`LinearizedJacobian`
     ``jax.linearize`` of the batched scores and its transpose (no Jacobian is
