@@ -258,7 +258,9 @@ def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jaco
 def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
     """The kernel's lower tiles from one block mapped over the tile pairs, from blocks unrolled at
     static starts and from the loop over pairs (more tile rows than are unrolled) all equal the
-    dense ``Obar Obar^T`` (uneven: 150 samples in tiles of 32 rows, zero-padded)."""
+    dense ``Obar Obar^T`` (uneven: 150 samples in tiles of 32 rows, zero-padded); the tiles above
+    the diagonal are zero (``tiled_cholesky(upper_zero=True)`` relies on it) and the padded rows
+    hold the identity."""
     n, p = 150, 40
     rows = jax.random.normal(jax.random.PRNGKey(0), (n * c, p), jnp.float64)
     want = np.asarray(rows @ rows.T)
@@ -269,9 +271,13 @@ def test_tiled_kernel_paths_give_the_same_tiles(monkeypatch, c):
         return lambda i0, j0: take(i0) @ take(j0).T
 
     def kernel(map_blocks, max_unrolled=None):
-        tiles = jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32, map_blocks=map_blocks,
-                                                     max_unrolled=max_unrolled))()
-        return np.asarray(jac_mod.kernel_from_tiles(tiles, n * c))
+        tiles = np.asarray(jax.jit(lambda: jac_mod.tiled_kernel(n, c, jnp.float64, make_block, 32,
+                                                                map_blocks=map_blocks, max_unrolled=max_unrolled))())
+        nb = tiles.shape[0]
+        assert not np.any(tiles[np.triu_indices(nb, 1)])  # the tiles above the diagonal are zero
+        full = np.asarray(fishr.linalg.from_tiles(jnp.asarray(tiles)))
+        np.testing.assert_array_equal(full[n * c:, n * c:], np.eye(nb * tiles.shape[2] - n * c))
+        return np.asarray(jac_mod.kernel_from_tiles(jnp.asarray(tiles), n * c))
 
     monkeypatch.setattr(jac_mod, "UNROLL_KERNEL_MAX_TILES", 5)  # 5 tile rows: mapped or unrolled
     for map_blocks in (True, False):
