@@ -26,9 +26,12 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   step in parameter space corrects ``y`` too, and the Woodbury subtraction's rounding
   bounds the accuracy either way (float32, errors against an exact update with and without it:
   transformer 3.4e-3 / 2.3e-3, MLP 5.7e-6 / 9.6e-6, RBM 9.5e-4 / 1.2e-3; the MLP
-  32-200-200-1 at ``N = 1,024``: 16-20 -> 12-13 ms). ``converged`` is then LAPACK's
-  backward-error test on the residual in parameter space, ``||S + damping||`` bounded
-  by ``||K + N damping||_inf / N``. The factor of a raised shift (fallback 2 below) serves
+  32-200-200-1 at ``N = 1,024``: 16-20 -> 12-13 ms). In this form (without robust SR)
+  ``converged`` also needs, in every precision, LAPACK's backward-error test on the
+  residual in parameter space, ``||S + damping||`` bounded by ``||K + N damping||_inf / N``;
+  the cancellation above can fail it where the kernel solve met its own test (the
+  transformer in float64, ``g`` alone, damping 1e-4 / 1e-5: errors 4.5e-12 / 1.0e-10,
+  ``converged`` False). The factor of a raised shift (fallback 2 below) serves
   that step as well, which then removes less of the raised shift than the refinement does:
   started on the raised rung on well-posed float32 problems (``tests/test_sr_structured.py``),
   2.1e-7 to 4.4e-5 from an exact update where the first rung gives 1.9e-7 to 8.5e-7 (with
@@ -562,8 +565,8 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
     ``info.fallback`` its fallback (module docstring),
     ``info.residual_norm`` is ``||b - (S + damping) x||`` in parameter space and
     ``info.converged`` whether the kernel solve met the backward-error test (the Woodbury
-    form without robust SR, whose kernel solve is not refined: whether that residual in
-    parameter space meets it); a kernel
+    form without robust SR: and whether that residual in parameter space meets it too; a
+    factor in the working precision is not refined there, so that test alone); a kernel
     solve that broke down, or whose factors were all non-finite, gives a NaN ``x``.
     """
     jac = jac.gather()  # every device now holds the statistics of all N samples
