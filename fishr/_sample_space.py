@@ -108,6 +108,7 @@ from fishr import distributed
 from fishr.distributed import AxisName
 from fishr.jacobian import kernel_from_tiles
 from fishr.linalg import (
+    UNROLL_FACTOR_MAX_TILES,
     SolveInfo,
     TiledFactor,
     cg,
@@ -121,6 +122,7 @@ from fishr.linalg import (
     solve_info,
     tiled_cholesky,
     tiled_cholesky_solve,
+    tiled_cholesky_upper,
     tiled_factor_from_cholesky,
     tiled_trace,
     tree_inner,
@@ -235,6 +237,8 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
         factor = jnp.swapaxes(lower, 0, 1) if assembled else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
+    if assembled and tiles.shape[0] <= UNROLL_FACTOR_MAX_TILES:
+        return tiled_cholesky_upper(tiles, shift)  # U itself, block row by block row
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
     tiled = tiled_cholesky(tiles, shift, upper_zero=True)

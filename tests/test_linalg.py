@@ -138,20 +138,33 @@ def test_lapack_factor_as_tiles_equals_the_tiled_factor(complex_):
 
 
 @pytest.mark.parametrize("complex_", [False, True])
-def test_tiled_cholesky_reads_only_the_lower_tiles(complex_):
-    """Tiles above the diagonal and the strict upper triangle of diagonal tiles are never read."""
-    a = _spd(30, complex_, seed=22)
-    tiles, _ = _padded_tiles(a, 10)
+@pytest.mark.parametrize("n, ts", [(30, 10), (100, 8)], ids=["unrolled_tiles", "looped_tiles"])
+def test_tiled_cholesky_reads_only_the_lower_tiles(complex_, n, ts):
+    """Tiles above the diagonal are never read; of a diagonal tile the Cholesky factorisations
+    read the upper triangle (a row-major tile is LAPACK's column-major transpose) and
+    :func:`hermitian_from_lower_tiles` the lower one."""
+    a = _spd(n, complex_, seed=22)
+    tiles, _ = _padded_tiles(a, ts)
+    nb = tiles.shape[0]
     t = np.asarray(tiles).copy()
-    for i in range(3):
-        t[i, i][np.triu_indices(10, 1)] = np.nan
-        for j in range(i + 1, 3):
+    for i in range(nb):
+        for j in range(i + 1, nb):
             t[i, j] = np.nan
-    b = np.random.default_rng(23).normal(size=30)
-    x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(jnp.asarray(t), 0.1), jnp.asarray(b))
-    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.1 * np.eye(30), b), rtol=1e-10)
-    full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(t)))
-    np.testing.assert_allclose(full, a, atol=1e-14)
+    upper_only, lower_only = t.copy(), t.copy()
+    for i in range(nb):
+        upper_only[i, i][np.tril_indices(ts, -1)] = np.nan
+        lower_only[i, i][np.triu_indices(ts, 1)] = np.nan
+    b = np.random.default_rng(23).normal(size=nb * ts)
+    b[n:] = 0
+    x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(jnp.asarray(upper_only), 0.1), jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x)[:n], np.linalg.solve(a + 0.1 * np.eye(n), b[:n]), rtol=1e-10)
+    if nb <= linalg.UNROLL_FACTOR_MAX_TILES:
+        u, finite = linalg.tiled_cholesky_upper(jnp.asarray(upper_only), 0.1)
+        assert bool(finite)
+        np.testing.assert_array_equal(np.tril(np.asarray(u), -1), 0)
+        np.testing.assert_allclose((u.conj().T @ u)[:n, :n], a + 0.1 * np.eye(n), atol=1e-12)
+    full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(lower_only)))
+    np.testing.assert_allclose(full[:n, :n], a, atol=1e-14)
 
 
 @pytest.mark.parametrize("n, ts", [(64, 8), (100, 8)], ids=["unrolled_tiles", "looped_tiles"])
@@ -168,13 +181,23 @@ def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(
     lean = jax.jit(lambda t: linalg.tiled_cholesky(t, 0.3, upper_zero=True))(zeroed)
     np.testing.assert_array_equal(np.asarray(lean.tiles), np.asarray(ref.tiles))
     assert np.isfinite(np.asarray(lean.inv_diag)).all()
+    unrolled = nb <= linalg.UNROLL_FACTOR_MAX_TILES
+    if unrolled:  # the assembled upper factor: the same numbers, its own finiteness test
+        u, finite = linalg.tiled_cholesky_upper(zeroed, 0.3)
+        assert bool(finite)
+        np.testing.assert_array_equal(np.asarray(u), np.asarray(linalg.from_tiles(ref.tiles)).T)
     for i, j in [(1, 0), (nb - 1, 0), (nb - 1, nb - 2), (nb - 1, nb - 1)]:  # below the diagonal and on it
         bad = np.asarray(zeroed).copy()
-        bad[i, j, 1, 2 if i != j else 0] = np.nan
+        bad[i, j, 1 if i != j else 0, 2 if i != j else 1] = np.nan  # of a diagonal tile, the triangle read
         factor = linalg.tiled_cholesky(jnp.asarray(bad), 0.3, upper_zero=True)
         assert not np.isfinite(np.asarray(factor.inv_diag)).all(), (i, j)
-    indefinite = linalg.tiled_cholesky(zeroed, -2 * float(np.linalg.eigvalsh(a).max()), upper_zero=True)
+        if unrolled:
+            assert not bool(linalg.tiled_cholesky_upper(jnp.asarray(bad), 0.3)[1]), (i, j)
+    indefinite_shift = -2 * float(np.linalg.eigvalsh(a).max())
+    indefinite = linalg.tiled_cholesky(zeroed, indefinite_shift, upper_zero=True)
     assert not np.isfinite(np.asarray(indefinite.inv_diag)).all()
+    if unrolled:
+        assert not bool(linalg.tiled_cholesky_upper(zeroed, indefinite_shift)[1])
 
 
 @pytest.mark.parametrize("complex_", [False, True])
