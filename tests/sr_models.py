@@ -12,7 +12,7 @@ from jax.flatten_util import ravel_pytree
 
 
 def slow(*values, id=None):
-    """A parameter set marked ``slow``: outside CI's default run (``-m "not slow"``), run with ``-m slow``.
+    """A parameter set marked ``slow``: run by CI; left out by ``-m "not slow"``, run alone by ``-m slow``.
 
     For the cases of a parametrised test that repeat what its other cases already cover along
     the same code path (CI's 20-minute budget).

@@ -10,8 +10,8 @@ import pytest
 from benchmarks import adaptive_kfac as bench
 from benchmarks.kfac import DATA
 
-# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
-# 20-minute budget; run them with -m slow
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: marked slow (CI runs
+# them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
 
 STEPS = 5

@@ -17,8 +17,8 @@ from benchmarks.spin_chains import (
     sparse_hamiltonian,
 )
 
-# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
-# 20-minute budget; run them with -m slow
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: marked slow (CI runs
+# them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
 
 

@@ -14,8 +14,8 @@ import pytest
 
 from benchmarks import layers
 
-# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
-# 20-minute budget; run them with -m slow
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: marked slow (CI runs
+# them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
 
 TINY = layers.PRESETS["tiny"]

@@ -7,7 +7,7 @@ import pytest
 from benchmarks import scale
 
 # each test starts benchmark workers in child processes (a JAX import and a compile each):
-# slow, outside CI's time budget; run them with -m slow
+# marked slow (CI runs them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
 
 

@@ -12,8 +12,8 @@ import pytest
 from benchmarks import sr_variants as bench
 from benchmarks.spin_chains import MLP
 
-# tests of the benchmark harness (workloads, tables, runners), not of fishr: slow, outside CI's
-# 20-minute budget; run them with -m slow
+# tests of the benchmark harness (workloads, tables, runners), not of fishr: marked slow (CI runs
+# them; -m "not slow" leaves them out)
 pytestmark = pytest.mark.slow
 
 
