@@ -39,10 +39,10 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   program, for this rare path, cost 0.25 s of compile at ``N = 4,096``.
 
 The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; unrolled up to 8
-tile rows, a loop of fixed program size beyond), factored by
-:func:`fishr.linalg.tiled_cholesky` (likewise), kept assembled up to
-``ASSEMBLED_MAX_ROWS`` = 2,048 rows (applied by two triangular solves, which compile to
-one operation each) and as tiles beyond (applied by tile products, in loops of fixed
+tile rows, a loop of fixed program size beyond), factored by tiles, kept assembled up to
+``ASSEMBLED_MAX_ROWS`` = 2,048 rows (:func:`fishr.linalg.tiled_cholesky_upper`, unrolled;
+applied by two triangular solves, which compile to one operation each) and as tiles beyond
+(:func:`fishr.linalg.tiled_cholesky`, applied by tile products; both in loops of fixed
 program size). The computed kernel need only be close to ``K``: its rounding (the
 centring of the layers' kernel through its row means cancels digits when the mean score
 is large next to its spread; a single-precision factor of double-precision input on the
