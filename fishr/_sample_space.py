@@ -108,14 +108,12 @@ from fishr import distributed
 from fishr.distributed import AxisName
 from fishr.jacobian import kernel_from_tiles
 from fishr.linalg import (
-    UNROLL_FACTOR_MAX_TILES,
     SolveInfo,
     TiledFactor,
     cg,
     cholesky_factor,
     cholesky_factor_solve,
     eigh_solve,
-    from_tiles,
     hermitian_from_lower_tiles,
     meets_backward_error,
     psd_inf_norm_bound,
@@ -237,13 +235,12 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
         factor = jnp.swapaxes(lower, 0, 1) if assembled else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
-    if assembled and tiles.shape[0] <= UNROLL_FACTOR_MAX_TILES:
-        return tiled_cholesky_upper(tiles, shift)  # U itself, block row by block row
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
+    if assembled:
+        return tiled_cholesky_upper(tiles, shift, upper_zero=True)
     tiled = tiled_cholesky(tiles, shift, upper_zero=True)
-    factor = from_tiles(jnp.swapaxes(tiled.tiles, 0, 1).swapaxes(2, 3).conj()) if assembled else tiled
-    return factor, jnp.all(jnp.isfinite(tiled.inv_diag))
+    return tiled, jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
 def _nan_factor(tiles: jax.Array) -> Factor:

@@ -474,25 +474,26 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, upper: bool = False) -> An
     return TiledFactor(jnp.stack(rows), jnp.stack(inv))
 
 
-def tiled_cholesky_upper(tiles: jax.Array, shift: Any = 0.0) -> tuple[jax.Array, jax.Array]:
-    r"""``(U, finite)``: the upper Cholesky factor ``U = L^H`` of ``A + shift I`` (``A`` given as for
-    :func:`tiled_cholesky`, at most ``UNROLL_FACTOR_MAX_TILES`` tile rows) assembled as one
-    row-major ``n x n`` matrix, zero below the diagonal, and whether it is finite.
+def tiled_cholesky_upper(tiles: jax.Array, shift: Any = 0.0, upper_zero: bool = False) -> tuple[jax.Array, jax.Array]:
+    r"""``(U, finite)``: the upper Cholesky factor ``U = L^H`` of ``A + shift I`` (``A`` and
+    ``upper_zero`` as for :func:`tiled_cholesky`) assembled as one row-major ``n x n`` matrix,
+    zero below the diagonal, and whether it is finite.
 
     Row-major ``U`` is column-major ``U^T = conj(L)``, the layout LAPACK's triangular solve
-    reads, so ``L`` is applied without a copy (``conj`` aside). Built from the unrolled tiles
-    directly: tile column ``j`` of ``L`` becomes block row ``j`` of ``U`` as soon as it is
-    factored, where going through :func:`tiled_cholesky`'s ``(nb, nb, ts, ts)`` array took one
-    more pass over ``n^2`` numbers after the factorisation (0.4-0.6 ms at ``n = 1,024``, float32).
-
-    ``finite`` checks the diagonal tiles ``L_kk``: every tile below the diagonal enters the
-    update of a later diagonal tile, whose factorisation gives NaN from a non-finite input, so
-    a non-finite tile anywhere shows on the diagonal.
+    reads, so ``L`` is applied without a copy (``conj`` aside). Up to
+    ``UNROLL_FACTOR_MAX_TILES`` tile rows it is built from the unrolled tiles directly: tile
+    column ``j`` of ``L`` becomes block row ``j`` of ``U`` as soon as it is factored, where
+    going through :func:`tiled_cholesky`'s ``(nb, nb, ts, ts)`` array took one more pass over
+    ``n^2`` numbers after the factorisation (0.4-0.6 ms at ``n = 1,024``, float32); ``finite``
+    then checks the diagonal tiles ``L_kk`` (every tile below the diagonal enters the update of
+    a later diagonal tile, whose factorisation gives NaN from a non-finite input, so a
+    non-finite tile anywhere shows on the diagonal). Beyond, it is :func:`tiled_cholesky`'s
+    factor turned around in that one pass, ``finite`` its diagonal tiles' inverses.
     """
-    if tiles.shape[0] > UNROLL_FACTOR_MAX_TILES:
-        raise ValueError(f"tiled_cholesky_upper: at most {UNROLL_FACTOR_MAX_TILES} tile rows, got {tiles.shape[0]}; "
-                         "use tiled_cholesky.")
-    return _tiled_cholesky_unrolled(tiles, shift, upper=True)
+    if tiles.shape[0] <= UNROLL_FACTOR_MAX_TILES:
+        return _tiled_cholesky_unrolled(tiles, shift, upper=True)
+    tiled = tiled_cholesky(tiles, shift, upper_zero)
+    return from_tiles(jnp.swapaxes(tiled.tiles, 0, 1).swapaxes(2, 3).conj()), jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
 def tiled_cholesky(tiles: jax.Array, shift: Any = 0.0, upper_zero: bool = False) -> TiledFactor:

@@ -158,11 +158,10 @@ def test_tiled_cholesky_reads_only_the_lower_tiles(complex_, n, ts):
     b[n:] = 0
     x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(jnp.asarray(upper_only), 0.1), jnp.asarray(b))
     np.testing.assert_allclose(np.asarray(x)[:n], np.linalg.solve(a + 0.1 * np.eye(n), b[:n]), rtol=1e-10)
-    if nb <= linalg.UNROLL_FACTOR_MAX_TILES:
-        u, finite = linalg.tiled_cholesky_upper(jnp.asarray(upper_only), 0.1)
-        assert bool(finite)
-        np.testing.assert_array_equal(np.tril(np.asarray(u), -1), 0)
-        np.testing.assert_allclose((u.conj().T @ u)[:n, :n], a + 0.1 * np.eye(n), atol=1e-12)
+    u, finite = linalg.tiled_cholesky_upper(jnp.asarray(upper_only), 0.1)  # unrolled, or from the loop's factor
+    assert bool(finite)
+    np.testing.assert_array_equal(np.tril(np.asarray(u), -1), 0)
+    np.testing.assert_allclose((u.conj().T @ u)[:n, :n], a + 0.1 * np.eye(n), atol=1e-12)
     full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(lower_only)))
     np.testing.assert_allclose(full[:n, :n], a, atol=1e-14)
 
@@ -181,23 +180,20 @@ def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(
     lean = jax.jit(lambda t: linalg.tiled_cholesky(t, 0.3, upper_zero=True))(zeroed)
     np.testing.assert_array_equal(np.asarray(lean.tiles), np.asarray(ref.tiles))
     assert np.isfinite(np.asarray(lean.inv_diag)).all()
-    unrolled = nb <= linalg.UNROLL_FACTOR_MAX_TILES
-    if unrolled:  # the assembled upper factor: the same numbers, its own finiteness test
-        u, finite = linalg.tiled_cholesky_upper(zeroed, 0.3)
-        assert bool(finite)
-        np.testing.assert_array_equal(np.asarray(u), np.asarray(linalg.from_tiles(ref.tiles)).T)
+    # the assembled upper factor (unrolled, or from the loop's factor): the same numbers, its finiteness test
+    u, finite = linalg.tiled_cholesky_upper(zeroed, 0.3, upper_zero=True)
+    assert bool(finite)
+    np.testing.assert_array_equal(np.asarray(u), np.asarray(linalg.from_tiles(ref.tiles)).T)
     for i, j in [(1, 0), (nb - 1, 0), (nb - 1, nb - 2), (nb - 1, nb - 1)]:  # below the diagonal and on it
         bad = np.asarray(zeroed).copy()
         bad[i, j, 1 if i != j else 0, 2 if i != j else 1] = np.nan  # of a diagonal tile, the triangle read
         factor = linalg.tiled_cholesky(jnp.asarray(bad), 0.3, upper_zero=True)
         assert not np.isfinite(np.asarray(factor.inv_diag)).all(), (i, j)
-        if unrolled:
-            assert not bool(linalg.tiled_cholesky_upper(jnp.asarray(bad), 0.3)[1]), (i, j)
+        assert not bool(linalg.tiled_cholesky_upper(jnp.asarray(bad), 0.3, upper_zero=True)[1]), (i, j)
     indefinite_shift = -2 * float(np.linalg.eigvalsh(a).max())
     indefinite = linalg.tiled_cholesky(zeroed, indefinite_shift, upper_zero=True)
     assert not np.isfinite(np.asarray(indefinite.inv_diag)).all()
-    if unrolled:
-        assert not bool(linalg.tiled_cholesky_upper(zeroed, indefinite_shift)[1])
+    assert not bool(linalg.tiled_cholesky_upper(zeroed, indefinite_shift, upper_zero=True)[1])
 
 
 @pytest.mark.parametrize("complex_", [False, True])
