@@ -234,9 +234,10 @@ def test_forced_fallback_equals_the_first_path(name, monkeypatch):
 def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jacobian, with_energies, monkeypatch):
     """Single-precision input: the fallback is the next rung of the factor's ladder (its shift raised
     by ``eps ||K||``). Started there on a well-posed problem it reports fallback 2 and gives the first
-    path's update to 3e-4: with the energies the refinement on the exact products removes most of the
-    raised shift (measured 4.5e-6 to 1.2e-4 from the first path), in the Woodbury form (no refinement
-    of the kernel solve) the one correction step in parameter space does (2.8e-7 to 4.4e-5)."""
+    path's update: with the energies the refinement on the exact products removes most of the
+    raised shift (measured 4.5e-6 to 1.3e-4 from the first path; bound 3e-4), in the Woodbury form (no
+    refinement of the kernel solve) the one correction step in parameter space does (2.8e-7 to 4.4e-5;
+    bound 1e-4)."""
     log_psi, params, x, grad, holo = _case(name, n=300)
     single = lambda t: jax.tree.map(lambda a: a.astype(jnp.complex64 if jnp.iscomplexobj(a) else jnp.float32), t)
     params, grad, x = single(params), single(grad), x.astype(jnp.float32)
@@ -251,7 +252,7 @@ def test_forced_raised_shift_attempt_equals_the_first_path_in_float32(name, jaco
     monkeypatch.setattr(sample_space_mod, "FIRST_ATTEMPT", 1)
     forced, info = solve()
     assert int(info.fallback) == 2 and bool(info.converged)
-    assert rel_err(flat(forced), flat(first)) <= 3e-4
+    assert rel_err(flat(forced), flat(first)) <= (3e-4 if with_energies else 1e-4)
 
 
 @pytest.mark.parametrize("c", [1, 2])
