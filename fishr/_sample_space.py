@@ -637,6 +637,5 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
         b = optax.tree.add_scale(b, damping, w_input)
     r = optax.tree.sub(b, optax.tree.add_scale(s_matvec(x), damping, x))
     if tested_norm is not None:  # the Woodbury form: LAPACK's backward-error test on the system solved
-        size = sum(jnp.size(leaf) for leaf in jax.tree.leaves(b))
-        info = info._replace(converged=info.converged & meets_backward_error(r, x, tested_norm, size))
+        info = info._replace(converged=info.converged & meets_backward_error(r, x, tested_norm))
     return x, info._replace(residual_norm=jnp.sqrt(tree_inner(r, r))), damping

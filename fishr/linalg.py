@@ -119,13 +119,15 @@ def _max_abs(tree: Any) -> jax.Array:
     return jnp.max(jnp.stack([jnp.max(jnp.abs(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def meets_backward_error(r: Any, x: Any, a_norm: Any, size: int) -> jax.Array:
+def meets_backward_error(r: Any, x: Any, a_norm: Any, size: int | None = None) -> jax.Array:
     """LAPACK ``dsposv``'s test: ``||r||_inf <= ||x||_inf ||A||_inf eps sqrt(size)``.
 
-    ``r = b - A x`` for a system of ``size`` unknowns; ``eps`` is the working precision's
-    (of ``r``'s leaves, promoted). True when ``x`` has the backward error of a direct solve
-    in that precision.
+    ``r = b - A x`` for a system of ``size`` unknowns (default: the entries of ``x``); ``eps``
+    is the working precision's (of ``r``'s leaves, promoted). True when ``x`` has the backward
+    error of a direct solve in that precision.
     """
+    if size is None:
+        size = _tree_size(x)
     real = jnp.finfo(jnp.result_type(*jax.tree.leaves(r))).dtype
     bound = jnp.asarray(a_norm, real) * jnp.finfo(real).eps * jnp.sqrt(jnp.asarray(size, real))
     return _max_abs(r) <= _max_abs(x) * bound
