@@ -38,10 +38,11 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   the energies, refined: 4.5e-6 to 1.2e-4 from the first rung); the refinement in the
   program, for this rare path, cost 0.25 s of compile at ``N = 4,096``.
 
-The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; unrolled up to 8
-tile rows, a loop of fixed program size beyond), factored by tiles, kept assembled up to
-``ASSEMBLED_MAX_ROWS`` = 2,048 rows (:func:`fishr.linalg.tiled_cholesky_upper`, unrolled;
-applied by two triangular solves, which compile to one operation each) and as tiles beyond
+The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; one block mapped over
+the tile pairs up to 4 tile rows, a loop of fixed program size beyond), factored by tiles,
+kept in row slabs up to ``ASSEMBLED_MAX_ROWS`` = 2,048 rows
+(:func:`fishr.linalg.tiled_cholesky_slabs`, unrolled; applied by a triangular solve per
+diagonal tile and a matrix-vector product per row slab) and as tiles beyond
 (:func:`fishr.linalg.tiled_cholesky`, applied by tile products; both in loops of fixed
 program size). The computed kernel need only be close to ``K``: its rounding (the
 centring of the layers' kernel through its row means cancels digits when the mean score
@@ -108,6 +109,8 @@ from fishr import distributed
 from fishr.distributed import AxisName
 from fishr.jacobian import kernel_from_tiles
 from fishr.linalg import (
+    UNROLL_FACTOR_MAX_TILES,
+    SlabFactor,
     SolveInfo,
     TiledFactor,
     cg,
@@ -117,10 +120,11 @@ from fishr.linalg import (
     hermitian_from_lower_tiles,
     meets_backward_error,
     psd_inf_norm_bound,
+    slab_cholesky_solve,
     solve_info,
     tiled_cholesky,
+    tiled_cholesky_slabs,
     tiled_cholesky_solve,
-    tiled_cholesky_upper,
     tiled_factor_from_cholesky,
     tiled_trace,
     tree_inner,
@@ -193,71 +197,89 @@ def _rows(jac) -> tuple[int, int]:
     return jac.rows_shape
 
 
-ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which the factor is applied assembled (triangular solves)
+ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which the factor is kept whole or in row slabs, not tiles
 
-# by tiles, or assembled: the transpose U = L'^T of cholesky_factor's lower factor L' of conj(A), that is the
-# upper factor L^H of A, row-major (see _factor)
-Factor = TiledFactor | jax.Array
+# in row slabs (the tiled factorisation, few tiles), by tiles, or assembled (LAPACK's): the transpose
+# U = L'^T of cholesky_factor's lower factor L' of conj(A), that is the upper factor L^H of A, row-major
+Factor = SlabFactor | TiledFactor | jax.Array
 
 
 def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded; :func:`fishr.jacobian.tiled_kernel`'s,
     zero above the diagonal), and whether it is finite.
 
-    ``kind="tiled"``: :func:`fishr.linalg.tiled_cholesky`; ``"lapack"``: the backend's
-    Cholesky of the assembled matrix. Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
+    ``kind="tiled"``: up to ``ASSEMBLED_MAX_ROWS`` padded rows (at most
+    ``UNROLL_FACTOR_MAX_TILES`` tile rows) :func:`fishr.linalg.tiled_cholesky_slabs`, applied
+    by :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal tile, a
+    matrix-vector product per row slab); beyond, :func:`fishr.linalg.tiled_cholesky`, applied
+    by :func:`fishr.linalg.tiled_cholesky_solve` (loops of fixed program size). The slabs
+    replaced the assembled upper factor (:func:`fishr.linalg.tiled_cholesky_upper`) and LAPACK's
+    two triangular solves on it, which read one column at about a third of the speed of the
+    products. Float32 structured update from ``g`` (interleaved in one process, 2-core CPU,
+    jax 0.9.1, medians of 60-400 calls, two runs): MLP 16-64-64-64-1 at ``N = 1,024``
+    8.05-8.10 -> 6.96-7.00 ms, at ``N = 2,048`` 42.6-44.1 -> 34.5-34.9 ms; MLP 16-200-200-1
+    at ``N = 1,024`` 11.95-12.04 -> 10.93-10.95 ms; with local energies 8.9 -> 7.4 ms; float64
+    (the single-precision factor preconditions CG) 33.7 -> 28.9 ms. The program holds ``2 nb``
+    triangular solves and ``2 (nb - 1)`` products per solve where it held two: the first call
+    (fresh processes, median of 3) 1.16 -> 1.29 s at ``N = 1,024`` and 1.83 -> 2.25 s at 2,048.
+
+    ``kind="lapack"``: the backend's Cholesky of the assembled matrix (accelerators, and the
+    CPU's rare double-precision fallback). Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
     is returned assembled, as :func:`fishr.linalg.cholesky_factor` gives it (the factor
     of ``conj(A)``), and applied by two triangular solves: one operation in the program
-    where the solve by tiles is ``nb^2`` tile products, compiled anew at every place the
-    factor is applied (the CG preconditioner, its start, the refinement, the fallback).
-    With CG started from zero (no separate solve for its start) the first call of the
-    float32 RBM sample-space update fell 5.7 -> 4.3 s at ``N = 1,024`` and 8.3 -> 5.9 s at
-    ``N = 2,048`` (fresh processes, median of 3, 2-core CPU, jax 0.9.1), warm calls
-    unchanged within their spread. Beyond, the
-    triangular solve on the whole factor falls behind the tiled one (``n = 4,096``,
-    float32: 62 against 18 ms per solve), so larger factors stay tiles and are applied by
-    :func:`fishr.linalg.tiled_cholesky_solve` (matrix products only). ``assembled=True``
+    (compiled once wherever the factor is applied: the CG preconditioner, the refinement, the
+    fallback); beyond, as tiles for :func:`fishr.linalg.tiled_cholesky_solve`. ``assembled=True``
     keeps any size assembled (the fallback's factor: rare, so its program size counts,
-    not its speed).
-
-    The assembled factor is held as ``U = L'^T`` (``L'`` :func:`fishr.linalg.cholesky_factor`'s
+    not its speed). It is held as ``U = L'^T`` (``L'`` :func:`fishr.linalg.cholesky_factor`'s
     factor of ``conj(A)``; ``U = L^H``, the upper factor of ``A``), row-major:
     the bytes of ``L'`` column-major, which LAPACK's triangular solve reads, so
     :func:`_apply_factor` passes ``U^T`` without a copy. Held as ``L'``, the factor
     leaves the shift ladder's loop row-major and XLA transposes it before the first solve
     (``N = 1,024``, float32: 1.7 ms of a 17 ms call).
     """
-    ts = tiles.shape[2]
+    nb, _, ts, _ = tiles.shape
     if assembled is None:
-        assembled = tiles.shape[0] * ts <= ASSEMBLED_MAX_ROWS
+        assembled = nb * ts <= ASSEMBLED_MAX_ROWS
     factor: Factor
     if kind == "lapack":
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
         factor = jnp.swapaxes(lower, 0, 1) if assembled else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
+    if assembled and nb <= UNROLL_FACTOR_MAX_TILES:
+        return tiled_cholesky_slabs(tiles, shift)
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
-    if assembled:
-        return tiled_cholesky_upper(tiles, shift, upper_zero=True)
     tiled = tiled_cholesky(tiles, shift, upper_zero=True)
     return tiled, jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
-def _nan_factor(tiles: jax.Array) -> Factor:
-    """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` (assembled or by tiles)."""
+def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
+    """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` and ``kind``."""
     nb, _, ts, _ = tiles.shape
+    nan = lambda *shape: jnp.full(shape, jnp.nan, tiles.dtype)
     if nb * ts <= ASSEMBLED_MAX_ROWS:
-        return jnp.full((nb * ts, nb * ts), jnp.nan, tiles.dtype)
-    return TiledFactor(jnp.full(tiles.shape, jnp.nan, tiles.dtype), jnp.full((nb, ts, ts), jnp.nan, tiles.dtype))
+        if kind == "lapack":
+            return nan(nb * ts, nb * ts)
+        if nb <= UNROLL_FACTOR_MAX_TILES:
+            return SlabFactor(tuple(nan(ts, ts) for _ in range(nb)), tuple(nan(ts, i * ts) for i in range(1, nb)))
+    return TiledFactor(nan(*tiles.shape), nan(nb, ts, ts))
 
 
 def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
-    tiled = isinstance(factor, TiledFactor)
-    dtype, n_pad = (factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]) if tiled else (
-        factor.dtype, factor.shape[0])
+    if isinstance(factor, SlabFactor):
+        dtype, n_pad = factor.diag[0].dtype, len(factor.diag) * factor.diag[0].shape[0]
+    elif isinstance(factor, TiledFactor):
+        dtype, n_pad = factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]
+    else:
+        dtype, n_pad = factor.dtype, factor.shape[0]
     flat = jnp.pad(u.reshape(rows, -1).astype(dtype), ((0, n_pad - rows), (0, 0)))
-    solved = tiled_cholesky_solve(factor, flat) if tiled else cholesky_factor_solve(jnp.swapaxes(factor, 0, 1), flat)
+    if isinstance(factor, SlabFactor):
+        solved = slab_cholesky_solve(factor, flat)
+    elif isinstance(factor, TiledFactor):
+        solved = tiled_cholesky_solve(factor, flat)
+    else:
+        solved = cholesky_factor_solve(jnp.swapaxes(factor, 0, 1), flat)
     return solved[:rows].reshape(u.shape).astype(u.dtype)
 
 
@@ -416,7 +438,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         # a factor in the working precision: the factor's solve refined on the exact products, no loop
         # but the ladder of shifts for a factor that is not finite (module docstring)
         shifts = shift + raise_by(tiles.dtype)
-        factor, finite, j = _first_finite_factor(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles),
+        factor, finite, j = _first_finite_factor(lambda j: _factor(tiles, shifts[j], kind), _nan_factor(tiles, kind),
                                                  shifts.shape[0], FIRST_ATTEMPT)
         apply = lambda u: _apply_factor(factor, u, rows)
         if not refine:

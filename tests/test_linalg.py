@@ -106,6 +106,55 @@ def test_tiled_cholesky_and_solve(complex_, n, ts):
                                expected[:, 0], rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+@pytest.mark.parametrize("n, ts", [(45, 48), (45, 16), (64, 8)], ids=["one_tile", "uneven_padded", "eight_tiles"])
+def test_slab_factor_is_the_tiled_factor_and_solves_like_lapack(complex_, n, ts):
+    """:func:`tiled_cholesky_slabs` holds :func:`tiled_cholesky`'s factor by tile rows (diagonal tiles,
+    then the slab left of each), and :func:`slab_cholesky_solve` solves with it to LAPACK's accuracy
+    (float64; 45 rows padded to 48 in tiles of 16: uneven; one tile; the most tile rows allowed)."""
+    a = _spd(n, complex_, seed=40)
+    tiles, _ = _padded_tiles(a, ts)
+    nb = tiles.shape[0]
+    factor, finite = jax.jit(lambda t: linalg.tiled_cholesky_slabs(t, 0.3))(tiles)
+    assert bool(finite) and len(factor.diag) == nb and len(factor.below) == nb - 1
+    full = np.asarray(linalg.from_tiles(linalg.tiled_cholesky(tiles, 0.3).tiles))
+    for i in range(nb):
+        rows = slice(i * ts, (i + 1) * ts)
+        np.testing.assert_array_equal(np.asarray(factor.diag[i]), full[rows, rows])
+        if i:
+            assert factor.below[i - 1].shape == (ts, i * ts)
+            np.testing.assert_array_equal(np.asarray(factor.below[i - 1]), full[rows, :i * ts])
+    rng = np.random.default_rng(41)
+    b = rng.normal(size=(n, 3)) + (1j * rng.normal(size=(n, 3)) if complex_ else 0)
+    padded = np.zeros((nb * ts, 3), b.dtype)
+    padded[:n] = b
+    expected = np.asarray(jax.scipy.linalg.cho_solve(jax.scipy.linalg.cho_factor(a + 0.3 * np.eye(n)), b))
+    solve = jax.jit(linalg.slab_cholesky_solve)
+    np.testing.assert_allclose(np.asarray(solve(factor, jnp.asarray(padded)))[:n], expected, rtol=1e-10)
+    np.testing.assert_allclose(np.asarray(solve(factor, jnp.asarray(padded[:, 0])))[:n], expected[:, 0], rtol=1e-10)
+
+
+def test_slab_factor_finiteness_and_its_tile_limit():
+    """The last diagonal tile's test catches a non-finite entry anywhere on or below the diagonal
+    (of a diagonal tile, in the triangle read) and a matrix that is not positive definite in any
+    column; more tile rows than the factorisation unrolls is an error naming the argument."""
+    a = _spd(64, False, seed=42)
+    tiles, _ = _padded_tiles(a, 16)
+    nb = tiles.shape[0]
+    assert bool(linalg.tiled_cholesky_slabs(tiles, 0.3)[1])
+    for i, j in [(0, 0), (1, 0), (nb - 1, 0), (2, 1), (nb - 1, nb - 2), (nb - 1, nb - 1)]:
+        bad = np.asarray(tiles).copy()
+        bad[i, j, 1 if i != j else 0, 2 if i != j else 1] = np.nan
+        assert not bool(linalg.tiled_cholesky_slabs(jnp.asarray(bad), 0.3)[1]), (i, j)
+    for k in range(nb):  # column k alone not positive definite
+        bad = np.asarray(tiles).copy()
+        bad[k, k, 0, 0] = -10.0
+        assert not bool(linalg.tiled_cholesky_slabs(jnp.asarray(bad), 0.3)[1]), k
+    many = jnp.zeros((linalg.UNROLL_FACTOR_MAX_TILES + 1,) * 2 + (2, 2))
+    with pytest.raises(ValueError, match="`tiles` may have at most UNROLL_FACTOR_MAX_TILES"):
+        linalg.tiled_cholesky_slabs(many)
+
+
 @pytest.mark.parametrize("segments", [1, 3, 6, 13])
 def test_tiled_solve_by_row_groups_equals_lapack(monkeypatch, segments):
     """The looped solve with its tile rows in any number of groups (13 tile rows; 1 group reads
@@ -200,14 +249,20 @@ def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(
 @pytest.mark.parametrize("kind", ["tiled", "lapack"])
 @pytest.mark.parametrize("max_rows", [0, 2048], ids=["by_tiles", "assembled"])
 def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, max_rows):
-    """The sample-space kernel factor, from either factorisation, is kept assembled (applied by two
-    triangular solves) up to ``ASSEMBLED_MAX_ROWS`` padded rows and as tiles beyond; both solve
+    """The sample-space kernel factor, from either factorisation, is kept assembled (LAPACK's; applied
+    by two triangular solves) or in row slabs (the tiled factorisation's) up to ``ASSEMBLED_MAX_ROWS``
+    padded rows and as tiles beyond, with a NaN placeholder of the same structure; each solves
     ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows padded to 48)."""
     monkeypatch.setattr(_sample_space, "ASSEMBLED_MAX_ROWS", max_rows)
     a = _spd(45, complex_, seed=27)
     tiles, _ = _padded_tiles(a, 16)
     factor, finite = jax.jit(lambda t: _sample_space._factor(t, 0.3, kind))(tiles)
     assert bool(finite) and isinstance(factor, linalg.TiledFactor) == (max_rows == 0)
+    # up to max_rows: LAPACK's assembled factor, or the tiled factorisation's row slabs
+    assert isinstance(factor, linalg.SlabFactor) == (max_rows > 0 and kind == "tiled")
+    placeholder = _sample_space._nan_factor(tiles, kind)
+    assert jax.tree.structure(placeholder) == jax.tree.structure(factor)
+    assert all(p.shape == f.shape for p, f in zip(jax.tree.leaves(placeholder), jax.tree.leaves(factor), strict=True))
     rng = np.random.default_rng(28)
     b = rng.normal(size=(45, 2)) + (1j * rng.normal(size=(45, 2)) if complex_ else 0)
     x = jax.jit(lambda f, b: _sample_space._apply_factor(f, b, 45))(factor, jnp.asarray(b))
