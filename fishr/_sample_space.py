@@ -120,6 +120,7 @@ from fishr.linalg import (
     hermitian_from_lower_tiles,
     meets_backward_error,
     psd_inf_norm_bound,
+    slab_block_rows,
     slab_cholesky_solve,
     solve_info,
     tiled_cholesky,
@@ -219,9 +220,10 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     jax 0.9.1, medians of 60-400 calls, two runs): MLP 16-64-64-64-1 at ``N = 1,024``
     8.05-8.10 -> 6.96-7.00 ms, at ``N = 2,048`` 42.6-44.1 -> 34.5-34.9 ms; MLP 16-200-200-1
     at ``N = 1,024`` 11.95-12.04 -> 10.93-10.95 ms; with local energies 8.9 -> 7.4 ms; float64
-    (the single-precision factor preconditions CG) 33.7 -> 28.9 ms. The program holds ``2 nb``
-    triangular solves and ``2 (nb - 1)`` products per solve where it held two: the first call
-    (fresh processes, median of 3) 1.16 -> 1.29 s at ``N = 1,024`` and 1.83 -> 2.25 s at 2,048.
+    (the single-precision factor preconditions CG) 33.7 -> 28.9 ms. The program holds ``2 B``
+    triangular solves and ``2 (B - 1)`` products per solve (``B <= 4`` block rows) where it held
+    two: the first call (fresh processes, 3 each) 1.17-1.23 -> 1.21-1.47 s at ``N = 1,024``
+    (4 block rows), 1.57-1.72 -> 1.62-2.02 s at 2,048 (4 block rows of two tiles; 35.8 ms warm).
 
     ``kind="lapack"``: the backend's Cholesky of the assembled matrix (accelerators, and the
     CPU's rare double-precision fallback). Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
@@ -261,7 +263,9 @@ def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
         if kind == "lapack":
             return nan(nb * ts, nb * ts)
         if nb <= UNROLL_FACTOR_MAX_TILES:
-            return SlabFactor(tuple(nan(ts, ts) for _ in range(nb)), tuple(nan(ts, i * ts) for i in range(1, nb)))
+            rows = slab_block_rows(nb, ts)
+            return SlabFactor(tuple(nan(m, m) for m in rows), tuple(nan(m, sum(rows[:b])) for b, m in
+                                                                   enumerate(rows) if b))
     return TiledFactor(nan(*tiles.shape), nan(nb, ts, ts))
 
 

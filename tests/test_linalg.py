@@ -107,23 +107,28 @@ def test_tiled_cholesky_and_solve(complex_, n, ts):
 
 
 @pytest.mark.parametrize("complex_", [False, True])
-@pytest.mark.parametrize("n, ts", [(45, 48), (45, 16), (64, 8)], ids=["one_tile", "uneven_padded", "eight_tiles"])
+@pytest.mark.parametrize("n, ts", [(45, 48), (45, 16), (64, 8), (40, 8)],
+                         ids=["one_tile", "uneven_padded", "eight_tiles", "five_tiles"])
 def test_slab_factor_is_the_tiled_factor_and_solves_like_lapack(complex_, n, ts):
-    """:func:`tiled_cholesky_slabs` holds :func:`tiled_cholesky`'s factor by tile rows (diagonal tiles,
-    then the slab left of each), and :func:`slab_cholesky_solve` solves with it to LAPACK's accuracy
-    (float64; 45 rows padded to 48 in tiles of 16: uneven; one tile; the most tile rows allowed)."""
+    """:func:`tiled_cholesky_slabs` holds :func:`tiled_cholesky`'s factor by block rows (a diagonal
+    block, then the slab left of it; one tile row per block up to 4, two for 5-8 tile rows), and
+    :func:`slab_cholesky_solve` solves with it to LAPACK's accuracy (float64; 45 rows padded to 48 in
+    tiles of 16: uneven; one tile; the most tile rows allowed)."""
     a = _spd(n, complex_, seed=40)
     tiles, _ = _padded_tiles(a, ts)
     nb = tiles.shape[0]
     factor, finite = jax.jit(lambda t: linalg.tiled_cholesky_slabs(t, 0.3))(tiles)
-    assert bool(finite) and len(factor.diag) == nb and len(factor.below) == nb - 1
+    rows = linalg.slab_block_rows(nb, ts)
+    assert rows == ([ts] * nb if nb <= 4 else [2 * ts] * (nb // 2) + [ts] * (nb % 2))
+    assert bool(finite) and len(factor.diag) == len(rows) and len(factor.below) == len(rows) - 1
     full = np.asarray(linalg.from_tiles(linalg.tiled_cholesky(tiles, 0.3).tiles))
-    for i in range(nb):
-        rows = slice(i * ts, (i + 1) * ts)
-        np.testing.assert_array_equal(np.asarray(factor.diag[i]), full[rows, rows])
-        if i:
-            assert factor.below[i - 1].shape == (ts, i * ts)
-            np.testing.assert_array_equal(np.asarray(factor.below[i - 1]), full[rows, :i * ts])
+    edges = np.cumsum([0, *rows])
+    for b in range(len(rows)):
+        block = slice(edges[b], edges[b + 1])
+        np.testing.assert_array_equal(np.asarray(factor.diag[b]), full[block, block])
+        if b:
+            assert factor.below[b - 1].shape == (rows[b], edges[b])
+            np.testing.assert_array_equal(np.asarray(factor.below[b - 1]), full[block, :edges[b]])
     rng = np.random.default_rng(41)
     b = rng.normal(size=(n, 3)) + (1j * rng.normal(size=(n, 3)) if complex_ else 0)
     padded = np.zeros((nb * ts, 3), b.dtype)
