@@ -41,8 +41,8 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
 The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; one block mapped over
 the tile pairs up to 4 tile rows, a loop of fixed program size beyond), factored by tiles,
 kept in row slabs up to ``ASSEMBLED_MAX_ROWS`` = 2,048 rows
-(:func:`fishr.linalg.tiled_cholesky_slabs`, unrolled; applied by a triangular solve per
-diagonal tile and a matrix-vector product per row slab) and as tiles beyond
+(:func:`fishr.linalg.tiled_cholesky_slabs`, unrolled, at most 4 block rows; applied by a
+triangular solve per diagonal block and a matrix-vector product per row slab) and as tiles beyond
 (:func:`fishr.linalg.tiled_cholesky`, applied by tile products; both in loops of fixed
 program size). The computed kernel need only be close to ``K``: its rounding (the
 centring of the layers' kernel through its row means cancels digits when the mean score
@@ -211,7 +211,7 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
 
     ``kind="tiled"``: up to ``ASSEMBLED_MAX_ROWS`` padded rows (at most
     ``UNROLL_FACTOR_MAX_TILES`` tile rows) :func:`fishr.linalg.tiled_cholesky_slabs`, applied
-    by :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal tile, a
+    by :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal block, a
     matrix-vector product per row slab); beyond, :func:`fishr.linalg.tiled_cholesky`, applied
     by :func:`fishr.linalg.tiled_cholesky_solve` (loops of fixed program size). The slabs
     replaced the assembled upper factor (:func:`fishr.linalg.tiled_cholesky_upper`) and LAPACK's
@@ -272,7 +272,7 @@ def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
 def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
     if isinstance(factor, SlabFactor):
-        dtype, n_pad = factor.diag[0].dtype, len(factor.diag) * factor.diag[0].shape[0]
+        dtype, n_pad = factor.diag[0].dtype, sum(d.shape[0] for d in factor.diag)  # the last block may be short
     elif isinstance(factor, TiledFactor):
         dtype, n_pad = factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]
     else:

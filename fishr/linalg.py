@@ -498,9 +498,6 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> An
             for j in range(k + 1, i + 1):
                 work[(i, j)] = work[(i, j)] - _times_h(out[(i, k)], out[(j, k)])
     zero = jnp.zeros((ts, ts), tiles.dtype)
-    # every tile below the diagonal enters the update of a later diagonal tile, whose factorisation gives
-    # NaN from a non-finite input: a non-finite tile anywhere shows on the diagonal
-    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(out[(k, k)])) for k in range(nb)]))
     if form == "slabs":
         # block row b of the solve: tile rows `rows`; its slab is complete once tile column rows[0] - 1 is,
         # and XLA copies it while the later columns are factored
@@ -516,7 +513,9 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> An
         # block row j of U holds tile column j of L: XLA assembles it as soon as that column is done
         u = jnp.concatenate([jnp.concatenate([out[(i, j)].conj().T if i >= j else zero for i in range(nb)], axis=1)
                              for j in range(nb)], axis=0)
-        return u, finite
+        # every tile below the diagonal enters the update of a later diagonal tile, whose factorisation gives
+        # NaN from a non-finite input: a non-finite tile anywhere shows on the diagonal
+        return u, jnp.all(jnp.stack([jnp.all(jnp.isfinite(out[(k, k)])) for k in range(nb)]))
     rows = [jnp.stack([out[(i, j)] if j <= i else zero for j in range(nb)]) for i in range(nb)]
     return TiledFactor(jnp.stack(rows), jnp.stack(inv))
 

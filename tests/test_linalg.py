@@ -253,14 +253,16 @@ def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("kind", ["tiled", "lapack"])
 @pytest.mark.parametrize("max_rows", [0, 2048], ids=["by_tiles", "assembled"])
-def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, max_rows):
+@pytest.mark.parametrize("n, ts", [(45, 16), (37, 8)], ids=["three_tiles", "five_tiles_short_block"])
+def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, max_rows, n, ts):
     """The sample-space kernel factor, from either factorisation, is kept assembled (LAPACK's; applied
     by two triangular solves) or in row slabs (the tiled factorisation's) up to ``ASSEMBLED_MAX_ROWS``
     padded rows and as tiles beyond, with a NaN placeholder of the same structure; each solves
-    ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows padded to 48)."""
+    ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows padded to 48; 5 tile
+    rows of 8, 37 rows padded to 40, in row slabs of 16, 16 and 8 rows)."""
     monkeypatch.setattr(_sample_space, "ASSEMBLED_MAX_ROWS", max_rows)
-    a = _spd(45, complex_, seed=27)
-    tiles, _ = _padded_tiles(a, 16)
+    a = _spd(n, complex_, seed=27)
+    tiles, _ = _padded_tiles(a, ts)
     factor, finite = jax.jit(lambda t: _sample_space._factor(t, 0.3, kind))(tiles)
     assert bool(finite) and isinstance(factor, linalg.TiledFactor) == (max_rows == 0)
     # up to max_rows: LAPACK's assembled factor, or the tiled factorisation's row slabs
@@ -269,9 +271,9 @@ def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch
     assert jax.tree.structure(placeholder) == jax.tree.structure(factor)
     assert all(p.shape == f.shape for p, f in zip(jax.tree.leaves(placeholder), jax.tree.leaves(factor), strict=True))
     rng = np.random.default_rng(28)
-    b = rng.normal(size=(45, 2)) + (1j * rng.normal(size=(45, 2)) if complex_ else 0)
-    x = jax.jit(lambda f, b: _sample_space._apply_factor(f, b, 45))(factor, jnp.asarray(b))
-    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(45), b), rtol=1e-10)
+    b = rng.normal(size=(n, 2)) + (1j * rng.normal(size=(n, 2)) if complex_ else 0)
+    x = jax.jit(lambda f, b: _sample_space._apply_factor(f, b, n))(factor, jnp.asarray(b))
+    np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(n), b), rtol=1e-10)
 
 
 @pytest.mark.parametrize("complex_", [False, True])
