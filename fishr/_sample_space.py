@@ -210,20 +210,20 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     zero above the diagonal), and whether it is finite.
 
     ``kind="tiled"``: up to ``ASSEMBLED_MAX_ROWS`` padded rows (at most
-    ``UNROLL_FACTOR_MAX_TILES`` tile rows) :func:`fishr.linalg.tiled_cholesky_slabs`, applied
-    by :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal block, a
-    matrix-vector product per row slab); beyond, :func:`fishr.linalg.tiled_cholesky`, applied
-    by :func:`fishr.linalg.tiled_cholesky_solve` (loops of fixed program size). The slabs
-    replaced the assembled upper factor (:func:`fishr.linalg.tiled_cholesky_upper`) and LAPACK's
-    two triangular solves on it, which read one column at about a third of the speed of the
-    products. Float32 structured update from ``g`` (interleaved in one process, 2-core CPU,
-    jax 0.9.1, medians of 60-400 calls, two runs): MLP 16-64-64-64-1 at ``N = 1,024``
-    8.05-8.10 -> 6.96-7.00 ms, at ``N = 2,048`` 42.6-44.1 -> 34.5-34.9 ms; MLP 16-200-200-1
-    at ``N = 1,024`` 11.95-12.04 -> 10.93-10.95 ms; with local energies 8.9 -> 7.4 ms; float64
-    (the single-precision factor preconditions CG) 33.7 -> 28.9 ms. The program holds ``2 B``
-    triangular solves and ``2 (B - 1)`` products per solve (``B <= 4`` block rows) where it held
-    two: the first call (fresh processes, 3 each) 1.17-1.23 -> 1.21-1.47 s at ``N = 1,024``
-    (4 block rows), 1.57-1.72 -> 1.62-2.02 s at 2,048 (4 block rows of two tiles; 35.8 ms warm).
+    ``UNROLL_FACTOR_MAX_TILES`` tile rows) :func:`fishr.linalg.tiled_cholesky_slabs`, applied by
+    :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal block, a
+    matrix-vector product per row slab); beyond, :func:`fishr.linalg.tiled_cholesky`, applied by
+    :func:`fishr.linalg.tiled_cholesky_solve` (loops of fixed program size). The slabs replaced
+    an assembled upper factor and LAPACK's two triangular solves on it, which read one column at
+    about a third of the speed of the products. Float32 structured update from ``g``
+    (interleaved in one process, 2-core CPU, jax 0.9.1, medians of 60-400 calls, two runs): MLP
+    16-64-64-64-1 at ``N = 1,024`` 8.05-8.10 -> 6.96-7.00 ms, at ``N = 2,048`` 42.6-44.1 ->
+    34.5-34.9 ms; MLP 16-200-200-1 at ``N = 1,024`` 11.95-12.04 -> 10.93-10.95 ms; with local
+    energies 8.9 -> 7.4 ms; float64 (the single-precision factor preconditions CG) 33.7 -> 28.9
+    ms. The program holds ``2 B`` triangular solves and ``2 (B - 1)`` products per solve
+    (``B <= 4`` block rows) where it held two: the first call (fresh processes, 3 each) 1.17-1.23 ->
+    1.21-1.47 s at ``N = 1,024`` (4 block rows), 1.57-1.72 -> 1.62-2.02 s at 2,048 (4 block rows
+    of two tiles; 35.8 ms warm).
 
     ``kind="lapack"``: the backend's Cholesky of the assembled matrix (accelerators, and the
     CPU's rare double-precision fallback). Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
@@ -271,19 +271,15 @@ def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
 
 def _apply_factor(factor: Factor, u: jax.Array, rows: int) -> jax.Array:
     """``(A + shift I)^{-1} u`` from :func:`_factor`, for ``u`` whose leading axes hold ``rows`` rows."""
-    if isinstance(factor, SlabFactor):
-        dtype, n_pad = factor.diag[0].dtype, sum(d.shape[0] for d in factor.diag)  # the last block may be short
+    def padded(dtype, n_pad):  # u as (n_pad, k) columns, zero past its rows
+        return jnp.pad(u.reshape(rows, -1).astype(dtype), ((0, n_pad - rows), (0, 0)))
+
+    if isinstance(factor, SlabFactor):  # the last block row may be short
+        solved = slab_cholesky_solve(factor, padded(factor.diag[0].dtype, sum(d.shape[0] for d in factor.diag)))
     elif isinstance(factor, TiledFactor):
-        dtype, n_pad = factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]
+        solved = tiled_cholesky_solve(factor, padded(factor.tiles.dtype, factor.tiles.shape[0] * factor.tiles.shape[2]))
     else:
-        dtype, n_pad = factor.dtype, factor.shape[0]
-    flat = jnp.pad(u.reshape(rows, -1).astype(dtype), ((0, n_pad - rows), (0, 0)))
-    if isinstance(factor, SlabFactor):
-        solved = slab_cholesky_solve(factor, flat)
-    elif isinstance(factor, TiledFactor):
-        solved = tiled_cholesky_solve(factor, flat)
-    else:
-        solved = cholesky_factor_solve(jnp.swapaxes(factor, 0, 1), flat)
+        solved = cholesky_factor_solve(jnp.swapaxes(factor, 0, 1), padded(factor.dtype, factor.shape[0]))
     return solved[:rows].reshape(u.shape).astype(u.dtype)
 
 

@@ -60,7 +60,6 @@ __all__ = [
     "tiled_cholesky",
     "tiled_cholesky_slabs",
     "tiled_cholesky_solve",
-    "tiled_cholesky_upper",
     "tiled_diagonal",
     "tiled_factor_from_cholesky",
     "tiled_inf_norm",
@@ -473,13 +472,12 @@ def _tile_cholesky(a: jax.Array) -> jax.Array:
     return lax.linalg.cholesky(jnp.swapaxes(a, -1, -2), symmetrize_input=False).conj()
 
 
-def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> Any:
+def _tiled_cholesky_unrolled(tiles: jax.Array, shift, slabs: bool = False) -> Any:
     """:func:`tiled_cholesky` unrolled over tiles: ``nb^3 / 6`` independent tile products that XLA
     schedules on every core at once (a program that grows like ``nb^3``; for few tiles only).
 
-    ``form="tiles"``: a :class:`TiledFactor`. ``"upper"``: ``(U, finite)``, ``U = L^H``
-    assembled (see :func:`tiled_cholesky_upper`); ``"slabs"``: ``(SlabFactor, finite)`` (see
-    :func:`tiled_cholesky_slabs`); ``finite`` whether the factor is finite.
+    A :class:`TiledFactor`, or with ``slabs=True`` ``(SlabFactor, finite)`` (see
+    :func:`tiled_cholesky_slabs`), ``finite`` whether the factor is finite.
     """
     nb, _, ts, _ = tiles.shape
     eye = jnp.eye(ts, dtype=tiles.dtype)
@@ -488,7 +486,7 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> An
     for k in range(nb):
         lkk = _tile_cholesky(work[(k, k)] + (shift * eye).astype(tiles.dtype))
         out[(k, k)] = lkk
-        if form != "tiles" and k + 1 == nb:
+        if slabs and k + 1 == nb:
             break  # the last inverse serves only the solve by tiles
         inv_k = lax.linalg.triangular_solve(lkk, eye, left_side=True, lower=True)
         inv.append(inv_k)
@@ -498,7 +496,7 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> An
             for j in range(k + 1, i + 1):
                 work[(i, j)] = work[(i, j)] - _times_h(out[(i, k)], out[(j, k)])
     zero = jnp.zeros((ts, ts), tiles.dtype)
-    if form == "slabs":
+    if slabs:
         # block row b of the solve: tile rows `rows`; its slab is complete once tile column rows[0] - 1 is,
         # and XLA copies it while the later columns are factored
         groups = np.split(np.arange(nb), np.cumsum(slab_block_rows(nb, 1))[:-1])
@@ -509,37 +507,8 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, form: str = "tiles") -> An
         # update of the last diagonal tile too: its test alone, once, off the chain of columns (checking every
         # diagonal tile as it was factored put a reduction on that chain: 3% of the call at N = 1,024)
         return SlabFactor(diag, below), jnp.all(jnp.isfinite(out[(nb - 1, nb - 1)]))
-    if form == "upper":
-        # block row j of U holds tile column j of L: XLA assembles it as soon as that column is done
-        u = jnp.concatenate([jnp.concatenate([out[(i, j)].conj().T if i >= j else zero for i in range(nb)], axis=1)
-                             for j in range(nb)], axis=0)
-        # every tile below the diagonal enters the update of a later diagonal tile, whose factorisation gives
-        # NaN from a non-finite input: a non-finite tile anywhere shows on the diagonal
-        return u, jnp.all(jnp.stack([jnp.all(jnp.isfinite(out[(k, k)])) for k in range(nb)]))
     rows = [jnp.stack([out[(i, j)] if j <= i else zero for j in range(nb)]) for i in range(nb)]
     return TiledFactor(jnp.stack(rows), jnp.stack(inv))
-
-
-def tiled_cholesky_upper(tiles: jax.Array, shift: Any = 0.0, upper_zero: bool = False) -> tuple[jax.Array, jax.Array]:
-    r"""``(U, finite)``: the upper Cholesky factor ``U = L^H`` of ``A + shift I`` (``A`` and
-    ``upper_zero`` as for :func:`tiled_cholesky`) assembled as one row-major ``n x n`` matrix,
-    zero below the diagonal, and whether it is finite.
-
-    Row-major ``U`` is column-major ``U^T = conj(L)``, the layout LAPACK's triangular solve
-    reads, so ``L`` is applied without a copy (``conj`` aside). Up to
-    ``UNROLL_FACTOR_MAX_TILES`` tile rows it is built from the unrolled tiles directly: tile
-    column ``j`` of ``L`` becomes block row ``j`` of ``U`` as soon as it is factored, where
-    going through :func:`tiled_cholesky`'s ``(nb, nb, ts, ts)`` array took one more pass over
-    ``n^2`` numbers after the factorisation (0.4-0.6 ms at ``n = 1,024``, float32); ``finite``
-    then checks the diagonal tiles ``L_kk`` (every tile below the diagonal enters the update of
-    a later diagonal tile, whose factorisation gives NaN from a non-finite input, so a
-    non-finite tile anywhere shows on the diagonal). Beyond, it is :func:`tiled_cholesky`'s
-    factor turned around in that one pass, ``finite`` its diagonal tiles' inverses.
-    """
-    if tiles.shape[0] <= UNROLL_FACTOR_MAX_TILES:
-        return _tiled_cholesky_unrolled(tiles, shift, form="upper")
-    tiled = tiled_cholesky(tiles, shift, upper_zero)
-    return from_tiles(jnp.swapaxes(tiled.tiles, 0, 1).swapaxes(2, 3).conj()), jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
 def tiled_cholesky_slabs(tiles: jax.Array, shift: Any = 0.0) -> tuple[SlabFactor, jax.Array]:
@@ -550,7 +519,8 @@ def tiled_cholesky_slabs(tiles: jax.Array, shift: Any = 0.0) -> tuple[SlabFactor
     The factorisation is :func:`tiled_cholesky`'s, unrolled; its tiles are copied into at
     most ``SLAB_MAX_BLOCKS`` = 4 block rows (a diagonal block and the slab left of it), each
     as soon as its tiles are factored (off the serial chain of diagonal factorisations, while
-    later columns are factored; no transposed copy, unlike :func:`tiled_cholesky_upper`).
+    later columns are factored; no transposed copy, where an assembled upper factor ``L^H``
+    transposed every tile).
     Blocks of two tile rows for 5-8 tile rows halve the operations in the program: float32
     sample-space update at ``N = 2,048`` (8 tiles of 256), first call 2.07-2.24 -> 1.83-1.99 s
     (fresh processes, 3 each) for a warm call 1.03x (36.7 against 35.4 ms); at ``N = 1,024``
@@ -565,7 +535,7 @@ def tiled_cholesky_slabs(tiles: jax.Array, shift: Any = 0.0) -> tuple[SlabFactor
         raise ValueError(f"tiled_cholesky_slabs: `tiles` may have at most UNROLL_FACTOR_MAX_TILES = "
                          f"{UNROLL_FACTOR_MAX_TILES} tile rows (its factorisation is unrolled), got {nb}; "
                          f"use tiled_cholesky.")
-    return _tiled_cholesky_unrolled(tiles, shift, form="slabs")
+    return _tiled_cholesky_unrolled(tiles, shift, slabs=True)
 
 
 def slab_cholesky_solve(factor: SlabFactor, b: jax.Array) -> jax.Array:
@@ -579,7 +549,7 @@ def slab_cholesky_solve(factor: SlabFactor, b: jax.Array) -> jax.Array:
     speed, so it is left only the diagonal blocks.
     Float32, 2-core CPU, jax 0.9.1, two solves in one program, median of 200: ``n = 1,024``
     (tiles of 256) 0.33-0.36 ms against 0.88-0.94 ms for two triangular solves on the assembled
-    factor (:func:`tiled_cholesky_upper`), ``n = 2,048`` 0.86 against 3.44 ms. The price is
+    upper factor, ``n = 2,048`` 0.86 against 3.44 ms. The price is
     program size: ``2 nb`` triangular solves and ``2 (nb - 1)`` products per solve, against two
     operations (compile of the two solves 0.2 / 0.5 s against 0.05 s at ``n = 1,024`` / 2,048,
     tiles of 256 as block rows).
@@ -587,6 +557,9 @@ def slab_cholesky_solve(factor: SlabFactor, b: jax.Array) -> jax.Array:
     lower, below = factor
     nb = len(lower)
     edges = np.cumsum([0] + [d.shape[0] for d in lower]).tolist()
+    if b.ndim not in (1, 2) or b.shape[0] != edges[-1]:
+        raise ValueError(f"slab_cholesky_solve: `b` must have shape ({edges[-1]},) or ({edges[-1]}, k), the "
+                         f"factor's rows, got {b.shape}.")
     vector = b.ndim == 1
     rhs = (b[:, None] if vector else b).astype(jnp.result_type(b, lower[0]))
     y: list = []

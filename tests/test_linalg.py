@@ -74,6 +74,17 @@ def test_cholesky_factor_is_the_factor_of_conj_a_and_is_reusable(complex_):
         np.testing.assert_allclose(np.asarray(x), np.linalg.solve(a + 0.3 * np.eye(40), b), rtol=1e-10)
 
 
+def _from_slabs(factor):
+    """The lower factor ``L`` assembled from a :class:`fishr.linalg.SlabFactor` (zero above its diagonal blocks)."""
+    edges = np.cumsum([0] + [d.shape[0] for d in factor.diag])
+    low = np.zeros((edges[-1],) * 2, np.asarray(factor.diag[0]).dtype)
+    for b, block in enumerate(factor.diag):
+        low[edges[b]:edges[b + 1], edges[b]:edges[b + 1]] = np.asarray(block)
+        if b:
+            low[edges[b]:edges[b + 1], :edges[b]] = np.asarray(factor.below[b - 1])
+    return low
+
+
 def _padded_tiles(a, ts):
     """``a`` padded with identity rows to a multiple of ``ts``, as tiles; and its size."""
     n = a.shape[0]
@@ -142,7 +153,8 @@ def test_slab_factor_is_the_tiled_factor_and_solves_like_lapack(complex_, n, ts)
 def test_slab_factor_finiteness_and_its_tile_limit():
     """The last diagonal tile's test catches a non-finite entry anywhere on or below the diagonal
     (of a diagonal tile, in the triangle read) and a matrix that is not positive definite in any
-    column; more tile rows than the factorisation unrolls is an error naming the argument."""
+    column; more tile rows than the factorisation unrolls, or a right-hand side of other rows than
+    the factor's, is an error naming the argument."""
     a = _spd(64, False, seed=42)
     tiles, _ = _padded_tiles(a, 16)
     nb = tiles.shape[0]
@@ -155,6 +167,10 @@ def test_slab_factor_finiteness_and_its_tile_limit():
         bad = np.asarray(tiles).copy()
         bad[k, k, 0, 0] = -10.0
         assert not bool(linalg.tiled_cholesky_slabs(jnp.asarray(bad), 0.3)[1]), k
+    factor, _ = linalg.tiled_cholesky_slabs(tiles, 0.3)
+    for shape in [(nb * 16 - 1,), (nb * 16 + 16, 2), (nb * 16, 2, 1)]:
+        with pytest.raises(ValueError, match=r"`b` must have shape \(64,\) or \(64, k\)"):
+            linalg.slab_cholesky_solve(factor, jnp.zeros(shape))
     many = jnp.zeros((linalg.UNROLL_FACTOR_MAX_TILES + 1,) * 2 + (2, 2))
     with pytest.raises(ValueError, match="`tiles` may have at most UNROLL_FACTOR_MAX_TILES"):
         linalg.tiled_cholesky_slabs(many)
@@ -212,19 +228,22 @@ def test_tiled_cholesky_reads_only_the_lower_tiles(complex_, n, ts):
     b[n:] = 0
     x = linalg.tiled_cholesky_solve(linalg.tiled_cholesky(jnp.asarray(upper_only), 0.1), jnp.asarray(b))
     np.testing.assert_allclose(np.asarray(x)[:n], np.linalg.solve(a + 0.1 * np.eye(n), b[:n]), rtol=1e-10)
-    u, finite = linalg.tiled_cholesky_upper(jnp.asarray(upper_only), 0.1)  # unrolled, or from the loop's factor
-    assert bool(finite)
-    np.testing.assert_array_equal(np.tril(np.asarray(u), -1), 0)
-    np.testing.assert_allclose((u.conj().T @ u)[:n, :n], a + 0.1 * np.eye(n), atol=1e-12)
+    if nb <= linalg.UNROLL_FACTOR_MAX_TILES:  # the row slabs of the unrolled factorisation read the same
+        factor, finite = linalg.tiled_cholesky_slabs(jnp.asarray(upper_only), 0.1)
+        low = _from_slabs(factor)
+        assert bool(finite)
+        np.testing.assert_array_equal(np.triu(low, 1), 0)
+        np.testing.assert_allclose((low @ low.conj().T)[:n, :n], a + 0.1 * np.eye(n), atol=1e-12)
     full = np.asarray(linalg.hermitian_from_lower_tiles(jnp.asarray(lower_only)))
     np.testing.assert_allclose(full[:n, :n], a, atol=1e-14)
 
 
 @pytest.mark.parametrize("n, ts", [(64, 8), (100, 8)], ids=["unrolled_tiles", "looped_tiles"])
-def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(n, ts):
+def test_tiled_cholesky_upper_zero_and_the_finiteness_tests(n, ts):
     """With zero tiles above the diagonal, ``upper_zero=True`` gives the same factor without clearing
     them; a non-finite entry anywhere on or below the diagonal, or a matrix that is not positive
-    definite, leaves ``inv_diag`` non-finite (what the sample-space solve tests instead of the factor)."""
+    definite, leaves ``inv_diag`` non-finite (what the sample-space solve tests instead of the factor),
+    and, for few tiles, the row slabs' test (their last diagonal tile) false."""
     a = _spd(n, False, seed=24)
     tiles, _ = _padded_tiles(a, ts)
     nb = tiles.shape[0]
@@ -234,20 +253,21 @@ def test_tiled_cholesky_upper_zero_and_the_diagonal_inverses_as_finiteness_test(
     lean = jax.jit(lambda t: linalg.tiled_cholesky(t, 0.3, upper_zero=True))(zeroed)
     np.testing.assert_array_equal(np.asarray(lean.tiles), np.asarray(ref.tiles))
     assert np.isfinite(np.asarray(lean.inv_diag)).all()
-    # the assembled upper factor (unrolled, or from the loop's factor): the same numbers, its finiteness test
-    u, finite = linalg.tiled_cholesky_upper(zeroed, 0.3, upper_zero=True)
-    assert bool(finite)
-    np.testing.assert_array_equal(np.asarray(u), np.asarray(linalg.from_tiles(ref.tiles)).T)
+    unrolled = nb <= linalg.UNROLL_FACTOR_MAX_TILES
+    if unrolled:  # the row slabs of the unrolled factorisation: the same numbers, their finiteness test
+        factor, finite = linalg.tiled_cholesky_slabs(zeroed, 0.3)
+        assert bool(finite)
+        np.testing.assert_array_equal(_from_slabs(factor), np.asarray(linalg.from_tiles(ref.tiles)))
     for i, j in [(1, 0), (nb - 1, 0), (nb - 1, nb - 2), (nb - 1, nb - 1)]:  # below the diagonal and on it
         bad = np.asarray(zeroed).copy()
         bad[i, j, 1 if i != j else 0, 2 if i != j else 1] = np.nan  # of a diagonal tile, the triangle read
         factor = linalg.tiled_cholesky(jnp.asarray(bad), 0.3, upper_zero=True)
         assert not np.isfinite(np.asarray(factor.inv_diag)).all(), (i, j)
-        assert not bool(linalg.tiled_cholesky_upper(jnp.asarray(bad), 0.3, upper_zero=True)[1]), (i, j)
+        assert not (unrolled and bool(linalg.tiled_cholesky_slabs(jnp.asarray(bad), 0.3)[1])), (i, j)
     indefinite_shift = -2 * float(np.linalg.eigvalsh(a).max())
     indefinite = linalg.tiled_cholesky(zeroed, indefinite_shift, upper_zero=True)
     assert not np.isfinite(np.asarray(indefinite.inv_diag)).all()
-    assert not bool(linalg.tiled_cholesky_upper(zeroed, indefinite_shift, upper_zero=True)[1])
+    assert not (unrolled and bool(linalg.tiled_cholesky_slabs(zeroed, indefinite_shift)[1]))
 
 
 @pytest.mark.parametrize("complex_", [False, True])
