@@ -40,11 +40,11 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
 
 The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; one block mapped over
 the tile pairs up to 4 tile rows, a loop of fixed program size beyond), factored by tiles,
-kept in row slabs up to ``ASSEMBLED_MAX_ROWS`` = 2,048 rows
-(:func:`fishr.linalg.tiled_cholesky_slabs`, unrolled, at most 4 block rows; applied by a
-triangular solve per diagonal block and a matrix-vector product per row slab) and as tiles beyond
-(:func:`fishr.linalg.tiled_cholesky`, applied by tile products; both in loops of fixed
-program size). The computed kernel need only be close to ``K``: its rounding (the
+kept in row slabs up to ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows, that is up to 8,192 rows
+(:func:`fishr.linalg.tile_size`; :func:`fishr.linalg.tiled_cholesky_slabs`, unrolled, at most 4
+block rows; applied by a triangular solve per diagonal block and a matrix-vector product per row
+slab), and as tiles of 512 beyond (:func:`fishr.linalg.tiled_cholesky`, applied by tile products;
+both in loops of fixed program size). The computed kernel need only be close to ``K``: its rounding (the
 centring of the layers' kernel through its row means cancels digits when the mean score
 is large next to its spread; a single-precision factor of double-precision input on the
 CPU, for speed) is corrected on the *exact* products ``Obar (Obar^H y)`` (the Jacobian's
@@ -198,7 +198,7 @@ def _rows(jac) -> tuple[int, int]:
     return jac.rows_shape
 
 
-ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which the factor is kept whole or in row slabs, not tiles
+ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which LAPACK's factor is kept whole, not as tiles
 
 # in row slabs (the tiled factorisation, few tiles), by tiles, or assembled (LAPACK's): the transpose
 # U = L'^T of cholesky_factor's lower factor L' of conj(A), that is the upper factor L^H of A, row-major
@@ -209,8 +209,8 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded; :func:`fishr.jacobian.tiled_kernel`'s,
     zero above the diagonal), and whether it is finite.
 
-    ``kind="tiled"``: up to ``ASSEMBLED_MAX_ROWS`` padded rows (at most
-    ``UNROLL_FACTOR_MAX_TILES`` tile rows) :func:`fishr.linalg.tiled_cholesky_slabs`, applied by
+    ``kind="tiled"``: up to ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows (up to 8,192 rows with
+    :func:`fishr.linalg.tile_size`'s tiles) :func:`fishr.linalg.tiled_cholesky_slabs`, applied by
     :func:`fishr.linalg.slab_cholesky_solve` (a triangular solve per diagonal block, a
     matrix-vector product per row slab); beyond, :func:`fishr.linalg.tiled_cholesky`, applied by
     :func:`fishr.linalg.tiled_cholesky_solve` (loops of fixed program size). The slabs replaced
@@ -223,7 +223,13 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     ms. The program holds ``2 B`` triangular solves and ``2 (B - 1)`` products per solve
     (``B <= 4`` block rows) where it held two: the first call (fresh processes, 3 each) 1.17-1.23 ->
     1.21-1.47 s at ``N = 1,024`` (4 block rows), 1.57-1.72 -> 1.62-2.02 s at 2,048 (4 block rows
-    of two tiles; 35.8 ms warm).
+    of two tiles; 35.8 ms warm). From 2,048 to 8,192 rows the tiles grow so that the matrix stays 8
+    tile rows (:func:`fishr.linalg.tile_size`), factored unrolled into the slabs where 16 or more
+    tiles of 256 (512 from 6,144 rows) were factored and applied in loops: at ``N = 4,096``
+    (interleaved in one process, median of 7-20) 191-195 -> 156-157 ms (P = 5,313; 0.98x of 0.1.0's
+    16 unrolled tiles, which compiled in 7-9 s), 232 -> 198 ms (P = 47,001), generic rows 750 ->
+    718 ms, float64 310 -> 239 ms; ``N = 6,144`` 500 -> 419 ms; ``N = 8,192`` 971 -> 946 ms; the
+    first call within 0.1-0.3 s of the loops' (1.8-2.9 s).
 
     ``kind="lapack"``: the backend's Cholesky of the assembled matrix (accelerators, and the
     CPU's rare double-precision fallback). Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
@@ -240,14 +246,13 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     (``N = 1,024``, float32: 1.7 ms of a 17 ms call).
     """
     nb, _, ts, _ = tiles.shape
-    if assembled is None:
-        assembled = nb * ts <= ASSEMBLED_MAX_ROWS
     factor: Factor
     if kind == "lapack":
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
+        assembled = nb * ts <= ASSEMBLED_MAX_ROWS if assembled is None else assembled
         factor = jnp.swapaxes(lower, 0, 1) if assembled else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
-    if assembled and nb <= UNROLL_FACTOR_MAX_TILES:
+    if nb <= UNROLL_FACTOR_MAX_TILES:
         return tiled_cholesky_slabs(tiles, shift)
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
@@ -259,13 +264,12 @@ def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
     """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` and ``kind``."""
     nb, _, ts, _ = tiles.shape
     nan = lambda *shape: jnp.full(shape, jnp.nan, tiles.dtype)
-    if nb * ts <= ASSEMBLED_MAX_ROWS:
-        if kind == "lapack":
-            return nan(nb * ts, nb * ts)
-        if nb <= UNROLL_FACTOR_MAX_TILES:
-            rows = slab_block_rows(nb, ts)
-            return SlabFactor(tuple(nan(m, m) for m in rows), tuple(nan(m, sum(rows[:b])) for b, m in
-                                                                   enumerate(rows) if b))
+    if kind == "lapack" and nb * ts <= ASSEMBLED_MAX_ROWS:
+        return nan(nb * ts, nb * ts)
+    if kind != "lapack" and nb <= UNROLL_FACTOR_MAX_TILES:
+        rows = slab_block_rows(nb, ts)
+        return SlabFactor(tuple(nan(m, m) for m in rows), tuple(nan(m, sum(rows[:b])) for b, m in
+                                                               enumerate(rows) if b))
     return TiledFactor(nan(*tiles.shape), nan(nb, ts, ts))
 
 

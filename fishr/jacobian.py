@@ -112,8 +112,8 @@ UNROLL_KERNEL_MAX_TILES = 4  # tiled_kernel maps its block over the tile pairs u
 # many bytes, unrolls them beyond (see its row_bytes; measured on the 2-core benchmark CPU)
 MAPPED_MAX_BYTES = 16 * 2**20
 # explicit rows alone (the generic Jacobian): their blocks are single products, cheap to compile, and
-# unrolled up to this many tile rows (N <= 2,048): 1.10x faster than the loop at N = 2,048, P = 5,313
-# (float32, 481 against 531 ms, compile 2.9 against 3.0 s)
+# unrolled up to this many tile rows (N <= 8,192 with linalg.tile_size): 1.10x faster than the loop at
+# N = 2,048, P = 5,313 (float32, 481 against 531 ms, compile 2.9 against 3.0 s)
 UNROLL_ROWS_MAX_TILES = 8
 
 

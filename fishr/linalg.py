@@ -34,6 +34,7 @@ import optax
 from jax import lax
 
 __all__ = [
+    "FEW_TILES_MAX_N",
     "SLAB_MAX_BLOCKS",
     "SOLVE_SEGMENTS",
     "UNROLL_FACTOR_MAX_TILES",
@@ -338,19 +339,34 @@ def cholesky_solve(a: jax.Array, b: jax.Array, damping: Any = 0.0) -> jax.Array:
 
 # --------------------------------------------------------------------------- tiled Cholesky, fixed program size
 
+UNROLL_FACTOR_MAX_TILES = 8  # tiled_cholesky unrolls up to this many tile rows (n <= 8,192, tile_size), loops beyond
+FEW_TILES_MAX_N = 8192  # tile_size keeps matrices up to this size in UNROLL_FACTOR_MAX_TILES tile rows
+
 
 def tile_size(n: int) -> int:
     """Rows per tile of :func:`tiled_cholesky` for an ``n x n`` matrix.
 
-    ``n`` rounded up to a multiple of 8 up to 256 (one tile); 256 up to ``n = 6144``;
-    512 above. Measured on the 2-core CPU of the benchmarks (float32, jax 0.10.2,
-    factorisation alone): ``n = 4096``: 193 ms with 256-row tiles, 265 ms with 512;
-    ``n = 8192``: 1303 ms with 512-row tiles, ~1500 with 256 (a 512^3 product runs at
-    164 GFLOP/s there, a 256^3 one at 117).
+    ``n`` rounded up to a multiple of 8 up to 256 (one tile); 256 up to ``n = 2,048``; above,
+    up to ``FEW_TILES_MAX_N`` = 8,192, ``n / 8`` rounded up to a multiple of 32, so that the
+    matrix stays ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows (the unrolled factorisation, whose
+    program has the same operations for every such ``n``, and the factor in row slabs); 512
+    beyond (the factorisation's loops). Float32 factorisation alone, 2-core CPU, jax 0.9.1,
+    interleaved in one process (median of 6-15): ``n = 4,096`` 8 unrolled tiles of 512
+    95-103 ms against 114-124 ms for the loop over tiles of 256 (0.1.0's 16 unrolled tiles
+    of 256: 103 ms, compiled in 1.6 s against 0.7); ``n = 6,144`` 8 of 768 292 against 319 ms;
+    ``n = 8,192`` 8 of 1,024 680 against 714 ms (the loop over 512); ``n = 16,384`` 8 of
+    2,048 5.7 s against 4.2 s: the chain of 8 diagonal factorisations by LAPACK on one core
+    takes over, hence the loop there. Earlier, in the loop alone (jax 0.10.2): ``n = 8,192``
+    1,303 ms with 512-row tiles, ~1,500 with 256 (a 512^3 product runs at 164 GFLOP/s there,
+    a 256^3 one at 117).
     """
     if n <= 256:
         return max(8, -(-n // 8) * 8)
-    return 256 if n <= 6144 else 512
+    if n <= 256 * UNROLL_FACTOR_MAX_TILES:
+        return 256
+    if n <= FEW_TILES_MAX_N:
+        return -(-n // (32 * UNROLL_FACTOR_MAX_TILES)) * 32
+    return 512
 
 
 @overload
@@ -456,7 +472,6 @@ def lower_pair(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     return r, p - r * (r + 1) // 2
 
 
-UNROLL_FACTOR_MAX_TILES = 8  # tiled_cholesky unrolls up to this many tile rows (n <= 2,048), loops beyond
 
 
 def _tile_cholesky(a: jax.Array) -> jax.Array:
@@ -591,14 +606,15 @@ def tiled_cholesky(tiles: jax.Array, shift: Any = 0.0, upper_zero: bool = False)
         L_kk = chol(A_kk),   L_ik = A_ik L_kk^{-H}  (i > k),   A_ij -= L_ik L_jk^H  (i >= j > k),
 
     with ``L_kk^{-1}`` formed once per column, so that everything but the ``nb`` diagonal
-    factorisations is a product of two tiles. Up to ``UNROLL_FACTOR_MAX_TILES`` tile rows
-    (``n <= 2,048`` with the default tiles) the tiles are unrolled: ``nb^3 / 6``
-    independent products that XLA runs on every core at once. Beyond, the loops are
-    ``lax.fori_loop`` s, one tile product per iteration: the compiled program is the same
-    for every ``nb``, so its compile time does not grow with the matrix (about 2 s at
-    ``n = 4,096`` on the 2-core benchmark CPU, where the unrolled program took 4.5-5 s
-    and grows like ``nb^3``). Warm at ``n = 4,096``, float32: 310 ms looped, 240-260 ms
-    unrolled, 460 ms for LAPACK on the whole matrix (one core).
+    factorisations is a product of two tiles. Up to ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows
+    (``n <= 8,192`` with :func:`tile_size`'s tiles, up to 1,024 rows each) the tiles are
+    unrolled: ``nb^3 / 6`` independent products that XLA runs on every core at once, a program
+    whose operations depend on ``nb`` alone. Beyond, the loops are ``lax.fori_loop`` s, one
+    tile product per iteration: the compiled program is the same for every ``nb``, so its
+    compile time does not grow with the matrix either (16 unrolled tiles took 4.5-5 s to
+    compile at ``n = 4,096`` on the 2-core benchmark CPU, a program growing like ``nb^3``).
+    Float32 at ``n = 4,096``: 95-103 ms unrolled in 8 tiles, 114-124 ms looped over 16, 320 ms
+    for LAPACK on the whole matrix (one core); see :func:`tile_size` for other sizes.
 
     A matrix that is not positive definite gives NaN in the factor's tiles from the
     failing column on (never a silently finite factor). Then the diagonal tiles' inverses

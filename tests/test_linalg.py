@@ -272,21 +272,24 @@ def test_tiled_cholesky_upper_zero_and_the_finiteness_tests(n, ts):
 
 @pytest.mark.parametrize("complex_", [False, True])
 @pytest.mark.parametrize("kind", ["tiled", "lapack"])
-@pytest.mark.parametrize("max_rows", [0, 2048], ids=["by_tiles", "assembled"])
+@pytest.mark.parametrize("by_tiles", [True, False], ids=["by_tiles", "assembled"])
 @pytest.mark.parametrize("n, ts", [(45, 16), (37, 8)], ids=["three_tiles", "five_tiles_short_block"])
-def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, max_rows, n, ts):
-    """The sample-space kernel factor, from either factorisation, is kept assembled (LAPACK's; applied
-    by two triangular solves) or in row slabs (the tiled factorisation's) up to ``ASSEMBLED_MAX_ROWS``
-    padded rows and as tiles beyond, with a NaN placeholder of the same structure; each solves
-    ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows padded to 48; 5 tile
-    rows of 8, 37 rows padded to 40, in row slabs of 16, 16 and 8 rows)."""
-    monkeypatch.setattr(_sample_space, "ASSEMBLED_MAX_ROWS", max_rows)
+def test_sample_space_factor_assembled_or_by_tiles_solves_the_system(monkeypatch, complex_, kind, by_tiles, n, ts):
+    """The sample-space kernel factor is kept assembled (LAPACK's, up to ``ASSEMBLED_MAX_ROWS``
+    padded rows; applied by two triangular solves) or in row slabs (the tiled factorisation's, up to
+    ``UNROLL_FACTOR_MAX_TILES`` tile rows) and as tiles beyond, with a NaN placeholder of the same
+    structure; each solves ``(A + shift) x = b`` for the unpadded rows (3 tile rows of 16, 45 rows
+    padded to 48; 5 tile rows of 8, 37 rows padded to 40, in row slabs of 16, 16 and 8 rows).
+    ``by_tiles`` sets both limits to 0."""
+    if by_tiles:
+        monkeypatch.setattr(_sample_space, "ASSEMBLED_MAX_ROWS", 0)
+        monkeypatch.setattr(_sample_space, "UNROLL_FACTOR_MAX_TILES", 0)
     a = _spd(n, complex_, seed=27)
     tiles, _ = _padded_tiles(a, ts)
     factor, finite = jax.jit(lambda t: _sample_space._factor(t, 0.3, kind))(tiles)
-    assert bool(finite) and isinstance(factor, linalg.TiledFactor) == (max_rows == 0)
-    # up to max_rows: LAPACK's assembled factor, or the tiled factorisation's row slabs
-    assert isinstance(factor, linalg.SlabFactor) == (max_rows > 0 and kind == "tiled")
+    assert bool(finite) and isinstance(factor, linalg.TiledFactor) == by_tiles
+    # within the limits: LAPACK's assembled factor, or the tiled factorisation's row slabs
+    assert isinstance(factor, linalg.SlabFactor) == (not by_tiles and kind == "tiled")
     placeholder = _sample_space._nan_factor(tiles, kind)
     assert jax.tree.structure(placeholder) == jax.tree.structure(factor)
     assert all(p.shape == f.shape for p, f in zip(jax.tree.leaves(placeholder), jax.tree.leaves(factor), strict=True))
@@ -360,23 +363,37 @@ def test_tiled_cholesky_not_positive_definite_gives_nan():
 
 
 def test_tiled_program_size_does_not_grow_with_the_matrix():
-    """The loops have one compiled body: the lowered programs of n = 4096, 6144 and 8192 have the
-    same ops (up to UNROLL_FACTOR_MAX_TILES tile rows the factor is unrolled, which compiles fast there)."""
+    """From 2,048 to 8,192 rows the matrix is 8 tile rows (tile_size) and the unrolled factorisation
+    and row-slab solve have the same ops at every size; beyond, the loops have one compiled body
+    (n = 12,288, 16,384 and 32,768 the same ops)."""
     import jax
 
-    def ops(n):
+    def ops(n, slabs):
         ts = linalg.tile_size(n)
-        spec = jax.ShapeDtypeStruct((n // ts, n // ts, ts, ts), jnp.float32)
-        solve = lambda t, b: linalg.tiled_cholesky_solve(linalg.tiled_cholesky(t, 1.0), b)
-        text = jax.jit(solve).lower(spec, jax.ShapeDtypeStruct((n, 1), jnp.float32)).as_text()
+        nb = -(-n // ts)
+        spec = jax.ShapeDtypeStruct((nb, nb, ts, ts), jnp.float32)
+        if slabs:
+            solve = lambda t, b: linalg.slab_cholesky_solve(linalg.tiled_cholesky_slabs(t, 1.0)[0], b)
+        else:
+            solve = lambda t, b: linalg.tiled_cholesky_solve(linalg.tiled_cholesky(t, 1.0), b)
+        text = jax.jit(solve).lower(spec, jax.ShapeDtypeStruct((nb * ts, 1), jnp.float32)).as_text()
         return sum(1 for line in text.splitlines() if " = " in line)
 
-    assert ops(4096) == ops(6144) == ops(8192)
+    few = {n: ops(n, True) for n in (2048, 3000, 4096, 6144, 8192)}
+    assert len(set(few.values())) == 1, few
+    many = {n: ops(n, False) for n in (12288, 16384, 32768)}
+    assert len(set(many.values())) == 1, many
 
 
 def test_tile_size_rule():
     assert linalg.tile_size(20) == 24 and linalg.tile_size(256) == 256
-    assert linalg.tile_size(257) == linalg.tile_size(6144) == 256 and linalg.tile_size(6145) == 512
+    assert linalg.tile_size(257) == linalg.tile_size(2048) == 256
+    # up to 8,192 rows: 8 tile rows, their rows a multiple of 32; 512 beyond
+    assert linalg.tile_size(2049) == 288 and linalg.tile_size(4096) == 512 and linalg.tile_size(8192) == 1024
+    for n in (2049, 3000, 4095, 4100, 6144, 8191):
+        ts = linalg.tile_size(n)
+        assert ts % 32 == 0 and -(-n // ts) == linalg.UNROLL_FACTOR_MAX_TILES and ts - n / 8 < 32, n
+    assert linalg.tile_size(8193) == 512
 
 
 def test_lower_pair_enumerates_the_lower_triangle():

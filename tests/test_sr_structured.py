@@ -389,3 +389,25 @@ def test_structured_multidevice(name, mode):
     sharded = jax.jit(jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(), P("d")), out_specs=P(),
                                     check_vma=False))(grad, params, x)
     assert rel_err(flat(sharded), flat(single)) <= 1e-10
+
+
+@pytest.mark.parametrize("jacobian", ["structured", "generic"])
+def test_sample_space_program_size_is_bounded_in_n(jacobian):
+    """The compiled program does not grow with N (issue 12): the lowered float32 sample-space update
+    has the same ops at N = 2,048, 4,096 and 8,192 (the kernel in 8 tile rows, factored unrolled and
+    kept in row slabs) and at N = 12,288, 16,384 and 32,768 (tiles of 512 in loops of fixed size);
+    below 2,048 rows there are fewer tile rows, so fewer ops."""
+    model = MLP()
+    params = jax.eval_shape(model.init, jax.random.PRNGKey(1), jnp.zeros((1, 4)))
+    grad = params
+
+    def ops(n):
+        x = jax.ShapeDtypeStruct((n, 4), jnp.float32)
+        fn = jax.jit(lambda g, p, s: fishr.sr_solve(model.apply, g, p, s, damping=1e-3, mode="sample_space",
+                                                    jacobian=jacobian)[0])
+        return sum(1 for line in fn.lower(grad, params, x).as_text().splitlines() if " = " in line)
+
+    counts = {n: ops(n) for n in (512, 2048, 4096, 8192, 12288, 16384, 32768)}
+    assert counts[2048] == counts[4096] == counts[8192], counts
+    assert counts[12288] == counts[16384] == counts[32768], counts
+    assert counts[512] < counts[2048], counts
