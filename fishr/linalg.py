@@ -353,7 +353,7 @@ def tile_size(n: int) -> int:
     beyond (the factorisation's loops). Float32 factorisation alone, 2-core CPU, jax 0.9.1,
     interleaved in one process (median of 6-15): ``n = 4,096`` 8 unrolled tiles of 512
     95-103 ms against 114-124 ms for the loop over tiles of 256 (0.1.0's 16 unrolled tiles
-    of 256: 103 ms, compiled in 1.6 s against 0.7); ``n = 6,144`` 8 of 768 292 against 319 ms;
+    of 256: 103 ms, first call 1.6 s against 0.7); ``n = 6,144`` 8 of 768 292 against 319 ms;
     ``n = 8,192`` 8 of 1,024 680 against 714 ms (the loop over 512); ``n = 16,384`` 8 of
     2,048 5.7 s against 4.2 s: the chain of 8 diagonal factorisations by LAPACK on one core
     takes over, hence the loop there. Earlier, in the loop alone (jax 0.10.2): ``n = 8,192``
