@@ -224,12 +224,13 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     (``B <= 4`` block rows) where it held two: the first call (fresh processes, 3 each) 1.17-1.23 ->
     1.21-1.47 s at ``N = 1,024`` (4 block rows), 1.57-1.72 -> 1.62-2.02 s at 2,048 (4 block rows
     of two tiles; 35.8 ms warm). From 2,048 to 8,192 rows the tiles grow so that the matrix stays 8
-    tile rows (:func:`fishr.linalg.tile_size`), factored unrolled into the slabs where 16 or more
-    tiles of 256 (512 from 6,144 rows) were factored and applied in loops: at ``N = 4,096``
-    (interleaved in one process, median of 7-20) 191-195 -> 156-157 ms (P = 5,313; 0.98x of 0.1.0's
-    16 unrolled tiles, which compiled in 7-9 s), 232 -> 198 ms (P = 47,001), generic rows 750 ->
-    718 ms, float64 310 -> 239 ms; ``N = 6,144`` 500 -> 419 ms; ``N = 8,192`` 971 -> 946 ms; the
-    first call within 0.1-0.3 s of the loops' (1.8-2.9 s).
+    tile rows (:func:`fishr.linalg.tile_size`), factored unrolled into the slabs, where 9 or more
+    tiles of 256 (512 from 6,144 rows) were factored and applied in loops (interleaved in one
+    process, median of 7-40): ``N = 4,096`` 191-195 -> 156-157 ms (P = 5,313; 0.96-0.98x of 0.1.0's
+    16 unrolled tiles, which compiled in 7-9 s), 222-232 -> 186-198 ms (P = 47,001), generic rows
+    750 -> 718 ms, float64 310 -> 239 ms; ``N = 2,100`` (tiles of 288) 61.0 -> 48.6 ms; 3,000 (384)
+    109.0 -> 86.7 ms; 6,144 500 -> 419 ms; 8,192 971 -> 946 ms; the first call within 0.1-0.4 s of
+    the loops' (1.7-2.9 s).
 
     ``kind="lapack"``: the backend's Cholesky of the assembled matrix (accelerators, and the
     CPU's rare double-precision fallback). Up to ``ASSEMBLED_MAX_ROWS`` padded rows the factor
