@@ -205,6 +205,15 @@ ASSEMBLED_MAX_ROWS = 2048  # padded kernel rows up to which LAPACK's factor is k
 Factor = SlabFactor | TiledFactor | jax.Array
 
 
+def _factor_layout(nb: int, ts: int, kind: str, assembled: bool | None = None) -> str:
+    """How :func:`_factor` holds the factor of ``nb`` tile rows of ``ts``: ``"assembled"`` (LAPACK's, up to
+    ``ASSEMBLED_MAX_ROWS`` padded rows unless ``assembled`` says), ``"slabs"`` (the tiled factorisation, up to
+    ``UNROLL_FACTOR_MAX_TILES`` tile rows) or ``"tiles"``; :func:`_nan_factor` builds the same structure."""
+    if kind == "lapack":
+        return "assembled" if (nb * ts <= ASSEMBLED_MAX_ROWS if assembled is None else assembled) else "tiles"
+    return "slabs" if nb <= UNROLL_FACTOR_MAX_TILES else "tiles"
+
+
 def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded; :func:`fishr.jacobian.tiled_kernel`'s,
     zero above the diagonal), and whether it is finite.
@@ -247,13 +256,13 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     (``N = 1,024``, float32: 1.7 ms of a 17 ms call).
     """
     nb, _, ts, _ = tiles.shape
+    layout = _factor_layout(nb, ts, kind, assembled)
     factor: Factor
     if kind == "lapack":
         lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
-        assembled = nb * ts <= ASSEMBLED_MAX_ROWS if assembled is None else assembled
-        factor = jnp.swapaxes(lower, 0, 1) if assembled else tiled_factor_from_cholesky(lower, ts)
+        factor = jnp.swapaxes(lower, 0, 1) if layout == "assembled" else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
-    if nb <= UNROLL_FACTOR_MAX_TILES:
+    if layout == "slabs":
         return tiled_cholesky_slabs(tiles, shift)
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
@@ -265,9 +274,10 @@ def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
     """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` and ``kind``."""
     nb, _, ts, _ = tiles.shape
     nan = lambda *shape: jnp.full(shape, jnp.nan, tiles.dtype)
-    if kind == "lapack" and nb * ts <= ASSEMBLED_MAX_ROWS:
+    layout = _factor_layout(nb, ts, kind)
+    if layout == "assembled":
         return nan(nb * ts, nb * ts)
-    if kind != "lapack" and nb <= UNROLL_FACTOR_MAX_TILES:
+    if layout == "slabs":
         rows = slab_block_rows(nb, ts)
         return SlabFactor(tuple(nan(m, m) for m in rows), tuple(nan(m, sum(rows[:b])) for b, m in
                                                                enumerate(rows) if b))

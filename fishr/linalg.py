@@ -472,8 +472,6 @@ def lower_pair(p: jax.Array) -> tuple[jax.Array, jax.Array]:
     return r, p - r * (r + 1) // 2
 
 
-
-
 def _tile_cholesky(a: jax.Array) -> jax.Array:
     """The lower Cholesky factor ``L`` of one Hermitian tile ``a``, read from its upper triangle.
 
@@ -694,8 +692,9 @@ def tiled_cholesky_solve(factor: TiledFactor, b: jax.Array) -> jax.Array:
     compiles in 2.9 s with whole rows, 3.2 s with 2 groups, 4.1 s with 4. XLA's CPU
     triangular solves on the assembled factor (both sweeps, one column, float32, jax 0.9.1 /
     0.10.2) take 2.4 / 1.9 ms at ``n = 1,024`` against 1.0 here, 9.2 / 9.6 against 5.2 / 6.7 at
-    2,048 and 63 / 66 against 18 / 23 at 4,096; the sample-space solve uses them up to 2,048 rows,
-    where they compile to one operation each.
+    2,048 and 63 / 66 against 18 / 23 at 4,096; the sample-space solve applies LAPACK's assembled
+    factor (accelerators, up to 2,048 rows) by them, where they compile to one operation each,
+    and the CPU's factor of up to 8 tile rows by :func:`slab_cholesky_solve`.
     """
     t, inv = factor
     nb, _, ts, _ = t.shape
