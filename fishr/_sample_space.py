@@ -38,8 +38,9 @@ Two exact forms, both through ``y = (K + N damping I)^{-1} u``:
   the energies, refined: 4.5e-6 to 1.2e-4 from the first rung); the refinement in the
   program, for this rare path, cost 0.25 s of compile at ``N = 4,096``.
 
-The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; one block mapped over
-the tile pairs up to 4 tile rows, a loop of fixed program size beyond), factored by tiles,
+The kernel solve. ``K`` is computed by tiles (:meth:`kernel_tiles`; for captured layers one
+block per tile column up to 4 tile rows, :class:`fishr.linalg.ColumnTiles`; explicit rows one
+block per tile up to 8; a loop of fixed program size beyond), factored by tiles,
 kept in row slabs up to ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows, that is up to 8,192 rows
 (:func:`fishr.linalg.tile_size`; :func:`fishr.linalg.tiled_cholesky_slabs`, unrolled, at most 4
 block rows; applied by a triangular solve per diagonal block and a matrix-vector product per row
@@ -113,6 +114,7 @@ from fishr.linalg import (
     SlabFactor,
     SolveInfo,
     TiledFactor,
+    Tiles,
     cg,
     cholesky_factor,
     cholesky_factor_solve,
@@ -123,6 +125,7 @@ from fishr.linalg import (
     slab_block_rows,
     slab_cholesky_solve,
     solve_info,
+    tile_array,
     tiled_cholesky,
     tiled_cholesky_slabs,
     tiled_cholesky_solve,
@@ -214,9 +217,9 @@ def _factor_layout(nb: int, ts: int, kind: str, assembled: bool | None = None) -
     return "slabs" if nb <= UNROLL_FACTOR_MAX_TILES else "tiles"
 
 
-def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
+def _factor(tiles: Tiles, shift: Any, kind: str, assembled: bool | None = None) -> tuple[Factor, jax.Array]:
     """The factor of ``A + shift I`` from the lower tiles of ``A`` (padded; :func:`fishr.jacobian.tiled_kernel`'s,
-    zero above the diagonal), and whether it is finite.
+    zero above the diagonal, or its :class:`fishr.linalg.ColumnTiles`), and whether it is finite.
 
     ``kind="tiled"``: up to ``UNROLL_FACTOR_MAX_TILES`` = 8 tile rows (up to 8,192 rows with
     :func:`fishr.linalg.tile_size`'s tiles) :func:`fishr.linalg.tiled_cholesky_slabs`, applied by
@@ -259,18 +262,18 @@ def _factor(tiles: jax.Array, shift: Any, kind: str, assembled: bool | None = No
     layout = _factor_layout(nb, ts, kind, assembled)
     factor: Factor
     if kind == "lapack":
-        lower = cholesky_factor(hermitian_from_lower_tiles(tiles), shift)
+        lower = cholesky_factor(hermitian_from_lower_tiles(tile_array(tiles)), shift)
         factor = jnp.swapaxes(lower, 0, 1) if layout == "assembled" else tiled_factor_from_cholesky(lower, ts)
         return factor, jnp.all(jnp.isfinite(factor.tiles if isinstance(factor, TiledFactor) else factor))
     if layout == "slabs":
         return tiled_cholesky_slabs(tiles, shift)
     # tiled_kernel leaves the tiles above the diagonal zero; the diagonal tiles' inverses are finite
     # exactly when the whole factor is (tiled_cholesky): no n x n pass or buffer for either
-    tiled = tiled_cholesky(tiles, shift, upper_zero=True)
+    tiled = tiled_cholesky(tile_array(tiles), shift, upper_zero=True)
     return tiled, jnp.all(jnp.isfinite(tiled.inv_diag))
 
 
-def _nan_factor(tiles: jax.Array, kind: str) -> Factor:
+def _nan_factor(tiles: Tiles, kind: str) -> Factor:
     """A NaN :class:`Factor` of the structure :func:`_factor` gives for ``tiles`` and ``kind``."""
     nb, _, ts, _ = tiles.shape
     nan = lambda *shape: jnp.full(shape, jnp.nan, tiles.dtype)
@@ -433,7 +436,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
 
     kind = kernel_factorisation()
     single = kind == "tiled" and not _single_precision(rhs)  # double input on the CPU: factor in single
-    tiles = (jac.single_precision() if single else jac).kernel_tiles()
+    tiles = (jac.single_precision() if single else jac).kernel_tiles(columns=kind == "tiled")
     if callable(shift):
         shift = shift(tiled_trace(tiles, rows).astype(real))
     k_norm = psd_inf_norm_bound(tiles, rows).astype(real)  # for the tests and the ladder: a bound suffices

@@ -13,7 +13,8 @@ and imaginary parts of a complex ``log psi`` of real parameters).
 and the two that hold the statistics of the whole batch also offer
 ``kernel_tiles()`` (the tiles of ``Obar Obar^H``, ``(n C) x (n C)``, on and below the
 diagonal, for :func:`fishr.linalg.tiled_cholesky`), ``gram()`` (the whole kernel) and
-``gather()``. Up to a few tile rows the tiles come from one block mapped over the tile
+``gather()``. Up to a few tile rows the tiles come from one block per tile column
+(:class:`fishr.linalg.ColumnTiles`, the sample-space solve's), from one block mapped over the tile
 pairs or from blocks unrolled at static starts (:func:`tiled_kernel`), beyond from a
 ``lax.fori_loop`` over the tile pairs, so the compiled program does not grow with ``n``.
 
@@ -117,15 +118,38 @@ MAPPED_MAX_BYTES = 16 * 2**20
 UNROLL_ROWS_MAX_TILES = 8
 
 
-def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[[Any, Any],
+def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Callable[...,
                  jax.Array]], ts: int | None = None, map_blocks: bool = True,
-                 max_unrolled: int | None = None, row_bytes: int = 0) -> jax.Array:
+                 max_unrolled: int | None = None, row_bytes: int = 0,
+                 columns: bool = False) -> linalg.Tiles:
     """The tiles ``(nb, nb, ts, ts)`` on and below the diagonal of an ``(n C) x (n C)`` kernel.
 
     ``make_block(m, n_pad)`` prepares the statistics padded with zero rows to ``n_pad``
     samples (once, outside the loop) and returns ``block(i0, j0)``, the kernel's
     ``(m C) x (m C)`` block for samples ``i0 .. i0 + m`` and ``j0 .. j0 + m`` (dynamic
-    starts). Up to ``UNROLL_KERNEL_MAX_TILES`` = 4 tile rows the block is mapped
+    starts), and ``block(i0, j0, mi, mj)`` for ``mi`` and ``mj`` samples (static starts; only
+    with ``columns``).
+
+    ``columns=True``: up to ``max_unrolled`` (default ``UNROLL_KERNEL_MAX_TILES`` = 4) tile rows the
+    tiles come as :class:`fishr.linalg.ColumnTiles`, one block per tile column ``j``, samples
+    ``j m ..`` against the ``m`` samples of tile ``j``: ``nb`` products per factor of the block (where
+    mapped or unrolled tiles take ``nb (nb + 1) / 2``), whose row-major results are the column's
+    tiles without a copy, and no ``(nb, nb, ts, ts)`` array with its zero tiles to fill. Measured
+    (float32 structured sample-space update, 2-core CPU, 2026-12-05, interleaved in one process,
+    median of 100-300 calls; mapped or unrolled tiles -> columns): MLP 16-64-64-1 at ``N = 1,024``
+    from ``g``, against 0.1.0's unrolled tiles, jax 0.10.2 1.24x (mapped; 1.10x unrolled) -> 1.03x,
+    jax 0.9.1 1.08x -> 1.00x; with local energies 5.87 -> 5.09 ms (0.10.2) and 5.82 -> 5.49 ms
+    (0.9.1); float64 16.67 against 17.88 ms (0.10.2), level (0.9.1); ``N = 512`` 0.89x (0.10.2),
+    level (0.9.1); RBM ``alpha = 4``, ``N = 1,024`` 0.93x / 0.90x; MLP 32-200-200-1 (unrolled
+    before) 0.95x / 0.96x. Its price is program size where the block was mapped: the first call in
+    fresh processes (jax 0.10.2) compiles 0.96-1.11 -> 1.11-1.14 s (MLP 16-64-64-1), 0.85-0.90 ->
+    1.01-1.08 s (RBM, with local energies), repaid after 150-600 steps; where the block was
+    unrolled it compiles less (1.21 -> 1.11-1.20 s, and its first run 0.13 -> 0.10 s). Beyond 4 tile
+    rows columns measured no faster (``N = 2,048``: 34.8 against 35.0 ms, 0.36 s more compile;
+    4,096: 1.15x slower), and for explicit rows neither (``N = 1,024`` / 2,048, ``P = 5,313``:
+    1.05x / 1.08x slower, for 0.3 s less compile): there the tiles come as without ``columns``.
+
+    Up to ``UNROLL_KERNEL_MAX_TILES`` = 4 tile rows the block is mapped
     (``jax.vmap``) over the ``nb (nb + 1) / 2`` lower tile pairs at once: batched products that
     run on every core, compiled once; beyond, the blocks are filled in one ``lax.fori_loop``
     over the tile pairs: a compiled program of one block's size whatever ``n``. Measured on
@@ -169,6 +193,12 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     nb = -(-rows // ts)
     block = make_block(m, nb * m)
     few = nb <= (UNROLL_KERNEL_MAX_TILES if max_unrolled is None else max_unrolled)
+    pad = np.arange(nb * ts) >= rows  # static: the padded rows (all in the last tile row)
+    if columns and few:
+        cols = [block(j * m, j * m, (nb - j) * m, m).astype(dtype).reshape(nb - j, ts, ts) for j in range(nb)]
+        if pad.any():
+            cols[-1] = cols[-1] + jnp.asarray(np.diag(pad[-ts:].astype(float)), dtype)
+        return linalg.ColumnTiles(tuple(cols))
     map_blocks = map_blocks and nb * (nb + 1) * m * row_bytes <= MAPPED_MAX_BYTES  # gathered slabs, bytes
     if nb == 1:
         tiles = block(0, 0).astype(dtype)[None, None]
@@ -189,21 +219,22 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
             return tiles.at[i, j].set(block(i * m, j * m).astype(dtype))
 
         tiles = jax.lax.fori_loop(0, nb * (nb + 1) // 2, fill, tiles)
-    pad = np.arange(nb * ts) >= rows  # static: the padded rows
     if pad.any():
         tiles = tiles + jnp.asarray(linalg.to_tiles(np.diag(pad.astype(float)), ts), dtype)
     return tiles
 
 
-def _slicer(x: jax.Array, n_pad: int, m: int) -> Callable[[jax.Array], jax.Array]:
-    """``i0 -> x_padded[i0 : i0 + m]`` for ``x`` padded with zero rows to ``n_pad`` (padded once)."""
+def _slicer(x: jax.Array, n_pad: int) -> Callable[[Any, int], jax.Array]:
+    """``(i0, size) -> x_padded[i0 : i0 + size]`` for ``x`` padded with zero rows to ``n_pad`` (padded
+    once); a static ``i0`` slices, a traced one is a dynamic slice."""
     padded = jnp.pad(x, [(0, n_pad - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-    return lambda i0: jax.lax.dynamic_slice_in_dim(padded, i0, m, axis=0)
+    return lambda i0, size: (padded[i0:i0 + size] if isinstance(i0, int)
+                             else jax.lax.dynamic_slice_in_dim(padded, i0, size, axis=0))
 
 
-def kernel_from_tiles(tiles: jax.Array, rows: int) -> jax.Array:
+def kernel_from_tiles(tiles: linalg.Tiles, rows: int) -> jax.Array:
     """The whole ``rows x rows`` Hermitian kernel from its lower tiles (padding removed)."""
-    return linalg.hermitian_from_lower_tiles(tiles)[:rows, :rows]
+    return linalg.hermitian_from_lower_tiles(linalg.tile_array(tiles))[:rows, :rows]
 
 
 # --------------------------------------------------------------------------- linearised
@@ -382,17 +413,17 @@ class DenseJacobian(NamedTuple):
     def rmatvec(self, u: jax.Array) -> Any:
         return self.unravel(self.rmatvec_flat(u))
 
-    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False, columns: bool = False) -> linalg.Tiles:
         """The tiles of ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
         ``compact`` (program size before speed, for a rare path) changes nothing here: each
-        block is one product already."""
+        block is one product already; nor does ``columns`` (an array of tiles either way)."""
         n, c = self.rows_shape
         rows = self.rows
 
         def make_block(m, n_pad):
-            take = _slicer(rows, n_pad, m)
-            return lambda i0, j0: _rows_gram(take(i0), take(j0))
+            take = _slicer(rows, n_pad)
+            return lambda i0, j0: _rows_gram(take(i0, m), take(j0, m))
 
         # m x P slabs, one product per block: unrolled (no gathered copies), up to 8 tile rows
         return tiled_kernel(n, c, rows.dtype, make_block, ts, map_blocks=False, max_unrolled=UNROLL_ROWS_MAX_TILES)
@@ -487,9 +518,9 @@ class ShardedRowsJacobian(NamedTuple):
             block_row = block_row + slab(full * width, num_params - full * width)
         return distributed.all_gather_batch(block_row, self.axis_name)
 
-    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
-        """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`; ``compact``
-        changes nothing: the blocks are slices of the assembled kernel)."""
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False, columns: bool = False) -> linalg.Tiles:
+        """The tiles of :meth:`gram` on and below the diagonal (:func:`tiled_kernel`; ``compact`` and
+        ``columns`` change nothing: the blocks are slices of the assembled kernel)."""
         n, c = self.rows_shape
         kernel = self.gram()
 
@@ -746,7 +777,7 @@ class LayerJacobian(NamedTuple):
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
-    def kernel_tiles(self, ts: int | None = None, compact: bool = False) -> jax.Array:
+    def kernel_tiles(self, ts: int | None = None, compact: bool = False, columns: bool = False) -> linalg.Tiles:
         """The tiles of the centred kernel ``Obar Obar^H`` on and below the diagonal (:func:`tiled_kernel`).
 
         Per layer the cheaper exact form (``_kernel_factors``); the layers' part is
@@ -755,7 +786,9 @@ class LayerJacobian(NamedTuple):
         after :meth:`gather` when the batch is split over devices). A few tile rows map one
         block over the tile pairs while its gathered slabs fit in ``MAPPED_MAX_BYTES``, and
         whatever their size with ``compact=True`` (program size before speed: the double-precision
-        fallback's kernel, which runs only when the single-precision factor was not finite).
+        fallback's kernel, which runs only when the single-precision factor was not finite);
+        with ``columns=True`` (and not ``compact``) a few tile rows come as
+        :class:`fishr.linalg.ColumnTiles`, one block per tile column (the sample-space solve's).
         """
         n, c = self.rows_shape
         dtype = jnp.result_type(self.rest, *self.a, *self.d)
@@ -767,27 +800,28 @@ class LayerJacobian(NamedTuple):
             rest = rest - distributed.local_mean(rest, keepdims=True)
 
         def make_block(m, n_pad):
-            take = [(kind, _slicer(x, n_pad, m), _slicer(y, n_pad, m)) for kind, x, y in factors]
-            take_rest, take_r = _slicer(rest, n_pad, m), _slicer(r, n_pad, m)
-            take_valid = _slicer(jnp.ones((n,), dtype), n_pad, m)
+            take = [(kind, _slicer(x, n_pad), _slicer(y, n_pad)) for kind, x, y in factors]
+            take_rest, take_r = _slicer(rest, n_pad), _slicer(r, n_pad)
+            take_valid = _slicer(jnp.ones((n,), dtype), n_pad)
 
-            def block(i0, j0):
-                out = jnp.zeros((m, c, m, c), dtype)
+            def block(i0, j0, mi=m, mj=m):  # samples i0 .. i0 + mi against j0 .. j0 + mj
+                out = jnp.zeros((mi, c, mj, c), dtype)
                 for kind, tx, ty in take:
-                    out = out + _uncentred_layer_block(kind, tx(i0), tx(j0), ty(i0), ty(j0), c)
+                    out = out + _uncentred_layer_block(kind, tx(i0, mi), tx(j0, mj), ty(i0, mi), ty(j0, mj), c)
                 if factors:
-                    valid = take_valid(i0)[:, None, None, None] * take_valid(j0)[None, None, :, None]
-                    out = _centre_block(out, take_r(i0), take_r(j0), s) * valid
+                    valid = take_valid(i0, mi)[:, None, None, None] * take_valid(j0, mj)[None, None, :, None]
+                    out = _centre_block(out, take_r(i0, mi), take_r(j0, mj), s) * valid
                 if rest.shape[-1]:
-                    out = out + _rows_gram(take_rest(i0), take_rest(j0)).reshape(m, c, m, c)
-                return out.reshape(m * c, m * c)
+                    out = out + _rows_gram(take_rest(i0, mi), take_rest(j0, mj)).reshape(mi, c, mj, c)
+                return out.reshape(mi * c, mj * c)
 
             return block
 
         # mapped (compiled once) while the gathered slabs stay small; else unrolled (no gathered copies)
         statistics = [v for _, x, y in factors for v in (x, y)] + [rest]  # each (n, ...)
         row_bytes = sum(v.size // max(n, 1) * v.dtype.itemsize for v in statistics)
-        return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=0 if compact else row_bytes)
+        return tiled_kernel(n, c, dtype, make_block, ts, row_bytes=0 if compact else row_bytes,
+                            columns=columns and not compact)
 
     def gram(self) -> jax.Array:
         """The centred kernel ``Obar Obar^H``, ``(n C) x (n C)`` (from :meth:`kernel_tiles`)."""

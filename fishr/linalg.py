@@ -39,6 +39,7 @@ __all__ = [
     "SOLVE_SEGMENTS",
     "UNROLL_FACTOR_MAX_TILES",
     "UNROLL_SOLVE_MAX_TILES",
+    "ColumnTiles",
     "SlabFactor",
     "SolveInfo",
     "TiledFactor",
@@ -50,6 +51,7 @@ __all__ = [
     "from_tiles",
     "hermitian_from_lower_tiles",
     "lower_pair",
+    "lower_tile",
     "meets_backward_error",
     "pi_damping",
     "psd_inf_norm_bound",
@@ -57,6 +59,7 @@ __all__ = [
     "slab_block_rows",
     "slab_cholesky_solve",
     "solve_info",
+    "tile_array",
     "tile_size",
     "tiled_cholesky",
     "tiled_cholesky_slabs",
@@ -407,6 +410,47 @@ def hermitian_from_lower_tiles(t: jax.Array) -> jax.Array:
     return full + jnp.tril(full, -1).conj().T
 
 
+class ColumnTiles(NamedTuple):
+    """The tiles on and below the diagonal of an ``(nb ts) x (nb ts)`` matrix, held by tile columns.
+
+    ``columns[j]`` has shape ``(nb - j, ts, ts)``: the tiles ``(j, j), (j + 1, j), ..., (nb - 1, j)``,
+    which is how the product of the rows ``j ts ..`` with the ``ts`` rows of tile ``j`` comes out
+    of one matrix product, row-major, without a copy (:func:`fishr.jacobian.tiled_kernel` with
+    ``columns=True``). The tiles above the diagonal are not held (they read as zero). Read by
+    :func:`lower_tile`, :func:`tiled_diagonal` and the unrolled factorisation
+    (:func:`tiled_cholesky_slabs`); :func:`tile_array` assembles the ``(nb, nb, ts, ts)`` layout of
+    :func:`to_tiles` for the other routines.
+    """
+
+    columns: tuple
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        nb, ts = len(self.columns), self.columns[0].shape[-1]
+        return nb, nb, ts, ts
+
+    @property
+    def dtype(self) -> Any:
+        return self.columns[0].dtype
+
+
+Tiles = jax.Array | ColumnTiles
+
+
+def lower_tile(tiles: Tiles, i: int, j: int) -> jax.Array:
+    """Tile ``(i, j)``, ``j <= i``, of a tile array (:func:`to_tiles` layout) or of :class:`ColumnTiles`."""
+    return tiles.columns[j][i - j] if isinstance(tiles, ColumnTiles) else tiles[i, j]
+
+
+def tile_array(tiles: Tiles) -> jax.Array:
+    """The ``(nb, nb, ts, ts)`` array of :func:`to_tiles` (zero above the diagonal for :class:`ColumnTiles`)."""
+    if not isinstance(tiles, ColumnTiles):
+        return tiles
+    nb, _, ts, _ = tiles.shape
+    upper = jnp.zeros((nb, ts, ts), tiles.dtype)
+    return jnp.stack([jnp.concatenate([upper[:j], col]) for j, col in enumerate(tiles.columns)], axis=1)
+
+
 class TiledFactor(NamedTuple):
     """The Cholesky factor of a Hermitian positive-definite matrix ``A = L L^H``, by tiles.
 
@@ -485,7 +529,7 @@ def _tile_cholesky(a: jax.Array) -> jax.Array:
     return lax.linalg.cholesky(jnp.swapaxes(a, -1, -2), symmetrize_input=False).conj()
 
 
-def _tiled_cholesky_unrolled(tiles: jax.Array, shift, slabs: bool = False) -> Any:
+def _tiled_cholesky_unrolled(tiles: Tiles, shift, slabs: bool = False) -> Any:
     """:func:`tiled_cholesky` unrolled over tiles: ``nb^3 / 6`` independent tile products that XLA
     schedules on every core at once (a program that grows like ``nb^3``; for few tiles only).
 
@@ -494,7 +538,7 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, slabs: bool = False) -> An
     """
     nb, _, ts, _ = tiles.shape
     eye = jnp.eye(ts, dtype=tiles.dtype)
-    work = {(i, j): tiles[i, j] for i in range(nb) for j in range(i + 1)}
+    work = {(i, j): lower_tile(tiles, i, j) for i in range(nb) for j in range(i + 1)}
     out, inv = {}, []
     for k in range(nb):
         lkk = _tile_cholesky(work[(k, k)] + (shift * eye).astype(tiles.dtype))
@@ -524,10 +568,10 @@ def _tiled_cholesky_unrolled(tiles: jax.Array, shift, slabs: bool = False) -> An
     return TiledFactor(jnp.stack(rows), jnp.stack(inv))
 
 
-def tiled_cholesky_slabs(tiles: jax.Array, shift: Any = 0.0) -> tuple[SlabFactor, jax.Array]:
+def tiled_cholesky_slabs(tiles: Tiles, shift: Any = 0.0) -> tuple[SlabFactor, jax.Array]:
     r"""``(factor, finite)``: the Cholesky factor of ``A + shift I`` (``A`` as for
-    :func:`tiled_cholesky`, up to ``UNROLL_FACTOR_MAX_TILES`` tile rows) as a :class:`SlabFactor`
-    for :func:`slab_cholesky_solve`, and whether it is finite.
+    :func:`tiled_cholesky`, up to ``UNROLL_FACTOR_MAX_TILES`` tile rows, or as :class:`ColumnTiles`)
+    as a :class:`SlabFactor` for :func:`slab_cholesky_solve`, and whether it is finite.
 
     The factorisation is :func:`tiled_cholesky`'s, unrolled; its tiles are copied into at
     most ``SLAB_MAX_BLOCKS`` = 4 block rows (a diagonal block and the slab left of it), each
@@ -741,7 +785,7 @@ def tiled_cholesky_solve(factor: TiledFactor, b: jax.Array) -> jax.Array:
     return out[:, 0] if vector else out
 
 
-def psd_inf_norm_bound(tiles: jax.Array, size: int | None = None) -> jax.Array:
+def psd_inf_norm_bound(tiles: Tiles, size: int | None = None) -> jax.Array:
     """An upper bound on ``||A||_inf`` of a Hermitian PSD matrix from its diagonal alone, ``O(n)``.
 
     ``|A_ij| <= sqrt(A_ii A_jj)`` for PSD ``A``, so every row sum is at most
@@ -754,13 +798,17 @@ def psd_inf_norm_bound(tiles: jax.Array, size: int | None = None) -> jax.Array:
     return jnp.max(diag) * jnp.sum(diag)
 
 
-def tiled_diagonal(tiles: jax.Array, size: int | None = None) -> jax.Array:
+def tiled_diagonal(tiles: Tiles, size: int | None = None) -> jax.Array:
     """The (real part of the) diagonal of the matrix given by its tiles; ``size``: its leading entries only."""
     nb = tiles.shape[0]
-    return jnp.real(jnp.diagonal(tiles[jnp.arange(nb), jnp.arange(nb)], axis1=1, axis2=2)).reshape(-1)[:size]
+    if isinstance(tiles, ColumnTiles):
+        diag = jnp.stack([col[0] for col in tiles.columns])
+    else:
+        diag = tiles[jnp.arange(nb), jnp.arange(nb)]
+    return jnp.real(jnp.diagonal(diag, axis1=1, axis2=2)).reshape(-1)[:size]
 
 
-def tiled_trace(tiles: jax.Array, size: int | None = None) -> jax.Array:
+def tiled_trace(tiles: Tiles, size: int | None = None) -> jax.Array:
     """The real trace of the matrix given by its tiles (its leading ``size x size`` block)."""
     return jnp.sum(tiled_diagonal(tiles, size))
 

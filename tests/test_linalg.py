@@ -150,6 +150,31 @@ def test_slab_factor_is_the_tiled_factor_and_solves_like_lapack(complex_, n, ts)
     np.testing.assert_allclose(np.asarray(solve(factor, jnp.asarray(padded[:, 0])))[:n], expected[:, 0], rtol=1e-10)
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_column_tiles_read_and_factor_like_the_tile_array(complex_):
+    """:class:`fishr.linalg.ColumnTiles` (the lower tiles by tile columns, nothing above the diagonal)
+    reads as the :func:`to_tiles` array it stands for: tile by tile, assembled (zero above the
+    diagonal), its diagonal and trace, and :func:`tiled_cholesky_slabs` gives the same factor from it
+    (float64, 4 tile rows of 8, uneven: 29 rows)."""
+    a = _spd(29, complex_, seed=43)
+    tiles, _ = _padded_tiles(a, 8)
+    nb = tiles.shape[0]
+    lower = np.asarray(tiles) * np.tril(np.ones((nb, nb)))[:, :, None, None]
+    columns = linalg.ColumnTiles(tuple(jnp.asarray(lower[j:, j]) for j in range(nb)))
+    assert columns.shape == tiles.shape and columns.dtype == tiles.dtype
+    np.testing.assert_array_equal(np.asarray(linalg.tile_array(columns)), lower)
+    for i in range(nb):
+        for j in range(i + 1):
+            np.testing.assert_array_equal(np.asarray(linalg.lower_tile(columns, i, j)), lower[i, j])
+    np.testing.assert_array_equal(np.asarray(linalg.tiled_diagonal(columns, 29)),
+                                  np.asarray(linalg.tiled_diagonal(tiles, 29)))
+    assert float(linalg.tiled_trace(columns, 29)) == pytest.approx(float(np.real(np.trace(a))), rel=1e-14)
+    by_columns = jax.jit(lambda c: linalg.tiled_cholesky_slabs(c, 0.3))(columns)
+    by_tiles = jax.jit(lambda t: linalg.tiled_cholesky_slabs(t, 0.3))(tiles)
+    for got, want in zip(jax.tree.leaves(by_columns), jax.tree.leaves(by_tiles)):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
 def test_slab_factor_finiteness_and_its_tile_limit():
     """The last diagonal tile's test catches a non-finite entry anywhere on or below the diagonal
     (of a diagonal tile, in the triangle read) and a matrix that is not positive definite in any

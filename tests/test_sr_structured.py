@@ -143,15 +143,23 @@ def test_layer_products_and_kernel_equal_explicit_rows(name):
 @pytest.mark.parametrize("name", ["mlp", "per_position", heavy("complex_out")])
 def test_kernel_tiles_equal_the_full_kernel(name):
     """``kernel_tiles()`` against the kernel of the explicit rows: n = 650 samples in tiles
-    of 256 rows (uneven: padded to 768 or 1536 rows, the pad rows an identity block)."""
+    of 256 rows (uneven: padded to 768 or 1536 rows, the pad rows an identity block); the layers'
+    ``kernel_tiles(columns=True)`` (the sample-space solve's) too, as :class:`fishr.linalg.ColumnTiles`
+    up to 4 tile rows (3 here; 6 with two score components: an array)."""
     n = 650
     log_psi, params, x, _grad, holo = _case(name, n=n)
+    by_columns = []
+
     @jax.jit  # one program: op by op the capture and the tiles take several times longer
     def kernels(p, s):
         layer, dense = _jacobian(True, log_psi, p, s, holo), _jacobian(False, log_psi, p, s, holo)
-        return [(j.kernel_tiles(), j.gram()) for j in (layer, dense)], dense.flat_rows
+        columns = layer.kernel_tiles(columns=True)
+        by_columns.append(isinstance(columns, fishr.linalg.ColumnTiles))
+        parts = [(j.kernel_tiles(), j.gram()) for j in (layer, dense)]
+        return parts + [(fishr.linalg.tile_array(columns), layer.gram())], dense.flat_rows
 
     parts, ob = kernels(params, x)
+    assert by_columns == [ob.shape[0] <= 4 * 256]
     ob = np.asarray(ob)
     rows = ob.shape[0]
     full = ob @ ob.conj().T
