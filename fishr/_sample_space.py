@@ -67,7 +67,9 @@ own ``matvec`` / ``rmatvec``, which centre on the sample vector):
   the ladder below (2026-12-04: RBM ``N = 256`` first call 1.75-2.6 -> 1.45-1.6 s, warm
   3.7-4.5 -> 2.7-3.8 ms). ``converged`` is LAPACK ``dsposv``'s backward-error test on the
   residual of the iterate before the last correction.
-* a single-precision factor of double-precision input: CG on the exact products,
+* a single-precision factor of double-precision input (the CPU, unless :func:`double_factor_pays`:
+  wide layers at moderate ``N``, whose CG steps cost more than factoring in double precision,
+  take the form above with a double-precision factor): CG on the exact products,
   preconditioned by the factor, from zero (its first step is the factor's solve), until
   its residual stops halving (the rounding floor of the products): the backward-error test
   alone allows forward errors of ``cond(K) eps`` (a transformer: 7.5e-11 against NetKet
@@ -108,7 +110,7 @@ from jax import lax
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.jacobian import kernel_from_tiles
+from fishr.jacobian import kernel_cost_per_pair, kernel_from_tiles
 from fishr.linalg import (
     UNROLL_FACTOR_MAX_TILES,
     SlabFactor,
@@ -136,9 +138,31 @@ from fishr.linalg import (
 from fishr.solvers import Eigh, Spectral
 from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filter
 
-__all__ = ["energy_coefficients", "kernel_factorisation", "sample_weight_ratios", "solve_sample_space"]
+__all__ = ["double_factor_pays", "energy_coefficients", "kernel_factorisation", "sample_weight_ratios",
+           "solve_sample_space"]
 
 MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 1-11
+CG_STEPS_TYPICAL = 10  # CG steps to the rounding floor behind a single-precision factor (MLP, N = 1,024: 10)
+# 1 - (double / single precision matrix-multiply throughput): what a factorisation and a kernel cost more in
+# double precision, as a share of their double-precision cost (the benchmark CPU: 117 / 440 GFLOP/s)
+DOUBLE_PRECISION_PREMIUM = 0.73
+
+
+def double_factor_pays(rows: int, n: int, kernel_cost: int, num_params: int) -> bool:
+    """Whether double-precision input is solved faster with a double-precision factor, refined in two
+    steps, than with the single-precision factor and its CG (about ``CG_STEPS_TYPICAL`` steps).
+
+    Each CG step beyond the refinement's two is a product pair, ``4 R P`` flops (``R = N C``
+    kernel rows, ``P`` parameters); the double-precision factor costs its factorisation and
+    kernel, ``R^3 / 3 + N^2 c`` flops (``c``: :func:`fishr.jacobian.kernel_cost_per_pair`), at the
+    premium ``DOUBLE_PRECISION_PREMIUM`` over single precision. So wide layers at moderate ``N``
+    take the double factor: float64, MLP 32-200-200-1 (``P = 47,001``) at ``N = 1,024``, jax 0.10.2,
+    in one process, 70.4 -> 36.5 ms (0.1.0: 36.4 ms), first call 2.9 -> 2.2 s; the MLP 16-64-64-1
+    (``P = 5,313``) keeps the single factor (16.5 against 18.4 ms with the double one).
+    ``num_params`` 0 (unknown) keeps it too.
+    """
+    factor = rows**3 / 3 + n * n * kernel_cost
+    return DOUBLE_PRECISION_PREMIUM * factor < (CG_STEPS_TYPICAL - 2) * 4 * rows * num_params
 
 
 def kernel_factorisation() -> str:
@@ -378,13 +402,17 @@ def _refined_solve(apply: Callable, operator: Callable, u: jax.Array, finite: ja
     return y, solve_info(jnp.where(contracts, norm1, norm0), good, iterations=jnp.where(contracts, 2, 0)), good
 
 
-def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | None = None, refine: bool = True):
+def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | None = None, refine: bool = True,
+                 num_params: int = 0):
     """``y = (K + shift I)^{-1} rhs`` for ``rhs`` ``(N, C)`` or ``(N, C, R)`` (see the module docstring).
 
     ``shift`` is a number or a function of the kernel's trace ``tr K`` giving it (for
     conditioning control). ``follow(y, shift)``, if given, is a second right-hand side
     made from the first solution; it is solved with the same factor (robust SR's
     ``(S + d)^{-2}``) and ``y`` is then the pair ``(y1, y2)``.
+
+    ``num_params`` (``P``; 0 unknown): with it, double-precision input on the CPU is factored in double
+    precision where :func:`double_factor_pays`, else in single precision.
 
     ``refine=False`` (a caller that refines in parameter space next, the Woodbury form):
     a factor in the working precision, of the shift or of a raised one, is applied once,
@@ -435,7 +463,9 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         return y, info, direct, jnp.asarray(True), shift, psd_inf_norm_bound(kernel[None, None], rows) + shift
 
     kind = kernel_factorisation()
-    single = kind == "tiled" and not _single_precision(rhs)  # double input on the CPU: factor in single
+    # double input on the CPU: factor in single precision, unless the CG behind it would cost more
+    single = kind == "tiled" and not _single_precision(rhs) and not double_factor_pays(
+        rows, n, kernel_cost_per_pair(getattr(jac, "plan", None), num_params, c), num_params)
     tiles = (jac.single_precision() if single else jac).kernel_tiles(columns=kind == "tiled")
     if callable(shift):
         shift = shift(tiled_trace(tiles, rows).astype(real))
@@ -633,7 +663,8 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             if momentum_term is not None:
                 u = jnp.stack([u, jac.matvec(momentum_term)], axis=-1)
             # no refinement of the kernel solve: the step in parameter space below corrects it
-            y, info, approx, approx_ok, shift, a_norm = kernel_solve(jac, shift, solver, u, refine=False)
+            y, info, approx, approx_ok, shift, a_norm = kernel_solve(jac, shift, solver, u, refine=False,
+                                                                     num_params=num_params)
             assert not isinstance(y, tuple)  # one right-hand side (no follow-up)
             damping = shift / n
             x = woodbury(b, y if momentum_term is None else y[..., 0], damping)
@@ -646,7 +677,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             if gamma is None:  # the system solved is (S + d) x = rhs: its residual decides `converged`
                 tested_norm = a_norm / n
             else:  # G(S) b = x + (gamma d - 1) d (S + d)^{-1} x: a second factor (pass energies)
-                y2, info2, *_ = kernel_solve(jac, shift, solver, jac.matvec(x))
+                y2, info2, *_ = kernel_solve(jac, shift, solver, jac.matvec(x), num_params=num_params)
                 scale = robust_gamma(gamma, damping) * damping - 1
                 x = optax.tree.add(x, optax.tree.scale(scale, optax.tree.sub(x, jac.rmatvec(y2))))
                 info = info._replace(iterations=info.iterations + info2.iterations,
@@ -661,7 +692,7 @@ def solve_sample_space(jac, b, damping, solver, local_energies=None, axis_name: 
             follow = None
             if gamma is not None:  # (S + d)^{-2} term: y2 = (K + N d)^{-1} (N d y1 - Obar w)
                 follow = lambda y1, sh: sh * y1 if w_rows is None else sh * y1 - w_rows
-            y, info, _, _, shift, _ = kernel_solve(jac, shift, solver, rhs, follow)
+            y, info, _, _, shift, _ = kernel_solve(jac, shift, solver, rhs, follow, num_params=num_params)
             damping = shift / n
             if gamma is None:
                 x = jac.rmatvec(y)

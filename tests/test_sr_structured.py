@@ -326,6 +326,36 @@ def test_kernel_factorisation_rule():
     assert rule() == ("tiled" if jax.default_backend() == "cpu" else "lapack")
 
 
+def test_double_factor_rule_at_the_measured_points():
+    """Float64 input is factored in float64 where the single factor's CG would cost more (wide
+    layers at moderate N), in float32 otherwise: the benchmark's MLPs at N = 1,024, and N = 4,096."""
+    pays = sample_space_mod.double_factor_pays
+    cost = lambda widths: sum(k + 1 + m for k, m in zip(widths[:-1], widths[1:]))  # the layers' Gram widths
+    assert pays(1024, 1024, cost((32, 200, 200, 1)), 47001)
+    assert not pays(1024, 1024, cost((16, 64, 64, 1)), 5313)
+    assert not pays(4096, 4096, cost((32, 200, 200, 1)), 47001)
+    assert not pays(1024, 1024, cost((32, 200, 200, 1)), 0)  # P unknown: the single factor
+
+
+@pytest.mark.parametrize("with_energies", [True, False], ids=["energies", "woodbury"])
+def test_double_factor_equals_the_single_factors_cg(monkeypatch, with_energies):
+    """Float64 input on the double-precision factor (refined on the exact products, no CG) and on the
+    single-precision factor with its CG to the rounding floor: the same update to 1e-11, and the
+    double factor took at most the refinement's two steps and no fallback."""
+    log_psi, params, x, grad, holo = _case("mlp", n=200)
+    energies = jax.random.normal(jax.random.PRNGKey(5), (200,), jnp.float64) if with_energies else None
+    solve = lambda: jax.jit(lambda g, p, s, e: fishr.sr_solve(log_psi, g, p, s, damping=1e-3, mode="sample_space",
+                                                              jacobian="structured", local_energies=e))(
+        grad, params, x, energies)
+    monkeypatch.setattr(sample_space_mod, "double_factor_pays", lambda *args: True)
+    double, info_double = solve()
+    monkeypatch.setattr(sample_space_mod, "double_factor_pays", lambda *args: False)
+    single, info_single = solve()
+    assert int(info_double.fallback) == 0 and bool(info_double.converged)
+    assert int(info_double.iterations) <= 2 and int(info_single.iterations) >= 1
+    assert rel_err(flat(double), flat(single)) <= 1e-11
+
+
 @pytest.mark.parametrize("name", ["mlp", heavy("complex_out"), slow("holomorphic")])
 def test_structured_equals_generic_over_several_sample_ranges(name):
     log_psi, params, x, grad, holo = _case(name, n=650)
