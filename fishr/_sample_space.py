@@ -144,7 +144,8 @@ __all__ = ["double_factor_pays", "energy_coefficients", "kernel_factorisation", 
 MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 1-11
 CG_STEPS_TYPICAL = 10  # CG steps to the rounding floor behind a single-precision factor (MLP, N = 1,024: 10)
 # 1 - (double / single precision matrix-multiply throughput): what a factorisation and a kernel cost more in
-# double precision, as a share of their double-precision cost (the benchmark CPU: 117 / 440 GFLOP/s)
+# double precision, as a share of their double-precision cost (the benchmark CPU: 104-117 against 440-458
+# GFLOP/s on jax 0.9.1, 0.73-0.77; 204 against 458 on jax 0.10.2, 0.55: the larger keeps the single factor more)
 DOUBLE_PRECISION_PREMIUM = 0.73
 
 
@@ -156,8 +157,9 @@ def double_factor_pays(rows: int, n: int, kernel_cost: int, num_params: int) -> 
     kernel rows, ``P`` parameters); the double-precision factor costs its factorisation and
     kernel, ``R^3 / 3 + N^2 c`` flops (``c``: :func:`fishr.jacobian.kernel_cost_per_pair`), at the
     premium ``DOUBLE_PRECISION_PREMIUM`` over single precision. So wide layers at moderate ``N``
-    take the double factor: float64, MLP 32-200-200-1 (``P = 47,001``) at ``N = 1,024``, jax 0.10.2,
-    in one process, 70.4 -> 36.5 ms (0.1.0: 36.4 ms), first call 2.9 -> 2.2 s; the MLP 16-64-64-1
+    take the double factor: float64, MLP 32-200-200-1 (``P = 47,001``) at ``N = 1,024``, in one
+    process against the single factor's CG, 57.9 -> 28.8 ms on jax 0.10.2 (0.1.0: 29.2 ms) and 54.5
+    -> 42.7 ms on jax 0.9.1 (0.1.0: 28.5 ms), first call 2.4 -> 1.5-1.7 s; the MLP 16-64-64-1
     (``P = 5,313``) keeps the single factor (16.5 against 18.4 ms with the double one).
     ``num_params`` 0 (unknown) keeps it too.
     """

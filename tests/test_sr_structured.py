@@ -1,6 +1,7 @@
 """Structured exact SR (captured layer statistics) equals the generic Jacobian path."""
 
 import functools
+import itertools
 
 import flax.linen as nn
 import jax
@@ -330,7 +331,7 @@ def test_double_factor_rule_at_the_measured_points():
     """Float64 input is factored in float64 where the single factor's CG would cost more (wide
     layers at moderate N), in float32 otherwise: the benchmark's MLPs at N = 1,024, and N = 4,096."""
     pays = sample_space_mod.double_factor_pays
-    cost = lambda widths: sum(k + 1 + m for k, m in zip(widths[:-1], widths[1:]))  # the layers' Gram widths
+    cost = lambda widths: sum(k + 1 + m for k, m in itertools.pairwise(widths))  # the layers' Gram widths
     assert pays(1024, 1024, cost((32, 200, 200, 1)), 47001)
     assert not pays(1024, 1024, cost((16, 64, 64, 1)), 5313)
     assert not pays(4096, 4096, cost((32, 200, 200, 1)), 47001)
@@ -342,7 +343,7 @@ def test_double_factor_equals_the_single_factors_cg(monkeypatch, with_energies):
     """Float64 input on the double-precision factor (refined on the exact products, no CG) and on the
     single-precision factor with its CG to the rounding floor: the same update to 1e-11, and the
     double factor took at most the refinement's two steps and no fallback."""
-    log_psi, params, x, grad, holo = _case("mlp", n=200)
+    log_psi, params, x, grad, _ = _case("mlp", n=200)
     energies = jax.random.normal(jax.random.PRNGKey(5), (200,), jnp.float64) if with_energies else None
     solve = lambda: jax.jit(lambda g, p, s, e: fishr.sr_solve(log_psi, g, p, s, damping=1e-3, mode="sample_space",
                                                               jacobian="structured", local_energies=e))(
