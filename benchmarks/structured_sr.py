@@ -21,10 +21,12 @@ after a warm-up, with min-max):
   kernel in the working precision can cost. fishr's float64 path on the CPU
   factors in float32 and refines in float64 (same accuracy), so in float64 it
   can come in under this bound.
-* ``work``: ``bound`` plus the kernel's products at the same peak,
-  ``N (N + 1) sum_l (k_l + m_l)`` flops (``k_l`` the layer's input width with its
-  bias, ``m_l`` its output width: the two Gram products ``a a^T`` and ``d d^T`` of each
-  layer on and below the diagonal; through the explicit Jacobian it would be ``N^2 P``):
+* ``work``: ``bound`` plus the kernel's products at the same peak, ``N (N + 1) c`` flops
+  with ``c`` the multiply-adds per pair of samples of ``fishr.jacobian.kernel_cost_per_pair``
+  (per layer the cheaper exact form: ``k_l + m_l`` for its two Gram products ``a a^T`` and
+  ``d d^T`` on and below the diagonal, ``k_l`` the input width with its bias and ``m_l`` the
+  output width, or ``k_l m_l`` through its per-sample gradients; ``N^2 P`` through the
+  explicit Jacobian):
   the least a method that forms the kernel from the layers' statistics, the cheapest
   exact route, and factors it can cost. Where ``work`` exceeds twice ``bound`` (the
   float32 MLP 32-200-200-1 at ``N = 1,024``), no such method comes within 2x of ``bound``.
@@ -93,7 +95,8 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
     import jax.numpy as jnp
 
     import fishr
-    from fishr.capture import augment_bias, capture
+    from fishr.capture import augment_bias, capture, discover_layers
+    from fishr.jacobian import kernel_cost_per_pair
 
     try:
         import netket as nk
@@ -182,8 +185,8 @@ def run(quick: bool = True, f64: bool = False, repeats: int = 5, cg_iters: int =
             print(f"[structured_sr]   {name:22s} {row[name][0]:9.1f} ms", flush=True)
         stats_ms = _median_ms(partial(stats, params, x), repeats)[0]
         row["bound"] = n**3 / 3 / (peak * 1e9) * 1e3 + stats_ms
-        gram_widths = sum(k + 1 + m for k, m in zip((d_in, *widths), (*widths, 1)))  # a with its bias, d
-        row["work"] = row["bound"] + n * (n + 1) * gram_widths / (peak * 1e9) * 1e3
+        pair_cost = kernel_cost_per_pair(discover_layers(model.apply, params, x), p_count)  # multiply-adds
+        row["work"] = row["bound"] + n * (n + 1) * pair_cost / (peak * 1e9) * 1e3
         row["floor"] = _median_ms(floor, repeats)
         row["chol"] = _median_ms(chol, repeats)
         print(f"[structured_sr]   floor (stats, kernel, LAPACK Cholesky) {row['floor'][0]:.1f} ms, Cholesky alone "

@@ -193,11 +193,13 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
     nb = -(-rows // ts)
     block = make_block(m, nb * m)
     few = nb <= (UNROLL_KERNEL_MAX_TILES if max_unrolled is None else max_unrolled)
-    pad = np.arange(nb * ts) >= rows  # static: the padded rows (all in the last tile row)
+    # the padded rows (fewer than ts) lie in the last tile: 1 on their diagonal there, nothing elsewhere
+    padded = np.arange(nb * ts)[-ts:] >= rows
+    pad_tile = jnp.asarray(np.diag(padded.astype(float)), dtype) if padded.any() else None
     if columns and few:
         cols = [block(j * m, j * m, (nb - j) * m, m).astype(dtype).reshape(nb - j, ts, ts) for j in range(nb)]
-        if pad.any():
-            cols[-1] = cols[-1] + jnp.asarray(np.diag(pad[-ts:].astype(float)), dtype)
+        if pad_tile is not None:
+            cols[-1] = cols[-1] + pad_tile
         return linalg.ColumnTiles(tuple(cols))
     map_blocks = map_blocks and nb * (nb + 1) * m * row_bytes <= MAPPED_MAX_BYTES  # gathered slabs, bytes
     if nb == 1:
@@ -219,8 +221,8 @@ def tiled_kernel(n: int, c: int, dtype: Any, make_block: Callable[[int, int], Ca
             return tiles.at[i, j].set(block(i * m, j * m).astype(dtype))
 
         tiles = jax.lax.fori_loop(0, nb * (nb + 1) // 2, fill, tiles)
-    if pad.any():
-        tiles = tiles + jnp.asarray(linalg.to_tiles(np.diag(pad.astype(float)), ts), dtype)
+    if pad_tile is not None:
+        tiles = tiles.at[nb - 1, nb - 1].add(pad_tile)
     return tiles
 
 
