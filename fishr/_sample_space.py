@@ -71,9 +71,12 @@ own ``matvec`` / ``rmatvec``, which centre on the sample vector):
   wide layers at moderate ``N``, whose CG steps cost more than factoring in double precision,
   take the form above with a double-precision factor): CG on the exact products,
   preconditioned by the factor, from zero (its first step is the factor's solve), until
-  its residual stops halving (the rounding floor of the products): the backward-error test
-  alone allows forward errors of ``cond(K) eps`` (a transformer: 7.5e-11 against NetKet
-  ``srt``'s 6.5e-13 when stopped at it; 7.6e-13 when iterated, 11 steps).
+  its residual is four digits past the backward-error test (``FLOOR_MARGIN``) or stops
+  halving (the rounding floor of the products): the backward-error test alone allows
+  forward errors of ``cond(K) eps`` (a transformer: 7.5e-11 against NetKet ``srt``'s 6.5e-13
+  when stopped at it; 7.6e-13 when iterated, 11 steps; 4.9e-13 in 5 steps with the margin,
+  the error CG to stagnation reaches in 12: CG's recursive residual keeps falling
+  long after the true one has stopped, :func:`fishr.linalg.cg`).
 
 Fallbacks, reported in ``SolveInfo.fallback`` (never a silent NaN). If the factor is not
 finite (a non-positive pivot: the computed kernel plus the shift is numerically
@@ -142,7 +145,15 @@ __all__ = ["double_factor_pays", "energy_coefficients", "kernel_factorisation", 
            "solve_sample_space"]
 
 MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 1-11
-CG_STEPS_TYPICAL = 10  # CG steps to the rounding floor behind a single-precision factor (MLP, N = 1,024: 10)
+# the CG behind a single-precision factor stops four digits past the backward-error test, or at stagnation
+# (fishr.linalg.cg's floor_margin): the forward error had stopped changing there (float64, damping 1e-3: ViT
+# N = 256, MLP and RBM N = 1,024 of benchmarks.sr_accuracy, 5 / 4 / 4 steps where the stagnation of CG's
+# recursive residual alone took 12 / 10 / 8, the same errors 4.9e-13 / 1.2e-13 / 7.2e-15)
+FLOOR_MARGIN = 1e-4
+CG_STEPS_TYPICAL = 4  # CG steps behind a single-precision factor (those three: 4-5)
+# A product pair's skinny matrix products run well below the matrix-multiply peak: float64, N = 1,024, jax
+# 0.10.2, 41 / 53 GFLOP/s at P = 5,313 / 47,001 against 204; about a quarter
+PAIR_SLOWDOWN = 4
 # 1 - (double / single precision matrix-multiply throughput): what a factorisation and a kernel cost more in
 # double precision, as a share of their double-precision cost (the benchmark CPU: 104-117 against 440-458
 # GFLOP/s on jax 0.9.1, 0.73-0.77; 204 against 458 on jax 0.10.2, 0.55: the larger keeps the single factor more)
@@ -154,17 +165,19 @@ def double_factor_pays(rows: int, n: int, kernel_cost: int, num_params: int) -> 
     steps, than with the single-precision factor and its CG (about ``CG_STEPS_TYPICAL`` steps).
 
     Each CG step beyond the refinement's two is a product pair, ``4 R P`` flops (``R = N C``
-    kernel rows, ``P`` parameters); the double-precision factor costs its factorisation and
-    kernel, ``R^3 / 3 + N^2 c`` flops (``c``: :func:`fishr.jacobian.kernel_cost_per_pair`), at the
-    premium ``DOUBLE_PRECISION_PREMIUM`` over single precision. So wide layers at moderate ``N``
-    take the double factor: float64, MLP 32-200-200-1 (``P = 47,001``) at ``N = 1,024``, in one
-    process against the single factor's CG, 57.9 -> 28.8 ms on jax 0.10.2 (0.1.0: 29.2 ms) and 54.5
-    -> 42.7 ms on jax 0.9.1 (0.1.0: 28.5 ms), first call 2.4 -> 1.5-1.7 s; the MLP 16-64-64-1
-    (``P = 5,313``) keeps the single factor (16.5 against 18.4 ms with the double one).
+    kernel rows, ``P`` parameters) at ``1 / PAIR_SLOWDOWN`` of the matrix-multiply peak; the
+    double-precision factor costs its factorisation and kernel, ``R^3 / 3 + N^2 c`` flops
+    (``c``: :func:`fishr.jacobian.kernel_cost_per_pair`) at the peak, with the premium
+    ``DOUBLE_PRECISION_PREMIUM`` over single precision. So wide layers at moderate ``N`` take the
+    double factor: float64, MLP 32-200-200-1 (``P = 47,001``) at ``N = 1,024``, in one process
+    against the single factor's CG, 41.0 -> 31.9 ms on jax 0.10.2 (0.1.0: 29.0 ms; the CG to
+    stagnation before ``FLOOR_MARGIN``: 57.9 -> 28.8 ms); on jax 0.9.1, with CG to stagnation,
+    54.5 -> 42.7 ms (0.1.0: 28.5 ms); first call 2.4 -> 1.5-1.7 s. The MLP 16-64-64-1
+    (``P = 5,313``) keeps the single factor (13.4 against 18.4 ms with the double one).
     ``num_params`` 0 (unknown) keeps it too.
     """
     factor = rows**3 / 3 + n * n * kernel_cost
-    return DOUBLE_PRECISION_PREMIUM * factor < (CG_STEPS_TYPICAL - 2) * 4 * rows * num_params
+    return DOUBLE_PRECISION_PREMIUM * factor < (CG_STEPS_TYPICAL - 2) * PAIR_SLOWDOWN * 4 * rows * num_params
 
 
 def kernel_factorisation() -> str:
@@ -482,7 +495,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         precondition = lambda r: _apply_factor(factor, r, rows)
         return cg(product, u, None, rtol=0.0, atol=0.0, max_steps=MAX_STEPS,
                   preconditioner=precondition, backward_error=a_norm, stop_on_stagnation=True,
-                  to_rounding_floor=True)
+                  to_rounding_floor=True, floor_margin=FLOOR_MARGIN)
 
     if not single:
         # a factor in the working precision: the factor's solve refined on the exact products, no loop

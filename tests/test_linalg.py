@@ -476,6 +476,33 @@ def test_meets_backward_error_is_the_dsposv_test():
     assert not bool(linalg.meets_backward_error(jnp.asarray(r_big), jnp.asarray(x), a_norm, 20))
 
 
+@pytest.mark.parametrize("complex_", [False, True])
+def test_cg_floor_margin_stops_where_the_error_stops_changing(complex_):
+    """CG's recursive residual keeps falling after the true one has reached its rounding floor; the margin
+    stops four digits past the backward-error test with the error that iterating to stagnation reaches."""
+    a = _spd(200, complex_, seed=27)
+    rng = np.random.default_rng(28)
+    b = rng.normal(size=200) + (1j * rng.normal(size=200) if complex_ else 0)
+    factor = linalg.cholesky_factor(jnp.asarray(a).astype(jnp.complex64 if complex_ else jnp.float32))
+    precondition = lambda r: linalg.cholesky_factor_solve(factor, r.astype(factor.dtype)).astype(r.dtype)
+    a_norm = np.abs(a).sum(axis=1).max()
+    expected = np.linalg.solve(a, b)
+    runs = {}
+    for margin in (None, 1e-4):
+        x, info = linalg.cg(lambda v: jnp.asarray(a) @ v, jnp.asarray(b), rtol=0.0, max_steps=50,
+                            preconditioner=precondition, backward_error=a_norm, stop_on_stagnation=True,
+                            to_rounding_floor=True, floor_margin=margin)
+        assert bool(info.converged)
+        runs[margin] = (int(info.iterations), np.linalg.norm(np.asarray(x) - expected) / np.linalg.norm(expected))
+    (steps_floor, err_floor), (steps_margin, err_margin) = runs[None], runs[1e-4]
+    assert steps_margin < steps_floor
+    assert err_margin <= max(2 * err_floor, 1e-15)
+    for bad in (0.0, 2.0, -1e-4):
+        with pytest.raises(ValueError, match="floor_margin"):
+            linalg.cg(lambda v: v, jnp.asarray(b), to_rounding_floor=True, stop_on_stagnation=True,
+                      backward_error=1.0, floor_margin=bad)
+
+
 def test_cg_stops_on_stagnation():
     a = _spd(50, seed=29)
     b = jnp.ones(50)

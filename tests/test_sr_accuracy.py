@@ -132,6 +132,9 @@ def test_energies_path_as_accurate_as_a_direct_solve(jacobian, dtype):
     if dtype == np.float32:  # refinement on the exact products: ~2e-5 / ~1e-5 against 8.0e-4 direct (2026-12-04)
         assert _err(x, ref) <= 0.1 * direct, (jacobian, _err(x, ref), direct)
         assert int(info.iterations) >= 1
+    else:  # CG behind the float32 factor stops four digits past the backward-error test (FLOOR_MARGIN): 5 steps
+        # where the stagnation of its recursive residual took 12, at the same error
+        assert 1 <= int(info.iterations) <= 6, (jacobian, int(info.iterations))
 
 
 @pytest.mark.parametrize("jacobian", ["generic", "structured"])
