@@ -144,7 +144,7 @@ from fishr.spectral import DampingRule, robust_gamma, snr_weights, spectral_filt
 __all__ = ["double_factor_pays", "energy_coefficients", "kernel_factorisation", "sample_weight_ratios",
            "solve_sample_space"]
 
-MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 1-11
+MAX_STEPS = 50  # CG steps (a single-precision factor of double input); a good factor needs 3-5 (FLOOR_MARGIN)
 # the CG behind a single-precision factor stops four digits past the backward-error test, or at stagnation
 # (fishr.linalg.cg's floor_margin): the forward error had stopped changing there (float64, damping 1e-3: ViT
 # N = 256, MLP and RBM N = 1,024 of benchmarks.sr_accuracy, 5 / 4 / 4 steps where the stagnation of CG's
@@ -527,7 +527,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
         close = finite & (j == 0) & ((info.iterations > 0) | info.converged)
         return y, info, apply, close, shift, a_norm
 
-    # a single-precision factor of double-precision input (the CPU): CG to the rounding floor on the exact
+    # a single-precision factor of double-precision input (the CPU): CG on the exact
     # products, preconditioned by the factor; the rare fallback runs under lax.cond and returns vectors only
     factor, finite = _factor(tiles, shift, kind)
 
