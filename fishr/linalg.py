@@ -232,6 +232,9 @@ def cg(
         raise ValueError(f"cg: `rtol` and `atol` must be >= 0, got rtol={rtol}, atol={atol}.")
     if floor_margin is not None and not (0 < floor_margin <= 1):
         raise ValueError(f"cg: `floor_margin` must be in (0, 1], got {floor_margin}.")
+    if floor_margin is not None and not (to_rounding_floor and backward_error is not None):
+        raise ValueError("cg: `floor_margin` needs `to_rounding_floor=True` and `backward_error` (the test it "
+                         "tightens); without them it would be ignored.")
     if to_rounding_floor and not stop_on_stagnation:
         raise ValueError("cg: `to_rounding_floor` needs `stop_on_stagnation=True` (it would never stop early).")
     precondition = (lambda r: r) if preconditioner is None else preconditioner
@@ -271,7 +274,7 @@ def cg(
             go = go & (~met(x, r, rr) | (k < min_iterations))
         if stop_on_stagnation:
             go = go & (rr <= 0.25 * rr_last)
-        if to_rounding_floor and floor_margin is not None and backward_error is not None:
+        if floor_margin is not None and backward_error is not None:  # with to_rounding_floor (checked above)
             go = go & ~meets_backward_error(r, x, backward_error * floor_margin, _tree_size(b))
         return go
 

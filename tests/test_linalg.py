@@ -501,6 +501,10 @@ def test_cg_floor_margin_stops_where_the_error_stops_changing(complex_):
         with pytest.raises(ValueError, match="floor_margin"):
             linalg.cg(lambda v: v, jnp.asarray(b), to_rounding_floor=True, stop_on_stagnation=True,
                       backward_error=1.0, floor_margin=bad)
+    with pytest.raises(ValueError, match="floor_margin"):  # nothing to tighten: it would be ignored
+        linalg.cg(lambda v: v, jnp.asarray(b), backward_error=1.0, floor_margin=1e-4)
+    with pytest.raises(ValueError, match="floor_margin"):
+        linalg.cg(lambda v: v, jnp.asarray(b), to_rounding_floor=True, stop_on_stagnation=True, floor_margin=1e-4)
 
 
 def test_cg_stops_on_stagnation():
