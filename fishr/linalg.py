@@ -820,7 +820,7 @@ def tiled_diagonal(tiles: Tiles, size: int | None = None) -> jax.Array:
     """The (real part of the) diagonal of the matrix given by its tiles; ``size``: its leading entries only."""
     nb = tiles.shape[0]
     if isinstance(tiles, ColumnTiles):
-        diag = jnp.stack([col[0] for col in tiles.columns])
+        diag = jnp.stack([lower_tile(tiles, k, k) for k in range(nb)])
     else:
         diag = tiles[jnp.arange(nb), jnp.arange(nb)]
     return jnp.real(jnp.diagonal(diag, axis1=1, axis2=2)).reshape(-1)[:size]
