@@ -113,7 +113,7 @@ from jax import lax
 
 from fishr import distributed
 from fishr.distributed import AxisName
-from fishr.jacobian import kernel_cost_per_pair, kernel_from_tiles
+from fishr.jacobian import LayerJacobian, kernel_cost_per_pair, kernel_from_tiles
 from fishr.linalg import (
     UNROLL_FACTOR_MAX_TILES,
     SlabFactor,
@@ -446,8 +446,11 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
     work = rhs.dtype
     real = jnp.finfo(work).dtype
 
+    # the exact products run in loops (CG, refinement steps): the layers' inputs transposed once, outside
+    products = jac.for_products() if isinstance(jac, LayerJacobian) else jac
+
     def operator(y):
-        product = lambda v: jac.matvec(jac.rmatvec(v)).astype(work)
+        product = lambda v: products.matvec(products.rmatvec(v)).astype(work)
         ky = product(y) if y.ndim == 2 else _over_columns(product, y)
         return ky + shift * y
 

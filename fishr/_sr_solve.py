@@ -31,7 +31,10 @@ Modes (``mode=``) and solvers (``solver=``, :mod:`fishr.solvers`)
     ``S`` is never formed. ``log psi`` of the whole local batch is linearised
     once per call (``jax.linearize``); ``S v = Obar^H (O v - mean(O v)) / N`` uses
     that linearisation and its transpose, so a CG iteration costs one JVP and
-    one VJP and no forward pass. Solver: :class:`fishr.CG`.
+    one VJP and no forward pass. Where the captured Flax layers cover every
+    parameter (``jacobian="auto"``; :func:`fishr.jacobian.layers_cover_model`), the
+    products come from the layers' statistics instead (two matrix products per
+    layer, none of the model's elementwise or attention code). Solver: :class:`fishr.CG`.
 ``"dense"`` (the seed's DEBUG)
     The per-sample Jacobian ``O`` (``N x P``) is formed with ``vmap`` of the
     per-sample gradient. Solver: :class:`fishr.CG` on the rows, or
@@ -143,6 +146,7 @@ from fishr.jacobian import (
     ScaledJacobian,
     ShardedRowsJacobian,
     kernel_cost_per_pair,
+    layers_cover_model,
     layers_pay_off,
 )
 from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
@@ -349,19 +353,31 @@ def _wants_layers(jacobian: str, params, layer_plan: Callable[[], LayerPlan]) ->
     return layers_pay_off(layer_plan(), sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
+def _lazy_wants_layers(config: SRConfig, mean_fn, n_local: int, layer_plan: Callable[[], LayerPlan]) -> bool:
+    """Lazy mode's products from the layers' statistics: ``jacobian="structured"``, or ``"auto"`` where
+    :func:`fishr.jacobian.layers_cover_model` holds, in one chunk (``chunk_size`` bounds the memory that
+    the statistics of every sample would take) and with no ``mean_fn``."""
+    if config.jacobian != "auto":
+        return config.jacobian == "structured"
+    return (mean_fn is None and num_chunks(n_local, config.chunk_size) <= 1
+            and layers_cover_model(layer_plan()))
+
+
 def _scores_of(apply_fn, config: SRConfig, who: str) -> Callable[[Any, Any], jax.Array]:
     """``(params, samples) -> (n, C)`` score rows, with the samples an argument (for capture and chunks)."""
     return lambda p, s: log_psi_rows(apply_fn, s, config.holomorphic, who)(p)
 
 
-def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig, who: str, mean_fn=None):
-    """The Jacobian representation: the layers' statistics or the explicit (optionally clipped) rows."""
+def _build_jacobian(structured: bool, apply_fn, params, batch, config: SRConfig, who: str, mean_fn=None,
+                    fold_for: str = "kernel"):
+    """The Jacobian representation: the layers' statistics or the explicit (optionally clipped) rows
+    (``fold_for``: :meth:`fishr.jacobian.LayerJacobian.build`'s)."""
     rows = log_psi_rows(apply_fn, batch, config.holomorphic, who)
     jax.eval_shape(rows, params)  # trace-time checks of the output shape on the whole batch
     one_sample = log_psi_one_sample(apply_fn, config.holomorphic, who)
     if structured:
         return LayerJacobian.build(_scores_of(apply_fn, config, who), one_sample, params, batch, config.holomorphic,
-                                   config.axis_name, config.chunk_size)
+                                   config.axis_name, config.chunk_size, fold_for)
     return DenseJacobian.build(one_sample, params, batch, config.holomorphic, config.axis_name, mean_fn,
                                config.score_clip, config.chunk_size)
 
@@ -381,6 +397,9 @@ def _cg_twice(config: SRConfig, operator_of, b, x0, damping):
 
 
 def _solve_lazy(jac, n_local, b, x0, damping, config: SRConfig):
+    if isinstance(jac, LayerJacobian):
+        jac = jac.for_products()
+
     def s_matvec(v):
         w = jac.rmatvec(jac.matvec(v))
         return distributed.pmean(optax.tree.scale(1.0 / n_local, w), config.axis_name)
@@ -611,8 +630,9 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         mean_fn = lambda u: distributed.batch_mean(ratios.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
                                                    config.axis_name)
 
-    if config.mode == "lazy" and config.jacobian == "structured":
-        jac = _build_jacobian(True, apply_fn, params, batch, config, who)
+    if config.mode == "lazy" and _lazy_wants_layers(config, mean_fn, n_local, layer_plan):
+        # layers folded into explicit rows only where that keeps lazy mode's memory near the statistics'
+        jac = _build_jacobian(True, apply_fn, params, batch, config, who, fold_for="products")
     elif config.mode == "lazy" and num_chunks(n_local, config.chunk_size) > 1:
         assert config.chunk_size is not None  # more than one chunk
         jac = ChunkedLinearizedJacobian(_scores_of(apply_fn, config, who), params, batch, config.chunk_size,
@@ -738,7 +758,9 @@ def sr_solve(
         kernel at least twice cheaper than the generic one (Dense networks, RBMs) or
         cover every parameter, so that no per-sample pass runs (a transformer of Dense,
         attention and LayerNorm layers; :func:`fishr.jacobian.layers_pay_off`), generic
-        otherwise.
+        otherwise; structured for lazy when the captured layers cover every parameter with no
+        convolution (:func:`fishr.jacobian.layers_cover_model`: each CG product then skips the
+        model's JVPs) and the batch is one chunk, generic otherwise.
       axis_name: mapped axis (or axes) the samples are split over; ``None`` for one device.
       mean_fn: the centring mean ``u -> mean_i u_i`` over axis 0 of the score rows
         (``(n_local, C)`` or ``(n_local, C, P)``), including any reduction over devices;

@@ -566,6 +566,27 @@ def layer_kernel_is_structured(n: int, c: int, positions: int, k: int, m: int) -
     return structured <= generic
 
 
+def layer_folds(use: str, n: int, c: int, positions: int, k: int, m: int) -> bool:
+    """Whether a layer at ``positions > 1`` is held as explicit rows ``G_ic = sum_t a_it^T d_ict``
+    (``C k m`` entries per sample) instead of its statistics (``T (k + C m)``).
+
+    ``use="kernel"`` (the sample-space kernel): where its Gram-Hadamard kernel costs more
+    than ``G G^H`` (:func:`layer_kernel_is_structured`). ``use="products"`` (lazy mode, the
+    products alone): the rows' products cost ``C k m`` per sample against the statistics'
+    ``T k m``, so fold where ``C < T`` and the rows take at most twice the statistics'
+    memory, which keeps lazy mode's memory that of the activations, not ``N P``. Measured on
+    the vision transformer of ``benchmarks/vit.py`` (``N = 256``, ``P = 17,345``, float32,
+    50 CG steps, 2-core CPU, jax 0.10.2; its layers at 16 positions, ``k m`` up to 65 x 32, whose
+    rows take 0.03-0.68x their statistics' memory): every layer folded 34-44 ms, none folded
+    168 ms, the model's linearisation (``jacobian="generic"``) 444-641 ms.
+    """
+    if positions == 1:
+        return False
+    if use == "products":
+        return c < positions and c * k * m <= 2 * positions * (k + c * m)
+    return not layer_kernel_is_structured(n, c, positions, k, m)
+
+
 def kernel_cost_per_pair(plan: LayerPlan | None, num_params: int, c: int = 1) -> int:
     """Multiply-adds per pair of samples of the sample-space kernel ``Obar Obar^H``.
 
@@ -608,7 +629,26 @@ def layers_pay_off(plan: LayerPlan, num_params: int, c: int = 1) -> bool:
         return False
     if 2 * kernel_cost_per_pair(plan, num_params, c) <= kernel_cost_per_pair(None, num_params, c):
         return True
-    return not plan.uncovered and all(layer.kind != "Conv" for layer in plan.layers)
+    return layers_cover_model(plan)
+
+
+def layers_cover_model(plan: LayerPlan) -> bool:
+    """Whether the capture covers every parameter (``plan`` discovered with ``norms=True``) with no
+    convolution: the Jacobian's products then come from the layers' statistics alone.
+
+    ``jacobian="auto"``'s rule for ``mode="lazy"``: there each CG product is ``O v`` and
+    ``O^H u`` from the statistics (per layer two matrix products of the linearisation's size)
+    in place of the model's JVP and transposed JVP, which also run the model's elementwise
+    code and, in a transformer, the attention products. Measured (2-core CPU, 50 CG steps,
+    interleaved medians, float32 / float64, jax 0.10.2, 2026-12-05; generic -> structured):
+    the vision transformer of ``benchmarks/vit.py`` (``N = 256``, ``P = 17,345``) 641 -> 44 /
+    849 -> 84 ms; MLP 16-64-64-64-1 (``N = 1,024``) 22.3 -> 15.9 / 51.3 -> 43.1 ms; RBM
+    ``alpha = 2`` (``N = 1,024``) 0.87-0.92x / 0.74x; see the CHANGELOG for the RBMs and
+    the complex MLP of ``benchmarks/sr_timing.py``. Convolutions are left out (their
+    statistics are the input patches, ``T k`` entries per sample), and so is a capture that
+    leaves parameters uncovered (their explicit rows would need the per-sample passes).
+    """
+    return bool(plan.layers) and not plan.uncovered and all(layer.kind != "Conv" for layer in plan.layers)
 
 
 VARIANCE_CHUNK_ELEMENTS = 1 << 24  # entries of the per-sample gradients held at once for diag S (T > 1)
@@ -620,6 +660,28 @@ def _rest_leaves(plan: LayerPlan) -> tuple[int, ...]:
     captured ``xhat`` and output gradients)."""
     norms = tuple(i for m in plan.norms for i in (m.scale_index, m.bias_index) if i is not None)
     return tuple(plan.uncovered) + norms
+
+
+def _over_components(av: jax.Array, d: jax.Array) -> jax.Array:
+    """``out[n, c] = sum_tm av[n, t, m] d[n, c, t, m]``: a layer's share of ``O v``.
+
+    One component is an einsum; several are summed elementwise, per component: as one
+    einsum (or any per-sample contraction) the CPU runs ``n`` tiny batched dots plus
+    transposes of ``d``, and lazy SR on the complex-output MLP 64-64 (``C = 2``, ``N = 512``,
+    float32, jax 0.10.2) took 1.40x ``QGTOnTheFly``'s time, 0.71x of that elementwise;
+    with ``C = 1`` the einsum measured 1.02-1.08x faster than the elementwise form (RBMs).
+    """
+    if d.shape[1] == 1:
+        return jnp.einsum("ntm,nctm->nc", av, d)
+    return jnp.stack([jnp.sum(av * d[:, comp], axis=(1, 2)) for comp in range(d.shape[1])], axis=1)
+
+
+def _components_combined(d: jax.Array, u: jax.Array) -> jax.Array:
+    """``w[n, t, m] = sum_c d[n, c, t, m] u[n, c]``: the cotangent a layer's share of ``O^H u`` contracts
+    with its inputs (``d`` conjugated by the caller); the components summed as in :func:`_over_components`."""
+    if d.shape[1] == 1:
+        return jnp.einsum("nctm,nc->ntm", d, u)
+    return sum(d[:, comp] * u[:, comp, None, None] for comp in range(d.shape[1]))
 
 
 class LayerJacobian(NamedTuple):
@@ -644,6 +706,8 @@ class LayerJacobian(NamedTuple):
       rest_centred: whether ``rest`` was centred at build (single precision) or is centred where
         it is used (the kernel; the products centre their outputs).
       axis_name: mapped axis of the batch (``None`` after :meth:`gather`).
+      inputs_t: ``None``, or per layer the conjugated inputs transposed to ``(k, n T)``
+        (:meth:`for_products`), which :meth:`rmatvec` then contracts with instead of ``a``.
     """
 
     plan: LayerPlan
@@ -657,10 +721,11 @@ class LayerJacobian(NamedTuple):
     components: int
     rest_centred: bool
     axis_name: AxisName = None
+    inputs_t: tuple | None = None
 
     @classmethod
     def build(cls, scores: Callable[[Any, Any], jax.Array], one_sample, params, samples, holomorphic, axis_name,
-              chunk_size: int | None = None):
+              chunk_size: int | None = None, fold_for: str = "kernel"):
         """One forward and ``C`` backward passes over the batch, plus rows for uncovered leaves.
 
         ``scores(params, samples) -> (n, C)``; ``one_sample(params, x) -> (C,)`` gives
@@ -669,7 +734,10 @@ class LayerJacobian(NamedTuple):
         ``chunk_size``: the passes run over chunks of that many samples
         (:func:`fishr.chunking.map_chunks`), so the model's intermediates (attention
         maps, activations of uncaptured layers) are held for one chunk only; the
-        statistics kept are those of the whole batch either way.
+        statistics kept are those of the whole batch either way. ``fold_for``: which layers
+        at many positions are folded into explicit rows, for the sample-space kernel
+        (``"kernel"``) or for the products alone (``"products"``, lazy mode), see
+        :func:`layer_folds`.
         """
         leaves, treedef = jax.tree.flatten(params)
         plans = []  # the static plan, recorded when the (per-chunk) capture is traced
@@ -686,12 +754,12 @@ class LayerJacobian(NamedTuple):
             d = tuple(jnp.stack([pc[0][l] for pc in per_component], axis=1) for l in range(len(lin.plan.layers)))
             a = tuple(augment_bias(x, layer.has_bias) for x, layer in zip(lin.inputs, lin.plan.layers))
             uncovered = [leaves[i] for i in lin.plan.uncovered]
-            # a layer at many positions whose structured kernel costs more than its per-sample gradients
-            # G_ic = sum_t a_it^T d_ict (a transformer's) is kept as explicit rows G (exactly centred)
+            # a layer at many positions whose statistics cost more than its per-sample gradients
+            # G_ic = sum_t a_it^T d_ict (a transformer's; layer_folds) is kept as explicit rows G (exactly centred)
             kept, kept_a, kept_d, folded_rows, folded_leaves = [], [], [], [], []
             for layer, x, y in zip(lin.plan.layers, a, d):
-                if layer.positions == 1 or layer_kernel_is_structured(
-                        n_global, c, layer.positions, layer.d_in + int(layer.has_bias), layer.d_out):
+                if not layer_folds(fold_for, n_global, c, layer.positions, layer.d_in + int(layer.has_bias),
+                                   layer.d_out):
                     kept.append(layer)
                     kept_a.append(x)
                     kept_d.append(y)
@@ -759,7 +827,7 @@ class LayerJacobian(NamedTuple):
         out = _rows_matvec(self.rest, self.components, ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0])
         for a, d, layer in zip(self.a, self.d, self.plan.layers):
             av = a @ layer_block(leaves, layer)  # (n, T, m), dtypes promote (real inputs, complex weights)
-            out = out + jnp.einsum("ntm,nctm->nc", av, d)
+            out = out + _over_components(av, d)
         return out
 
     def matvec(self, v: Any) -> jax.Array:
@@ -768,14 +836,28 @@ class LayerJacobian(NamedTuple):
     def rmatvec(self, u: jax.Array) -> Any:
         return self._uncentred_rmatvec(_centre(u, self.axis_name))
 
+    def for_products(self) -> LayerJacobian:
+        """The same Jacobian with :attr:`inputs_t` made: call it outside a loop of products.
+
+        ``O^H u`` contracts each layer's inputs ``a`` over the samples (``a^H w``), and
+        the CPU's matrix product wants that operand transposed: inside a CG loop XLA copies
+        ``a`` to ``(k, n T)`` at every step (it does not hoist the loop-invariant copy). Made
+        once here, the copy is out of the loop: lazy SR on an RBM (``alpha = 2``, ``N = 1,024``,
+        float32) spent 2.0 of 11.0 ms of op time on those copies. It doubles the memory of
+        the inputs.
+        """
+        return self._replace(inputs_t=tuple(x.conj().reshape(-1, x.shape[-1]).T for x in self.a))
+
     def _uncentred_rmatvec(self, u: jax.Array) -> Any:
         """``O^H u`` (no centring) as a parameter pytree."""
         leaves: list = [None] * len(self.shapes)
         for i, leaf in zip(_rest_leaves(self.plan), self.unravel_rest(_rows_rmatvec(self.rest, u))):
             leaves[i] = leaf
-        for a, d, layer in zip(self.a, self.d, self.plan.layers):
-            w = jnp.einsum("nctm,nc->ntm", d.conj(), u)
-            put_layer_block(leaves, layer, jnp.einsum("ntk,ntm->km", a.conj(), w), self.shapes)
+        for idx, (a, d, layer) in enumerate(zip(self.a, self.d, self.plan.layers)):
+            w = _components_combined(d.conj(), u)
+            block = (self.inputs_t[idx] @ w.reshape(-1, w.shape[-1]) if self.inputs_t is not None
+                     else jnp.einsum("ntk,ntm->km", a.conj(), w))
+            put_layer_block(leaves, layer, block, self.shapes)
         leaves = [leaf.astype(dt) for leaf, dt in zip(leaves, self.dtypes)]
         return jax.tree.unflatten(self.treedef, leaves)
 
@@ -900,14 +982,15 @@ class LayerJacobian(NamedTuple):
         rest_scale = ravel_pytree([leaves[i] for i in _rest_leaves(self.plan)])[0]
         a = tuple(x * factors[layer.kernel_index][0].astype(x.dtype) for x, layer in zip(self.a, self.plan.layers))
         d = tuple(y * factors[layer.kernel_index][1].astype(y.dtype) for y, layer in zip(self.d, self.plan.layers))
-        return self._replace(a=a, d=d, rest=self.rest * rest_scale.astype(self.rest.dtype))
+        return self._replace(a=a, d=d, rest=self.rest * rest_scale.astype(self.rest.dtype), inputs_t=None)
 
     def single_precision(self) -> LayerJacobian:
         """The same statistics rounded to single precision (for a preconditioning factor)."""
         single = lambda x: x.astype(_single(x.dtype))
         return self._replace(a=tuple(map(single, self.a)), d=tuple(map(single, self.d)), rest=single(self.rest),
-                             dtypes=tuple(_single(dt) for dt in self.dtypes))
+                             dtypes=tuple(_single(dt) for dt in self.dtypes), inputs_t=None)
 
     def gather(self) -> LayerJacobian:
         gather = lambda x: distributed.all_gather_batch(x, self.axis_name)
-        return self._replace(a=gather(self.a), d=gather(self.d), rest=gather(self.rest), axis_name=None)
+        return self._replace(a=gather(self.a), d=gather(self.d), rest=gather(self.rest), axis_name=None,
+                             inputs_t=None)

@@ -108,9 +108,14 @@ def test_layer_at_few_positions_keeps_its_structured_kernel():
     jac = _jacobian(True, model.apply, params, x, False)
     assert [layer.positions for layer in jac.plan.layers] == [2, 1] and jac.plan.uncovered == ()
     assert [kind for kind, _, _ in jac._kernel_factors()] == ["positions", "gram-hadamard"]
-    solve = lambda jacobian: jax.jit(functools.partial(  # jit: eager runs op by op, several times slower
-        fishr.sr_solve, model.apply, damping=1e-3, mode="sample_space", jacobian=jacobian))(grad, params, x)[0]
+    solve = lambda jacobian, mode="sample_space", **kw: jax.jit(functools.partial(  # jit: eager runs op by op
+        fishr.sr_solve, model.apply, damping=1e-3, mode=mode, jacobian=jacobian, **kw))(grad, params, x)[0]
     assert rel_err(flat(solve("structured")), flat(solve("generic"))) <= 1e-10
+    # lazy mode keeps it as statistics too (its rows, k m = 272 per sample, would take more than twice the
+    # statistics' 2 (k + m) = 66): the products at T = 2 positions
+    assert not jac_mod.layer_folds("products", 24, 1, 2, 17, 16) and jac_mod.layer_folds("products", 24, 1, 4, 4, 5)
+    lazy = lambda jacobian: solve(jacobian, "lazy", solver=TIGHT)
+    assert rel_err(flat(lazy("structured")), flat(lazy("generic"))) <= 1e-10
 
 
 @pytest.mark.parametrize("mode", ["lazy", "sample_space"])
@@ -133,12 +138,14 @@ def test_layer_products_and_kernel_equal_explicit_rows(name):
     def both(p, s, g):
         layer, dense = _jacobian(True, log_psi, p, s, holo), _jacobian(False, log_psi, p, s, holo)
         u = jax.random.normal(jax.random.PRNGKey(4), dense.rows.shape[:2])
-        return [(j.gram(), j.matvec(g), j.rmatvec(u)) for j in (layer, dense)]
+        transposed = layer.for_products()  # the inputs transposed once, as the CG loops use them
+        return [(j.gram(), j.matvec(g), j.rmatvec(u)) for j in (layer, dense)] + [transposed.rmatvec(u)]
 
-    (layer_gram, layer_mv, layer_rmv), (dense_gram, dense_mv, dense_rmv) = both(params, x, grad)
+    (layer_gram, layer_mv, layer_rmv), (dense_gram, dense_mv, dense_rmv), transposed_rmv = both(params, x, grad)
     np.testing.assert_allclose(layer_gram, dense_gram, rtol=1e-10, atol=1e-10 * np.abs(dense_gram).max())
     np.testing.assert_allclose(layer_mv, dense_mv, rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(flat(layer_rmv), flat(dense_rmv), rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(flat(transposed_rmv), flat(dense_rmv), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("name", ["mlp", "per_position", heavy("complex_out")])
@@ -400,6 +407,34 @@ def test_auto_uses_layers_for_sample_space_only_when_some_are_captured(monkeypat
     jax.jit(functools.partial(fishr.sr_solve, mlp_log_psi, mode="sample_space"))(
         p, p, jax.random.normal(jax.random.PRNGKey(1), (8, 3)))
     assert calls == [1]
+
+
+def test_auto_uses_layers_for_lazy_where_they_cover_the_model(monkeypatch):
+    """``jacobian="auto"`` in lazy mode: the layers' statistics where the capture covers every parameter
+    (the products then skip the model's JVPs), the linearisation otherwise, in chunks, or when asked."""
+    calls = []
+    original = jac_mod.LayerJacobian.build
+    monkeypatch.setattr(jac_mod.LayerJacobian, "build", classmethod(
+        lambda cls, *a, **k: calls.append(1) or original.__func__(cls, *a, **k)))
+
+    def solve(name, **kw):
+        log_psi, params, x, grad, holo = _case(name)
+        return jax.jit(functools.partial(fishr.sr_solve, log_psi, mode="lazy", damping=1e-3, holomorphic=holo,
+                                         solver=TIGHT, **kw))(grad, params, x)[0]
+
+    for name in ("mlp", "rbm", "complex_out", "holomorphic"):
+        calls.clear()
+        auto = solve(name)
+        assert calls == [1], name
+        assert rel_err(flat(auto), flat(solve(name, jacobian="generic"))) <= 1e-10
+        assert calls == [1], name  # "generic" builds no statistics
+    calls.clear()
+    solve("mixed")  # a parameter outside every Dense layer: its rows would need per-sample passes
+    solve("per_position")  # (folded layers count as uncovered too)
+    solve("mlp", chunk_size=8)  # two chunks: the statistics of all samples are what chunks avoid holding
+    assert calls == []
+    assert jac_mod.layers_cover_model(_sr_plan("mlp"))
+    assert not jac_mod.layers_cover_model(_sr_plan("mixed"))
 
 
 def test_structured_rejected_for_dense_mode():
