@@ -543,6 +543,7 @@ def kernel_solve(jac, shift: Any, solver, rhs: jax.Array, follow: Callable | Non
     def fallback(_):
         # 1: the double-precision kernel (2 if its shift had to be raised as well)
         f_tiles = jac.kernel_tiles(compact=True)  # a rare path: its program size counts, not its speed
+        assert isinstance(f_tiles, jax.Array)  # compact tiles are never ColumnTiles
         f, j = _raised_shift_factor(f_tiles, shift, raise_by(work), 0)
         code = jnp.where(j > 0, 2, 1)
         # CG on the assembled kernel the factor was made from (one matrix product, not the

@@ -681,7 +681,10 @@ def _components_combined(d: jax.Array, u: jax.Array) -> jax.Array:
     with its inputs (``d`` conjugated by the caller); the components summed as in :func:`_over_components`."""
     if d.shape[1] == 1:
         return jnp.einsum("nctm,nc->ntm", d, u)
-    return sum(d[:, comp] * u[:, comp, None, None] for comp in range(d.shape[1]))
+    out = d[:, 0] * u[:, 0, None, None]
+    for comp in range(1, d.shape[1]):
+        out = out + d[:, comp] * u[:, comp, None, None]
+    return out
 
 
 class LayerJacobian(NamedTuple):
