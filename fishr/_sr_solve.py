@@ -149,7 +149,14 @@ from fishr.jacobian import (
     layers_cover_model,
     layers_pay_off,
 )
-from fishr.linalg import SolveInfo, cholesky_factor, cholesky_factor_solve, solve_info
+from fishr.linalg import (
+    SolveInfo,
+    cholesky_factor,
+    cholesky_factor_solve,
+    hermitian_from_upper,
+    solve_info,
+    upper_gram,
+)
 from fishr.scores import inactive_leaves, log_psi_one_sample, log_psi_rows
 from fishr.solvers import CG, Cholesky, Eigh, Spectral, check_solver
 from fishr.spectral import DampingRule, robust_correction, snr_weights, spectral_filter
@@ -449,23 +456,26 @@ def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, co
         b = grads if momentum_term is None else optax.tree.add_scale(grads, d, momentum_term)
         return b, ravel_pytree(b)[0]
 
+    def s_times(v):  # S v from the rows, flat
+        return distributed.pmean(jac.rmatvec_flat(jac.matvec_flat(v)) / n_local, config.axis_name)
+
     if isinstance(config.solver, CG):
         if config.damping_rule.active:  # tr S = mean_i |Obar_i|^2 (>= h_max), h_min >= 0
             trace = distributed.pmean(jnp.sum(jnp.abs(rows) ** 2) / n_local, config.axis_name)
             damping = config.damping_rule(damping, trace)
         b, b_flat = rhs(damping)
         x0 = config.solver.start(b, previous)
-
-        def s_matvec(v):
-            return distributed.pmean(jac.rmatvec_flat(jac.matvec_flat(v)) / n_local, config.axis_name)
-
         x0_flat = None if x0 is None else ravel_pytree(x0)[0]
-        x, info = _cg_twice(config, lambda d: lambda v: s_matvec(v) + d * v, b_flat, x0_flat, damping)
+        x, info = _cg_twice(config, lambda d: lambda v: s_times(v) + d * v, b_flat, x0_flat, damping)
         return jac.unravel(x), info, damping
-    s = distributed.pmean(rows.conj().T @ rows / n_local, config.axis_name)
     solver = config.solver
     if isinstance(solver, Eigh) and (config.gamma is not None or config.damping_rule.active):
         solver = Spectral()
+    # a Cholesky factor reads the upper triangle alone: only those blocks are formed (linalg.upper_gram), and
+    # residuals take the exact products instead of S
+    upper_only = isinstance(solver, Cholesky)
+    s = distributed.pmean((upper_gram(rows) if upper_only else rows.conj().T @ rows) / n_local, config.axis_name)
+
     if isinstance(solver, Spectral):
         x, damping, b_flat = _solve_dense_spectral(jac, s, rhs, damping, solver, config, local_energies, ratios)
         finite = jnp.all(jnp.isfinite(x))
@@ -479,16 +489,19 @@ def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, co
         x1 = cholesky_factor_solve(factor, b_flat)
         x = x1 + robust_correction(config.gamma, damping) * cholesky_factor_solve(factor, x1)
         x = jnp.where(jnp.all(jnp.isfinite(factor)), x, jnp.nan)
-        info = solve_info(jnp.linalg.norm(b_flat - (s @ x1 + damping * x1)), jnp.all(jnp.isfinite(x)))
+        info = solve_info(jnp.linalg.norm(b_flat - (s_times(x1) + damping * x1)), jnp.all(jnp.isfinite(x)))
+    elif upper_only:
+        x = solver.apply_inverse(s, b_flat, damping)
+        info = solve_info(jnp.linalg.norm(b_flat - (s_times(x) + damping * x)), jnp.all(jnp.isfinite(x)))
     else:
         x, info = solver.solve(s, b_flat, damping)
     if isinstance(solver, Cholesky):  # fallback 3: the spectral pseudo-inverse where the factor failed
         def pseudo_inverse(_):
             rtol = s.shape[0] * float(jnp.finfo(s.dtype).eps)
             plain = dataclasses.replace(config, damping_rule=DampingRule())  # the damping is final already
-            y, _, _ = _solve_dense_spectral(jac, s, lambda d: (None, b_flat), damping, Spectral(rtol=rtol), plain,
-                                            None)
-            return y, solve_info(jnp.linalg.norm(b_flat - (s @ y + damping * y)), jnp.all(jnp.isfinite(y)),
+            y, _, _ = _solve_dense_spectral(jac, hermitian_from_upper(s), lambda d: (None, b_flat), damping,
+                                            Spectral(rtol=rtol), plain, None)
+            return y, solve_info(jnp.linalg.norm(b_flat - (s_times(y) + damping * y)), jnp.all(jnp.isfinite(y)),
                                  fallback=3)
 
         good = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(s)) | ~damping_ok(damping)

@@ -561,3 +561,19 @@ def test_eigh_solve_and_direct_solver_objects(complex_):
         assert bool(info.converged) and float(info.residual_norm) <= 1e-10 and int(info.iterations) == 0
         bad, info = solver.solve(-jnp.asarray(a), jnp.asarray(b[:, 0]), 0.2)  # not positive definite
         assert not np.all(np.isfinite(np.asarray(bad))) and not bool(info.converged)
+
+
+@pytest.mark.parametrize("p", [40, 130, 301])
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.complex128])
+def test_upper_gram_forms_the_upper_triangle(p, dtype):
+    key = jax.random.split(jax.random.PRNGKey(0), 2)
+    rows = jax.random.normal(key[0], (50, p))
+    if dtype == jnp.complex128:
+        rows = rows + 1j * jax.random.normal(key[1], (50, p))
+    full = np.asarray(rows.conj().T @ rows)
+    upper = np.asarray(jax.jit(linalg.upper_gram)(rows))
+    np.testing.assert_allclose(np.triu(upper), np.triu(full), rtol=1e-12, atol=1e-12 * np.abs(full).max())
+    np.testing.assert_allclose(linalg.hermitian_from_upper(jnp.asarray(upper)), full, rtol=1e-12,
+                               atol=1e-12 * np.abs(full).max())
+    if p >= 32 * linalg.GRAM_BLOCKS:  # the blocks below the diagonal are not formed
+        assert np.all(upper[-(p // linalg.GRAM_BLOCKS):, :p // linalg.GRAM_BLOCKS] == 0)

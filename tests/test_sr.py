@@ -61,6 +61,26 @@ def test_modes_match_dense_solve(problem, mode, solver, damping):
         assert int(info.iterations) == 0
 
 
+@pytest.mark.parametrize("holomorphic", [False, True])
+def test_dense_cholesky_with_column_blocks_matches_dense_solve(holomorphic):
+    """P >= 128: dense Cholesky forms S's upper column blocks alone (linalg.upper_gram); its residual
+    comes from the rows' products."""
+    if holomorphic:
+        log_psi, params = holomorphic_log_psi, holomorphic_params(jax.random.PRNGKey(0), n_in=12, hidden=12)
+    else:
+        log_psi, params = mlp_log_psi, mlp_params(jax.random.PRNGKey(0), n_in=8, hidden=20)
+    assert sum(p.size for p in jax.tree.leaves(params)) >= 32 * fishr.linalg.GRAM_BLOCKS
+    x = jax.random.normal(jax.random.PRNGKey(1), (96, 8 if not holomorphic else 12))
+    if holomorphic:
+        x = jnp.sign(x)
+    grad = random_like(jax.random.PRNGKey(2), params)
+    ref = dense_sr(log_psi, grad, params, x, 1e-3, holomorphic)
+    out, info = _jitted_solve(log_psi, grad, params, x, damping=1e-3, mode="dense", solver=fishr.Cholesky(),
+                              holomorphic=holomorphic)
+    assert rel_err(flat(out), ref) <= 1e-9
+    assert float(info.residual_norm) <= 1e-9 * np.linalg.norm(flat(grad)) and bool(info.converged)
+
+
 def test_modes_agree_with_each_other(problem):
     params, x, grad = problem
     outs = [flat(jax.jit(functools.partial(fishr.sr_solve, mlp_log_psi, damping=1e-2, mode=m, solver=s))(
