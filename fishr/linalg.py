@@ -349,19 +349,20 @@ def cholesky_factor_solve(factor: jax.Array, b: jax.Array) -> jax.Array:
     return jax.scipy.linalg.cho_solve((factor, True), b)
 
 
-GRAM_BLOCKS = 4  # upper_gram: column blocks of the rows (each product then at least 32 columns wide)
+GRAM_BLOCKS = 2  # upper_gram: column blocks of the rows (each product at least 32 columns wide)
 
 
 def upper_gram(rows: jax.Array) -> jax.Array:
     """``rows^H rows`` (``P x P`` from ``N x P`` rows) with only its upper triangle valid.
 
     The columns in ``GRAM_BLOCKS`` blocks, the products ``R_i^H R_j`` for ``i <= j`` alone
-    (zeros below the block diagonal): 10 of 16 blocks' arithmetic, what
-    :func:`cholesky_factor` reads. Measured (float64 ``N x P`` rows, factor and solve
-    included, 2-core CPU, jax 0.10.2, medians of 30 interleaved calls; one product -> 4
-    blocks): ``N = 1,024``, ``P = 1,104`` 33.3 -> 27.2 ms, ``N = 2,048``, ``P = 288`` 3.40 ->
-    2.79 ms, ``N = 1,024``, ``P = 4,368`` 979 -> 824 ms; float32 10.7 -> 9.3 and 1.02 ->
-    0.97 ms (3 to 8 blocks measured within 5% of 4).
+    (zeros below the block diagonal): 3 of 4 blocks' arithmetic, what
+    :func:`cholesky_factor` reads. Measured (RBM rows, factor and solve included, 2-core
+    CPU, jax 0.10.2, medians of 41 calls interleaved with NetKet's ``QGTJacobianDense``
+    Cholesky solve): float64 ``N = 1,024``, ``P = 1,104`` 0.87x of NetKet's time (one product:
+    1.01x), ``N = 2,048``, ``P = 288`` 0.83x (0.95x); float32 0.65x (0.70x) and 0.74x (0.82x).
+    Four blocks (10 of 16) were 3-5% faster still in float64 but compiled 0.05 s longer
+    (0.31 -> 0.36 s, fresh processes; two blocks 0.31-0.32 s): two repay no compile time.
     """
     p = rows.shape[-1]
     if p < 32 * GRAM_BLOCKS:
