@@ -60,6 +60,23 @@ def test_sr_under_jit_with_sharded_samples(mesh, log_psi, mode, solver):
     assert rel_err(flat(many), flat(one)) <= 1e-12
 
 
+def test_lazy_layer_statistics_under_jit_with_sharded_samples(mesh):
+    """Lazy mode's products from a Flax model's captured statistics (jacobian="auto"), samples sharded."""
+    from flax_models import MLP
+
+    model = MLP()
+    x = jax.random.normal(jax.random.PRNGKey(1), (32, 4))
+    params = jax.tree.map(lambda p: p.astype(jnp.float64), jax.jit(model.init)(jax.random.PRNGKey(0), x))
+    grad = random_like(jax.random.PRNGKey(2), params)
+    opt = fishr.sr(model.apply, 1e-3, mode="lazy", solver=fishr.CG(rtol=1e-14, max_steps=2000))
+    one = _update(opt, grad, params, batch=x)
+    many = _update(opt, _replicate(mesh, grad), _replicate(mesh, params), batch=_shard(mesh, x))
+    generic = _update(fishr.sr(model.apply, 1e-3, mode="lazy", solver=fishr.CG(rtol=1e-14, max_steps=2000),
+                               jacobian="generic"), grad, params, batch=x)
+    assert rel_err(flat(many), flat(one)) <= 1e-12
+    assert rel_err(flat(one), flat(generic)) <= 1e-10
+
+
 def _mlp(params, x):
     return jnp.tanh(x @ params["w1"] + params["b1"]) @ params["w2"]
 
