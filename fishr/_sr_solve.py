@@ -352,22 +352,19 @@ def _check_holomorphic(params: Any, holomorphic: bool, who: str) -> None:
 # --------------------------------------------------------------------------- Jacobian representations
 
 
-def _wants_layers(jacobian: str, params, layer_plan: Callable[[], LayerPlan]) -> bool:
-    if jacobian == "generic":
+def _wants_layers(config: SRConfig, mean_fn, n_local: int, params, layer_plan: Callable[[], LayerPlan]) -> bool:
+    """Whether ``Obar`` is the layers' statistics: ``jacobian="structured"``, or ``"auto"`` with no
+    ``mean_fn`` where they pay for the mode: sample_space where :func:`fishr.jacobian.layers_pay_off`
+    holds (the kernel), lazy where :func:`fishr.jacobian.layers_cover_model` does (the products) and the
+    batch is one chunk (``chunk_size`` bounds the memory that the statistics of every sample would take);
+    dense mode never."""
+    if config.mode == "dense":
         return False
-    if jacobian == "structured":
-        return True
-    return layers_pay_off(layer_plan(), sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
-
-
-def _lazy_wants_layers(config: SRConfig, mean_fn, n_local: int, layer_plan: Callable[[], LayerPlan]) -> bool:
-    """Lazy mode's products from the layers' statistics: ``jacobian="structured"``, or ``"auto"`` where
-    :func:`fishr.jacobian.layers_cover_model` holds, in one chunk (``chunk_size`` bounds the memory that
-    the statistics of every sample would take) and with no ``mean_fn``."""
-    if config.jacobian != "auto":
+    if config.jacobian != "auto" or mean_fn is not None:
         return config.jacobian == "structured"
-    return (mean_fn is None and num_chunks(n_local, config.chunk_size) <= 1
-            and layers_cover_model(layer_plan()))
+    if config.mode == "lazy":
+        return num_chunks(n_local, config.chunk_size) <= 1 and layers_cover_model(layer_plan())
+    return layers_pay_off(layer_plan(), sum(jnp.size(leaf) for leaf in jax.tree.leaves(params)))
 
 
 def _scores_of(apply_fn, config: SRConfig, who: str) -> Callable[[Any, Any], jax.Array]:
@@ -472,9 +469,9 @@ def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, co
     if isinstance(solver, Eigh) and (config.gamma is not None or config.damping_rule.active):
         solver = Spectral()
     # a Cholesky factor reads the upper triangle alone: only those blocks are formed (linalg.upper_gram), and
-    # residuals take the exact products instead of S
-    upper_only = isinstance(solver, Cholesky)
-    s = distributed.pmean((upper_gram(rows) if upper_only else rows.conj().T @ rows) / n_local, config.axis_name)
+    # its residuals take the exact products instead of S
+    cholesky = isinstance(solver, Cholesky)
+    s = distributed.pmean((upper_gram(rows) if cholesky else rows.conj().T @ rows) / n_local, config.axis_name)
 
     if isinstance(solver, Spectral):
         x, damping, b_flat = _solve_dense_spectral(jac, s, rhs, damping, solver, config, local_energies, ratios)
@@ -484,25 +481,25 @@ def _solve_dense(jac: DenseJacobian, grads, momentum_term, previous, damping, co
     if config.damping_rule.active:  # Cholesky: h_max <= tr S, h_min >= 0
         damping = config.damping_rule(damping, jnp.real(jnp.trace(s)))
     b_flat = rhs(damping)[1]
-    if isinstance(solver, Cholesky) and config.gamma is not None:
+    residual_norm = lambda v: jnp.linalg.norm(b_flat - (s_times(v) + damping * v))  # of (S + d) v = b
+    if cholesky and config.gamma is not None:
         factor = cholesky_factor(s, damping)
         x1 = cholesky_factor_solve(factor, b_flat)
         x = x1 + robust_correction(config.gamma, damping) * cholesky_factor_solve(factor, x1)
         x = jnp.where(jnp.all(jnp.isfinite(factor)), x, jnp.nan)
-        info = solve_info(jnp.linalg.norm(b_flat - (s_times(x1) + damping * x1)), jnp.all(jnp.isfinite(x)))
-    elif upper_only:
+        info = solve_info(residual_norm(x1), jnp.all(jnp.isfinite(x)))
+    elif cholesky:
         x = solver.apply_inverse(s, b_flat, damping)
-        info = solve_info(jnp.linalg.norm(b_flat - (s_times(x) + damping * x)), jnp.all(jnp.isfinite(x)))
+        info = solve_info(residual_norm(x), jnp.all(jnp.isfinite(x)))
     else:
         x, info = solver.solve(s, b_flat, damping)
-    if isinstance(solver, Cholesky):  # fallback 3: the spectral pseudo-inverse where the factor failed
+    if cholesky:  # fallback 3: the spectral pseudo-inverse where the factor failed
         def pseudo_inverse(_):
             rtol = s.shape[0] * float(jnp.finfo(s.dtype).eps)
             plain = dataclasses.replace(config, damping_rule=DampingRule())  # the damping is final already
             y, _, _ = _solve_dense_spectral(jac, hermitian_from_upper(s), lambda d: (None, b_flat), damping,
                                             Spectral(rtol=rtol), plain, None)
-            return y, solve_info(jnp.linalg.norm(b_flat - (s_times(y) + damping * y)), jnp.all(jnp.isfinite(y)),
-                                 fallback=3)
+            return y, solve_info(residual_norm(y), jnp.all(jnp.isfinite(y)), fallback=3)
 
         good = jnp.all(jnp.isfinite(x)) & jnp.all(jnp.isfinite(s)) | ~damping_ok(damping)
         x, info = jax.lax.cond(good, lambda _: (x, info), pseudo_inverse, None)
@@ -643,7 +640,8 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         mean_fn = lambda u: distributed.batch_mean(ratios.reshape((-1,) + (1,) * (u.ndim - 1)) * u,
                                                    config.axis_name)
 
-    if config.mode == "lazy" and _lazy_wants_layers(config, mean_fn, n_local, layer_plan):
+    structured = _wants_layers(config, mean_fn, n_local, params, layer_plan)
+    if config.mode == "lazy" and structured:
         # layers folded into explicit rows only where that keeps lazy mode's memory near the statistics'
         jac = _build_jacobian(True, apply_fn, params, batch, config, who, fold_for="products")
     elif config.mode == "lazy" and num_chunks(n_local, config.chunk_size) > 1:
@@ -654,8 +652,6 @@ def _solve_with_config(config: SRConfig, apply_fn: ApplyFn, grads: Any, params: 
         jac = LinearizedJacobian(log_psi_rows(apply_fn, batch, config.holomorphic, who), params,
                                  config.holomorphic, config.axis_name, mean_fn)
     else:
-        structured = config.mode == "sample_space" and mean_fn is None and _wants_layers(
-            config.jacobian, params, layer_plan)
         jac = _build_jacobian(structured, apply_fn, params, batch, config, who, mean_fn)
         if ratios is not None:  # weights took the generic rows
             assert isinstance(jac, DenseJacobian | ShardedRowsJacobian)

@@ -580,6 +580,9 @@ def layer_folds(use: str, n: int, c: int, positions: int, k: int, m: int) -> boo
     rows take 0.03-0.68x their statistics' memory): every layer folded 34-44 ms, none folded
     168 ms, the model's linearisation (``jacobian="generic"``) 444-641 ms.
     """
+    if use not in ("kernel", "products"):
+        raise ValueError(f"layer_folds: `use` (LayerJacobian.build's `fold_for`) must be 'kernel' or 'products', "
+                         f"got {use!r}.")
     if positions == 1:
         return False
     if use == "products":

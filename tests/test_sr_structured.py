@@ -114,6 +114,8 @@ def test_layer_at_few_positions_keeps_its_structured_kernel():
     # lazy mode keeps it as statistics too (its rows, k m = 272 per sample, would take more than twice the
     # statistics' 2 (k + m) = 66): the products at T = 2 positions
     assert not jac_mod.layer_folds("products", 24, 1, 2, 17, 16) and jac_mod.layer_folds("products", 24, 1, 4, 4, 5)
+    with pytest.raises(ValueError, match="`fold_for`.*'kernel' or 'products'"):
+        jac_mod.layer_folds("rows", 24, 1, 2, 17, 16)
     lazy = lambda jacobian: solve(jacobian, "lazy", solver=TIGHT)
     assert rel_err(flat(lazy("structured")), flat(lazy("generic"))) <= 1e-10
 
