@@ -429,10 +429,11 @@ def auto_choice(apply_fn, params, s) -> str:
         config = sr_config("benchmark", damping=SR_DAMPING, mode="auto", solver=None, jacobian="auto", momentum=0.0,
                            holomorphic=False, axis_name=None)
         plan = _layer_plan_of(apply_fn, params, s)  # one discovery for both choices, as sr_solve
-        mode = _resolve_auto(config, apply_fn, params, s, s.shape[0], None, plan).mode
-        if mode == "dense":
+        config = _resolve_auto(config, apply_fn, params, s, s.shape[0], None, plan)
+        if config.mode == "dense":
             return "dense (explicit Jacobian)"
-        return f"{mode}, {'structured' if _wants_layers('auto', params, plan) else 'generic'} Jacobian"
+        structured = _wants_layers(config, None, s.shape[0], params, plan)
+        return f"{config.mode}, {'structured' if structured else 'generic'} Jacobian"
     except Exception as err:
         return f"unknown ({type(err).__name__})"
 
